@@ -1,0 +1,510 @@
+"""Data stage 1: find an archive, extract it safely, discover its layout, load images.
+
+The output of this stage is an *index*: a pandas DataFrame with one row per usable image
+(path, label, split, subject, group, size, content hash, duplicate flag) plus a report dict
+of what was found, mapped, skipped or empty. Everything downstream (faces, cache) reads
+the index, never the folder tree.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import stat
+import tarfile
+import warnings
+import zipfile
+import zlib
+from collections import Counter
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+import pandas as pd
+from PIL import Image, ImageOps
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp", ".pgm"}
+ARCHIVE_SUFFIXES = (".zip", ".tar.gz", ".tgz", ".tar")
+
+# Canonical class names (KMU-FED's folder names, plus FER+'s neutral and contempt).
+CLASS_ALIASES = {
+    "angry": "angry", "anger": "angry", "an": "angry",
+    "disgust": "disgust", "disgusted": "disgust", "di": "disgust",
+    "fear": "fear", "fearful": "fear", "scared": "fear", "fe": "fear",
+    "happy": "happy", "happiness": "happy", "joy": "happy", "ha": "happy",
+    "sad": "sad", "sadness": "sad", "sa": "sad",
+    "surprise": "surprise", "surprised": "surprise", "su": "surprise",
+    "neutral": "neutral", "ne": "neutral",
+    "contempt": "contempt", "co": "contempt",
+}
+SPLIT_ALIASES = {
+    "train": "train", "training": "train", "fer2013train": "train",
+    "val": "val", "valid": "val", "validation": "val", "fer2013valid": "val", "publictest": "val",
+    "test": "test", "testing": "test", "fer2013test": "test", "privatetest": "test",
+}
+# File-name schemes that carry class, subject and sequence.
+KMU_NAME = re.compile(r"^(?P<subject>\d+)_(?P<code>[A-Za-z]{2})_(?P<initials>[A-Za-z0-9]+)_(?P<frame>\d+)$")
+CKPLUS_NAME = re.compile(r"^(?P<subject>S\d+)_(?P<seq>\d+)_(?P<frame>\d+)$")
+
+
+class DatasetError(RuntimeError):
+    """Bad input: the message names the file and what is wrong with it."""
+
+
+# ----------------------------------------------------------------------------- find
+
+def find_archive(workdir: str | Path, patterns: tuple[str, ...] = ("archive.zip",),
+                 any_archive: bool = True) -> Path | None:
+    """Find a dataset archive (or an already extracted folder) in the working directory.
+
+    Args:
+        workdir: folder to search (not recursive).
+        patterns: case-insensitive glob patterns tried in order (e.g. ``"*kmu*"``); the first
+            archive or folder that matches wins.
+        any_archive: if no pattern matches, fall back to the only archive in ``workdir``
+            (``.zip``/``.tar.gz``/``.tgz``/``.tar``); several candidates raise an error.
+
+    Returns:
+        The path, or None when nothing is there (the caller then uses the demo dataset).
+    """
+    workdir = Path(workdir)
+    if not workdir.is_dir():
+        return None
+    entries = sorted(p for p in workdir.iterdir() if not p.name.startswith("."))
+    for pattern in patterns:
+        pat = pattern.lower()
+        for p in entries:
+            if Path(p.name.lower()).match(pat) and (p.is_dir() or p.name.lower().endswith(ARCHIVE_SUFFIXES)):
+                return p
+    if not any_archive:
+        return None
+    archives = [p for p in entries if p.is_file() and p.name.lower().endswith(ARCHIVE_SUFFIXES)]
+    if len(archives) > 1:
+        raise DatasetError(f"{workdir}: several archives ({', '.join(a.name for a in archives)}); "
+                           "set data_path to the one to use")
+    return archives[0] if archives else None
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
+    """SHA-256 of a file, streamed."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _archive_stem(path: Path) -> str:
+    name = path.name
+    for suffix in ARCHIVE_SUFFIXES:
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def _check_member_name(archive: Path, name: str) -> None:
+    """Refuse names that would land outside the extraction folder."""
+    p = PurePosixPath(name.replace("\\", "/"))
+    if p.is_absolute() or re.match(r"^[A-Za-z]:", name) or name.startswith(("/", "\\")):
+        raise DatasetError(f"{archive}: refusing entry with an absolute path: {name!r}")
+    if ".." in p.parts:
+        raise DatasetError(f"{archive}: refusing entry that climbs out of the target with '..': {name!r}")
+
+
+def _extract_zip(archive: Path, dest: Path) -> None:
+    try:
+        zf = zipfile.ZipFile(archive)
+    except (zipfile.BadZipFile, OSError) as e:
+        raise DatasetError(f"{archive}: not a readable zip archive (corrupt or truncated): {e}") from e
+    with zf:
+        members = zf.infolist()
+        for info in members:  # validate everything before writing anything
+            _check_member_name(archive, info.filename)
+            if stat.S_ISLNK(info.external_attr >> 16):
+                raise DatasetError(f"{archive}: refusing symbolic link entry {info.filename!r}")
+        try:
+            for info in members:
+                zf.extract(info, dest)
+        except (zipfile.BadZipFile, EOFError, OSError, zlib.error) as e:
+            raise DatasetError(f"{archive}: corrupt or truncated entry while extracting: {e}") from e
+
+
+def _extract_tar(archive: Path, dest: Path) -> None:
+    try:
+        with tarfile.open(archive) as tf:
+            members = tf.getmembers()
+            for m in members:
+                _check_member_name(archive, m.name)
+            # The "data" filter also refuses links pointing outside dest and device files.
+            tf.extractall(dest, filter="data")
+    except tarfile.FilterError as e:
+        raise DatasetError(f"{archive}: refusing unsafe entry: {e}") from e
+    except (tarfile.TarError, EOFError, OSError) as e:
+        raise DatasetError(f"{archive}: corrupt or truncated tar archive: {e}") from e
+
+
+def extract_archive(archive: str | Path, out_dir: str | Path, verbose: bool = True) -> Path:
+    """Extract an archive safely and atomically, reusing an up-to-date extraction.
+
+    The archive is unpacked into ``out_dir/<stem>.partial-<pid>`` and renamed to
+    ``out_dir/<stem>`` only when complete; a fingerprint (size, mtime, SHA-256) saved
+    inside makes a rerun skip the work. A corrupt archive raises :class:`DatasetError`
+    and leaves any earlier extraction untouched. A folder is returned as it is.
+
+    Args:
+        archive: ``.zip``, ``.tar.gz``, ``.tgz`` or ``.tar`` file, or an extracted folder.
+        out_dir: where extracted folders live.
+        verbose: print what was done.
+
+    Returns:
+        The extracted folder.
+    """
+    archive = Path(archive)
+    if archive.is_dir():
+        return archive
+    if not archive.is_file():
+        raise DatasetError(f"{archive}: no such archive")
+    out_dir = Path(out_dir)
+    target = out_dir / _archive_stem(archive)
+    marker = target / ".extracted.json"
+    st = archive.stat()
+    fingerprint = {"archive": archive.name, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    if marker.exists():
+        old = json.loads(marker.read_text())
+        same_stat = all(old.get(k) == v for k, v in fingerprint.items())
+        # Size and mtime usually settle it; a touched but identical archive is caught by the hash.
+        if same_stat or (old.get("size") == st.st_size and old.get("sha256") == file_sha256(archive)):
+            if verbose:
+                print(f"Reusing extraction {target} (archive unchanged)")
+            return target
+    fingerprint["sha256"] = file_sha256(archive)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir / f"{target.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        if archive.name.lower().endswith(".zip"):
+            _extract_zip(archive, tmp)
+        elif archive.name.lower().endswith((".tar.gz", ".tgz", ".tar")):
+            _extract_tar(archive, tmp)
+        else:
+            raise DatasetError(f"{archive}: unsupported archive type (use .zip, .tar.gz, .tgz or .tar)")
+        (tmp / ".extracted.json").write_text(json.dumps(fingerprint, indent=1))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if target.exists():  # replace a stale extraction only now that the new one is complete
+        stale = out_dir / f"{target.name}.stale-{os.getpid()}"
+        target.rename(stale)
+        tmp.rename(target)
+        shutil.rmtree(stale, ignore_errors=True)
+    else:
+        tmp.rename(target)
+    if verbose:
+        print(f"Extracted {archive.name} -> {target}")
+    return target
+
+
+# ----------------------------------------------------------------------------- images
+
+def load_image(path: str | Path, channels: int = 3) -> np.ndarray:
+    """Decode an image to uint8, whatever its mode, honouring EXIF orientation.
+
+    Handles grayscale, RGB, RGBA/LA (composited on black), palette, 16- and 32-bit
+    integer images (rescaled to 8 bits) and JPEG/PNG/TIFF/BMP.
+
+    Args:
+        path: image file.
+        channels: 1 (H x W) or 3 (H x W x 3).
+
+    Returns:
+        uint8 array.
+
+    Raises:
+        DatasetError: the file is missing, not an image, or corrupt.
+    """
+    try:
+        with Image.open(path) as im:
+            im = ImageOps.exif_transpose(im)
+            im.load()
+            if im.mode == "P":
+                im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+            if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+                arr = np.asarray(im, dtype=np.float64)
+                top = 65535.0 if im.mode.startswith("I;16") or arr.max() <= 65535 else arr.max()
+                im = Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8))
+            if im.mode in ("RGBA", "LA", "PA"):
+                background = Image.new("RGBA", im.size, (0, 0, 0, 255))
+                im = Image.alpha_composite(background, im.convert("RGBA"))
+            im = im.convert("L" if channels == 1 else "RGB")
+            return np.asarray(im, dtype=np.uint8)
+    except FileNotFoundError as e:
+        raise DatasetError(f"{path}: no such image file") from e
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise DatasetError(f"{path}: not a readable image ({e})") from e
+
+
+def _probe_image(path: Path) -> tuple[int, int] | None:
+    """Image size from the header only, or None for a non-image."""
+    try:
+        with Image.open(path) as im:
+            return im.size
+    except Exception:  # noqa: BLE001 - any failure means "not an image we can read"
+        return None
+
+
+# ----------------------------------------------------------------------------- layouts
+
+def normalise_class(name: str) -> str | None:
+    """Canonical class name for a folder name or file-name code, or None if unknown."""
+    key = re.sub(r"[^a-z]", "", name.lower())
+    return CLASS_ALIASES.get(key)
+
+
+def _split_of(parts: tuple[str, ...]) -> str:
+    for part in reversed(parts):
+        split = SPLIT_ALIASES.get(part.lower().replace("_", "").replace("-", ""))
+        if split:
+            return split
+    return ""
+
+
+def _subject_and_group(stem: str) -> tuple[str, str, str | None]:
+    """(subject, group, class code) from a KMU-FED or CK+ style file name."""
+    m = KMU_NAME.match(stem)
+    if m:
+        subject = str(int(m["subject"]))  # "1_AN_mr" and "01_AN_mr" are one subject
+        return subject, f"{subject}_{m['code'].upper()}", m["code"]
+    m = CKPLUS_NAME.match(stem)
+    if m:
+        return m["subject"], f"{m['subject']}_{m['seq']}", None
+    return "", "", None
+
+
+def discover_dataset(root: str | Path, accept_unknown_classes: bool = False,
+                     verbose: bool = True) -> tuple[pd.DataFrame, dict]:
+    """Index every image under ``root`` with its class, split, subject and content hash.
+
+    Accepted layouts, at any depth below ``root``:
+    (a) split folders (train/training, val/valid/validation, test) holding class folders;
+    (b) class folders only; (c) flat files whose names carry a KMU-FED class code
+    (``01_AN_mr_001.jpg``: AN DI FE HA SA SU NE). Class names go through an alias table
+    (anger -> angry, happiness -> happy, ...) and the mapping is printed.
+
+    Args:
+        root: extracted dataset folder.
+        accept_unknown_classes: keep class-folder names the alias table does not know,
+            as they are, instead of raising.
+        verbose: print the class mapping and what was skipped.
+
+    Returns:
+        ``(index, report)``: ``index`` has columns path (absolute), rel_path, label, split,
+        subject, group, width, height, size_bytes, mtime_ns, sha1, duplicate_of; ``report``
+        holds layout, class_mapping, counts, skipped files, empty classes and duplicates.
+
+    Raises:
+        DatasetError: no images, or class names that are not recognised.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetError(f"{root}: not a folder")
+    rows, skipped, unknown = [], [], Counter()
+    mapping: dict[str, set] = {}
+    class_dirs: dict[Path, str] = {}
+    kinds = Counter()
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith((".", "__MACOSX")))
+        d = Path(dirpath)
+        canon = normalise_class(d.name) if d != root else None
+        if canon:
+            class_dirs[d] = canon
+        for fn in sorted(filenames):
+            p = d / fn
+            if fn.startswith(".") or p.suffix.lower() not in IMAGE_EXTENSIONS:
+                continue
+            rel = p.relative_to(root)
+            parents = rel.parts[:-1]
+            subject, group, code = _subject_and_group(p.stem)
+            if canon:
+                label, raw, kinds["folder"] = canon, d.name, kinds["folder"] + 1
+            elif code and normalise_class(code):
+                label, raw, kinds["filename"] = normalise_class(code), code, kinds["filename"] + 1
+            elif parents and not _split_of(parents[-1:]):
+                raw = d.name
+                if not accept_unknown_classes:
+                    unknown[raw] += 1
+                    continue
+                label, kinds["folder"] = raw, kinds["folder"] + 1
+                class_dirs[d] = raw
+            else:
+                skipped.append((str(p), "no class folder and no class code in the file name"))
+                continue
+            size = _probe_image(p)
+            if size is None:
+                warnings.warn(f"{p}: not a readable image; skipped")
+                skipped.append((str(p), "not a readable image"))
+                continue
+            st = p.stat()
+            rows.append({
+                "path": str(p), "rel_path": rel.as_posix(), "label": label, "split": _split_of(parents),
+                "subject": subject, "group": group, "width": size[0], "height": size[1],
+                "size_bytes": st.st_size, "mtime_ns": st.st_mtime_ns, "sha1": _sha1(p),
+            })
+            mapping.setdefault(label, set()).add(raw)
+    if unknown:
+        raise DatasetError(
+            f"{root}: unknown class names {dict(unknown)}; known names are "
+            f"{sorted(set(CLASS_ALIASES.values()))} and their aliases. Rename the folders, or pass "
+            "accept_unknown_classes=True to use the names as they are.")
+    if not rows:
+        raise DatasetError(f"{root}: no images found in any accepted layout "
+                           "(split/class folders, class folders, or KMU-FED file names)")
+    index = pd.DataFrame(rows)
+    # Exact duplicates: every copy after the first points at the first (by sorted path).
+    first = index.groupby("sha1")["rel_path"].transform("first")
+    index["duplicate_of"] = np.where(first != index["rel_path"], first, "")
+    counts = {c: int(n) for c, n in sorted(Counter(index["label"]).items())}
+    empty = sorted({name for d, name in class_dirs.items()
+                    if not any(True for f in d.rglob("*") if f.suffix.lower() in IMAGE_EXTENSIONS)})
+    layout = ("split folders" if index["split"].ne("").any() else "no split") + " + " + \
+             ("class folders" if kinds["folder"] >= kinds["filename"] else "class codes in file names")
+    report = {
+        "root": str(root), "layout": layout, "num_images": len(index),
+        "class_mapping": {c: sorted(v) for c, v in sorted(mapping.items())}, "counts": counts,
+        "splits": {s or "(none)": int(n) for s, n in Counter(index["split"]).items()},
+        "num_subjects": int(index.loc[index["subject"] != "", "subject"].nunique()),
+        "duplicates": [(r.rel_path, r.duplicate_of) for r in index.itertuples() if r.duplicate_of],
+        "empty_classes": empty, "skipped": skipped,
+    }
+    if verbose:
+        print_report(report)
+    return index, report
+
+
+def _sha1(path: Path) -> str:
+    return hashlib.sha1(path.read_bytes()).hexdigest()
+
+
+def print_report(report: dict) -> None:
+    """Print a discovery report: layout, class mapping with counts, problems."""
+    print(f"Layout: {report['layout']} under {report['root']}")
+    for label, raws in report["class_mapping"].items():
+        print(f"  {label:<10} <- {', '.join(raws):<24} {report['counts'][label]:>6} images")
+    print(f"  {report['num_images']} images, splits {report['splits']}, {report['num_subjects']} subjects")
+    if report["duplicates"]:
+        print(f"  {len(report['duplicates'])} exact duplicates flagged (kept on one side of every split):")
+        for dup, orig in report["duplicates"][:10]:
+            print(f"    {dup} == {orig}")
+    for name in report["empty_classes"]:
+        print(f"  WARNING: class folder '{name}' holds no images")
+    for path, why in report["skipped"][:20]:
+        print(f"  skipped {path}: {why}")
+    if len(report["skipped"]) > 20:
+        print(f"  ... and {len(report['skipped']) - 20} more skipped")
+
+
+def write_annotations(index: pd.DataFrame, out_dir: str | Path) -> list[Path]:
+    """Write the index as annotation CSVs: ``annotations.csv`` (all rows, with a split
+    column) and, per split present, the seed's ``<split>_annotations.csv``.
+
+    Args:
+        index: output of :func:`discover_dataset` (or of a FER+ reader).
+        out_dir: destination folder.
+
+    Returns:
+        The files written.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    frames = [("annotations.csv", index)] + [
+        (f"{s}_annotations.csv", index[index["split"] == s]) for s in ("train", "val", "test")
+        if (index["split"] == s).any()]
+    for name, frame in frames:
+        path = out_dir / name
+        tmp = path.with_suffix(".csv.tmp")
+        frame.to_csv(tmp, index=False)
+        os.replace(tmp, path)
+        written.append(path)
+    return written
+
+
+# ----------------------------------------------------------------------------- FER+
+
+FERPLUS_COLUMNS = ["neutral", "happiness", "surprise", "sadness", "anger", "disgust", "fear",
+                   "contempt", "unknown", "NF"]
+FERPLUS_CLASSES = FERPLUS_COLUMNS[:8]
+VOTE_COLUMNS = [f"votes_{c}" for c in FERPLUS_COLUMNS]  # index columns; cached as "votes"
+
+
+def find_ferplus_root(root: str | Path) -> Path | None:
+    """The folder holding ``FER2013Train``/``FER2013Valid``/``FER2013Test``, if any."""
+    root = Path(root)
+    for label_csv in sorted(root.rglob("label.csv")):
+        if label_csv.parent.name.lower().startswith("fer2013"):
+            return label_csv.parent.parent
+    return None
+
+
+def read_ferplus(root: str | Path, verbose: bool = True) -> tuple[pd.DataFrame, dict]:
+    """Index a rendered FERPlus tree: ``FER2013{Train,Valid,Test}/ferNNNNNNN.png`` + ``label.csv``.
+
+    Every PNG listed in a ``label.csv`` becomes a row with its ten vote counts; the label is
+    the majority vote over the eight emotions, and rows whose majority is unknown or
+    not-a-face get an empty label (the standard protocol excludes them).
+
+    Args:
+        root: folder containing the ``FER2013*`` split folders (or any parent of it).
+        verbose: print counts per split and class.
+
+    Returns:
+        ``(index, report)`` with columns path, rel_path, split, label, the ten vote columns
+        (``votes_neutral`` .. ``votes_NF``),
+        and sha1/duplicate_of as in :func:`discover_dataset`.
+    """
+    base = find_ferplus_root(root)
+    if base is None:
+        raise DatasetError(f"{root}: no FER2013Train/Valid/Test folder with a label.csv")
+    frames, skipped = [], []
+    for split_dir in sorted(base.iterdir()):
+        split = SPLIT_ALIASES.get(split_dir.name.lower())
+        label_csv = split_dir / "label.csv"
+        if not split or not label_csv.exists():
+            continue
+        try:
+            df = pd.read_csv(label_csv, header=None, names=["image", "box"] + VOTE_COLUMNS)
+        except (pd.errors.ParserError, ValueError) as e:
+            raise DatasetError(f"{label_csv}: cannot parse ({e})") from e
+        if df[VOTE_COLUMNS].isna().any().any():
+            raise DatasetError(f"{label_csv}: rows with missing vote counts")
+        df["split"] = split
+        df["path"] = [str(split_dir / name) for name in df["image"]]
+        present = np.array([os.path.exists(p) for p in df["path"]])
+        skipped += [(p, "listed in label.csv but missing") for p in df.loc[~present, "path"]]
+        frames.append(df[present])
+    index = pd.concat(frames, ignore_index=True)
+    index["rel_path"] = [Path(p).relative_to(base).as_posix() for p in index["path"]]
+    votes = index[VOTE_COLUMNS].to_numpy()
+    # Majority over all ten columns; unknown/NF majorities are excluded (label "").
+    top = votes.argmax(axis=1)
+    index["label"] = [FERPLUS_COLUMNS[t] if t < 8 else "" for t in top]
+    index["subject"] = ""
+    index["group"] = ""
+    index["sha1"] = [_sha1(Path(p)) for p in index["path"]]
+    first = index.groupby("sha1")["rel_path"].transform("first")
+    index["duplicate_of"] = np.where(first != index["rel_path"], first, "")
+    counts = index[index["label"] != ""].groupby(["split", "label"]).size().unstack(fill_value=0)
+    report = {
+        "root": str(base), "layout": "FERPlus rendered folders + label.csv",
+        "num_images": len(index), "splits": {s: int(n) for s, n in Counter(index["split"]).items()},
+        "excluded_unknown_or_nf": int((index["label"] == "").sum()),
+        "counts": {s: {c: int(v) for c, v in row.items()} for s, row in counts.iterrows()},
+        "skipped": skipped,
+    }
+    if verbose:
+        print(f"FERPlus under {base}: {report['splits']}; "
+              f"{report['excluded_unknown_or_nf']} unknown/NF-majority images excluded")
+        print(counts.reindex(columns=[c for c in FERPLUS_CLASSES if c in counts.columns]).to_string())
+    return index, report

@@ -1,0 +1,62 @@
+"""Metrics on scikit-learn: accuracy, precision/recall/F1, confusion matrix, calibration."""
+
+from __future__ import annotations
+
+import numpy as np
+from sklearn.metrics import accuracy_score, classification_report, confusion_matrix, precision_recall_fscore_support
+
+
+def compute_metrics(y_true: np.ndarray, y_pred: np.ndarray, class_names: list[str],
+                    probs: np.ndarray | None = None) -> dict:
+    """Classification metrics as plain Python numbers (JSON-ready).
+
+    Args:
+        y_true: true class indices, shape (N,).
+        y_pred: predicted class indices, shape (N,).
+        class_names: names for indices 0..C-1 (classes absent from the data still get a
+            row and column in the confusion matrix).
+        probs: optional (N, C) probabilities; adds ``ece`` and ``nll``.
+
+    Returns:
+        accuracy, macro/weighted precision, recall and F1, per-class report, confusion
+        matrix (rows = true, columns = predicted) and the number of samples.
+    """
+    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
+    labels = list(range(len(class_names)))
+    out = {"num_samples": int(len(y_true)), "accuracy": float(accuracy_score(y_true, y_pred))}
+    for avg in ("macro", "weighted"):
+        p, r, f, _ = precision_recall_fscore_support(y_true, y_pred, labels=labels, average=avg, zero_division=0)
+        out.update({f"precision_{avg}": float(p), f"recall_{avg}": float(r), f"f1_{avg}": float(f)})
+    report = classification_report(y_true, y_pred, labels=labels, target_names=list(class_names),
+                                   output_dict=True, zero_division=0)
+    out["per_class"] = {c: {k: float(v) for k, v in report[c].items()} for c in class_names}
+    out["confusion_matrix"] = confusion_matrix(y_true, y_pred, labels=labels).tolist()
+    if probs is not None:
+        probs = np.asarray(probs, dtype=np.float64)
+        out["ece"] = expected_calibration_error(probs, y_true)
+        out["nll"] = float(-np.mean(np.log(np.clip(probs[np.arange(len(y_true)), y_true], 1e-12, None))))
+    return out
+
+
+def expected_calibration_error(probs: np.ndarray, y_true: np.ndarray, num_bins: int = 15) -> float:
+    """Expected calibration error of the top-1 prediction (equal-width confidence bins).
+
+    Args:
+        probs: (N, C) probabilities.
+        y_true: (N,) true class indices.
+        num_bins: number of bins over [0, 1].
+
+    Returns:
+        sum over bins of (bin share) * |accuracy - mean confidence|, in [0, 1].
+    """
+    probs, y_true = np.asarray(probs, dtype=np.float64), np.asarray(y_true)
+    conf, pred = probs.max(axis=1), probs.argmax(axis=1)
+    correct = (pred == y_true).astype(np.float64)
+    # Bin i holds confidences in (i/B, (i+1)/B]; a confidence of exactly 0 goes to bin 0.
+    bins = np.clip(np.ceil(conf * num_bins).astype(int) - 1, 0, num_bins - 1)
+    ece = 0.0
+    for b in range(num_bins):
+        m = bins == b
+        if m.any():
+            ece += m.mean() * abs(correct[m].mean() - conf[m].mean())
+    return float(ece)

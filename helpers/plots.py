@@ -1,0 +1,122 @@
+"""Plots: class distribution, sample grid, confusion matrix, training curves.
+
+Every function draws a matplotlib figure, saves it when ``save_path`` is given and returns
+it, so notebooks show it inline and scripts just write the PNG.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import numpy as np
+
+
+def _save(fig, save_path: str | Path | None):
+    if save_path is not None:
+        Path(save_path).parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(save_path, dpi=120, bbox_inches="tight")
+    return fig
+
+
+def plot_class_distribution(counts: dict, title: str = "Class distribution",
+                            save_path: str | Path | None = None):
+    """Bar chart of images per class; ``counts`` is ``{class: n}`` or ``{split: {class: n}}``.
+
+    Args:
+        counts: per-class counts, optionally nested by split (stacked bars).
+        title: figure title.
+        save_path: PNG to write.
+    """
+    nested = counts and isinstance(next(iter(counts.values())), dict)
+    groups = counts if nested else {"all": counts}
+    classes = sorted({c for g in groups.values() for c in g})
+    fig, ax = plt.subplots(figsize=(max(5, 0.9 * len(classes)), 3.5))
+    bottom = np.zeros(len(classes))
+    for name, g in groups.items():
+        values = np.array([g.get(c, 0) for c in classes])
+        bars = ax.bar(classes, values, bottom=bottom, label=name)
+        bottom += values
+    ax.bar_label(bars, labels=[str(int(v)) for v in bottom])
+    ax.set_ylabel("images")
+    ax.set_title(title)
+    if nested:
+        ax.legend()
+    fig.tight_layout()
+    return _save(fig, save_path)
+
+
+def plot_sample_grid(images: list[np.ndarray], labels: list[str], per_class: int = 6,
+                     save_path: str | Path | None = None):
+    """A grid with up to ``per_class`` images in each class row.
+
+    Args:
+        images: uint8 H x W (x C) images.
+        labels: class name of each image.
+        per_class: columns.
+        save_path: PNG to write.
+    """
+    classes = sorted(set(labels))
+    fig, axes = plt.subplots(len(classes), per_class, figsize=(1.4 * per_class, 1.5 * len(classes)), squeeze=False)
+    for row, c in enumerate(classes):
+        picks = [im for im, lab in zip(images, labels) if lab == c][:per_class]
+        for col in range(per_class):
+            ax = axes[row, col]
+            ax.axis("off")
+            if col < len(picks):
+                im = picks[col]
+                ax.imshow(im.squeeze(), cmap="gray" if im.ndim == 2 or im.shape[-1] == 1 else None, vmin=0, vmax=255)
+        axes[row, 0].set_title(c, fontsize=9, loc="left")
+    fig.tight_layout()
+    return _save(fig, save_path)
+
+
+def plot_confusion_matrix(cm: np.ndarray | list, class_names: list[str], title: str = "Confusion matrix",
+                          save_path: str | Path | None = None):
+    """Counts and row-normalised (recall) confusion matrices side by side.
+
+    Args:
+        cm: C x C counts, rows = true class.
+        class_names: axis labels.
+        title: figure title.
+        save_path: PNG to write.
+    """
+    cm = np.asarray(cm)
+    norm = cm / np.clip(cm.sum(axis=1, keepdims=True), 1, None)
+    fig, axes = plt.subplots(1, 2, figsize=(2 * (2 + 0.7 * len(class_names)), 1.5 + 0.6 * len(class_names)))
+    for ax, m, fmt, sub in ((axes[0], cm, "d", "counts"), (axes[1], norm, ".2f", "row-normalised")):
+        ax.imshow(m, cmap="Blues", vmin=0)
+        for i in range(m.shape[0]):
+            for j in range(m.shape[1]):
+                ax.text(j, i, format(m[i, j], fmt), ha="center", va="center", fontsize=8,
+                        color="white" if m[i, j] > m.max() / 2 else "black")
+        ax.set_xticks(range(len(class_names)), class_names, rotation=45, ha="right")
+        ax.set_yticks(range(len(class_names)), class_names)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        ax.set_title(f"{title} ({sub})")
+    fig.tight_layout()
+    return _save(fig, save_path)
+
+
+def plot_training_curves(history: list[dict], save_path: str | Path | None = None):
+    """Loss and accuracy per epoch from a training history.
+
+    Args:
+        history: one dict per epoch with ``epoch`` and any of train_loss, val_loss,
+            train_acc, val_acc.
+        save_path: PNG to write.
+    """
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    epochs = [h["epoch"] for h in history]
+    for ax, metric in zip(axes, ("loss", "acc")):
+        for split in ("train", "val"):
+            key = f"{split}_{metric}"
+            if any(key in h for h in history):
+                ax.plot(epochs, [h.get(key, np.nan) for h in history], marker="o", ms=3, label=split)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(metric)
+        ax.legend()
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return _save(fig, save_path)
