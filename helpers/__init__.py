@@ -1,5 +1,6 @@
 """The toolbox both notebooks share, in pipeline order.
 
+0. setup    profiles -> config, device selection, environment versions, atomic JSON
 1. data     find and safely extract archives, discover layouts (split/class folders,
             class folders, KMU-FED file names, FERPlus), load images, annotation CSVs
 2. demo     a generated demo dataset in the KMU-FED and FERPlus layouts
@@ -12,17 +13,20 @@
 Notebooks import this package; it never reads notebook globals.
 """
 
+from .setup import environment_info, resolve_config, save_json, select_device
 from .data import (CLASS_ALIASES, FERPLUS_CLASSES, FERPLUS_COLUMNS, VOTE_COLUMNS, DatasetError,
                    discover_dataset, extract_archive, file_sha256, find_archive, find_ferplus_root,
                    load_image, normalise_class, print_report, read_ferplus, write_annotations)
 from .demo import make_demo_ferplus, make_demo_kmufed
-from .faces import FaceDetector, crop_face, detect_faces, dlib_model_path
+from .faces import FaceDetector, LandmarkDetector, crop_face, detect_faces, dlib_model_path
 from .cache import H5Dataset, build_hdf5_cache, cache_fingerprint, read_cache_meta
 from .augment import FLIP_PERMUTATION_68, IMAGENET_MEAN, IMAGENET_STD, KeypointCompose, build_transform
 from .metrics import compute_metrics, expected_calibration_error
 from .plots import plot_class_distribution, plot_confusion_matrix, plot_sample_grid, plot_training_curves
 
 __all__ = [
+    # setup
+    "resolve_config", "select_device", "environment_info", "save_json",
     # data
     "CLASS_ALIASES", "FERPLUS_CLASSES", "FERPLUS_COLUMNS", "VOTE_COLUMNS", "DatasetError", "find_archive",
     "extract_archive", "file_sha256", "load_image", "normalise_class", "discover_dataset", "print_report",
@@ -30,7 +34,7 @@ __all__ = [
     # demo
     "make_demo_kmufed", "make_demo_ferplus",
     # faces
-    "FaceDetector", "detect_faces", "crop_face", "dlib_model_path",
+    "FaceDetector", "LandmarkDetector", "detect_faces", "crop_face", "dlib_model_path",
     # cache
     "cache_fingerprint", "build_hdf5_cache", "read_cache_meta", "H5Dataset",
     # augment

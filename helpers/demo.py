@@ -1,12 +1,9 @@
 """Procedural demo datasets for when no real archive is at hand.
 
-Grayscale cartoon faces are drawn with OpenCV: every expression class is a distinct
-combination of mouth curvature/opening/asymmetry, brow angle/height, eye opening and nose
-wrinkles, with per-image jitter (pose, intensity, brightness, noise) so the task is learnable
-but not trivial. Several synthetic subjects (face shape, skin, background, feature spacing,
-a small personal expression bias) make subject-independent splits meaningful. The two
-writers produce ZIPs laid out like the real KMU-FED and FERPlus archives, byte-identical for
-the same arguments, so the whole pipeline can run end to end on them.
+Grayscale cartoon faces whose classes differ in mouth, brows, eyes and nose wrinkles, with
+per-image jitter so the task is learnable but not trivial, drawn for several synthetic
+subjects so subject-independent splits mean something. The writers produce ZIPs laid out
+like the real KMU-FED and FERPlus archives, byte-identical for the same arguments.
 """
 
 from __future__ import annotations
@@ -38,7 +35,7 @@ _FEATURES = ("curve", "open", "stretch", "asym", "lip", "brow_angle", "brow_rais
 # differs from every other in at least two features, so no single cue has to carry it.
 _EXPRESSIONS = {
     "neutral": {},
-    "happy": {"curve": 1.0, "open": 0.25, "stretch": 0.2, "eye": -0.25, "brow_raise": 0.1},
+    "happy": {"curve": 1.0, "open": 0.35, "stretch": 0.2, "eye": -0.25, "brow_raise": 0.1},
     "sad": {"curve": -0.8, "brow_angle": 0.9, "brow_raise": 0.15, "eye": -0.15},
     "angry": {"curve": -0.45, "stretch": -0.15, "brow_angle": -1.0, "brow_raise": -0.5,
               "eye": -0.3},
@@ -59,6 +56,8 @@ _FERPLUS_SHARE = {"neutral": 0.26, "happiness": 0.22, "surprise": 0.13, "sadness
 _FERPLUS_CONFUSION = {"neutral": "sadness", "happiness": "neutral", "surprise": "fear",
                       "sadness": "neutral", "anger": "disgust", "disgust": "anger",
                       "fear": "surprise", "contempt": "neutral"}
+# Frame-to-frame pose wobble inside one KMU-FED sequence (same units as _random_pose).
+_FRAME_JITTER = {"angle": 1.0, "scale": 0.01, "tx": 0.004, "ty": 0.004, "brightness": 0.01}
 _ZIP_DATE = (1980, 1, 1, 0, 0, 0)
 _SHIFT = 4  # cv2 fixed-point bits: sub-pixel feature positions keep jitter smooth
 
@@ -73,7 +72,8 @@ def make_subjects(num_subjects: int, seed: int) -> list[dict]:
     Returns:
         One dict per subject: ``id``, ``face_ratio`` (width/height), ``face_scale`` (face
         height / frame height), ``dx``/``dy`` (centre offset, fraction of frame), gray levels
-        ``skin``, ``background``, ``hair``, ``shirt``, ``noise_std``, ``eye_spacing`` and
+        ``skin``, ``background``, ``hair``, ``shirt``, ``noise_std``, ``hair_volume``,
+        ``eye_spacing`` and
         ``mouth_width`` (fractions of face width) and ``bias``, a small resting offset for
         every expression feature.
     """
@@ -84,16 +84,15 @@ def make_subjects(num_subjects: int, seed: int) -> list[dict]:
     for i in range(num_subjects):
         skin = rng.uniform(115, 200)
         # At least ~45 gray levels between face and background keep the outline visible.
-        if skin < 170 and rng.random() < 0.25:
-            background = skin + rng.uniform(45, 70)
-        else:
-            background = max(10.0, skin - rng.uniform(50, 100))
+        background = (skin + rng.uniform(45, 70) if skin < 170 and rng.random() < 0.25
+                      else max(10.0, skin - rng.uniform(50, 100)))
         subjects.append({
             "id": i + 1, "face_ratio": rng.uniform(0.72, 0.86),
             "face_scale": rng.uniform(0.60, 0.70),
             "dx": rng.uniform(-0.06, 0.06), "dy": rng.uniform(-0.04, 0.04),
             "skin": skin, "background": background, "hair": rng.uniform(15, 75),
-            "shirt": rng.uniform(40, 200), "noise_std": rng.uniform(2.0, 7.0),
+            "hair_volume": rng.uniform(0.9, 1.15), "shirt": rng.uniform(40, 200),
+            "noise_std": rng.uniform(2.0, 7.0),
             "eye_spacing": rng.uniform(0.36, 0.46), "mouth_width": rng.uniform(0.32, 0.44),
             "bias": {f: float(rng.normal(0, 0.07)) for f in _FEATURES},
         })
@@ -101,6 +100,7 @@ def make_subjects(num_subjects: int, seed: int) -> list[dict]:
 
 
 def _random_pose(rng: np.random.Generator) -> dict:
+    # Keys must match _FRAME_JITTER.
     return {"angle": rng.uniform(-8, 8), "scale": rng.uniform(0.92, 1.08),
             "tx": rng.uniform(-0.03, 0.03), "ty": rng.uniform(-0.03, 0.03),
             "brightness": rng.uniform(0.9, 1.1)}
@@ -115,8 +115,8 @@ def _ellipse(img, c, axes, color, thickness=-1, arc=(0, 360)):
                 cv2.LINE_AA, _SHIFT)
 
 
-def _poly(img, xs, ys, color, thickness, fill=False):
-    pts = np.round(np.stack([xs, ys], 1) * (1 << _SHIFT)).astype(np.int32)[None]
+def _poly(img, pts, color, thickness, fill=False):
+    pts = np.round(np.asarray(pts, dtype=float) * (1 << _SHIFT)).astype(np.int32)[None]
     if fill:
         cv2.fillPoly(img, pts, float(color), cv2.LINE_AA, _SHIFT)
     else:
@@ -164,22 +164,21 @@ def draw_face(label: str, subject: dict, rng: np.random.Generator, width: int, h
     pose = _random_pose(rng) if pose is None else pose
     ss = max(2, math.ceil(192 / max(width, height)))  # supersample so thin lines survive 48 px
     W, H = width * ss, height * ss
-    e = {f: subject["bias"][f] + intensity * _EXPRESSIONS[label].get(f, 0.0) + rng.normal(0, 0.08)
-         for f in _FEATURES}
-    skin, hair = subject["skin"], subject["hair"]
-    ink, damp = skin * 0.3, 0.3 if crop else 1.0
+    e = {f: subject["bias"][f] + intensity * _EXPRESSIONS[label].get(f, 0.0)
+         + rng.normal(0, 0.08) for f in _FEATURES}
+    skin, hair, hv = subject["skin"], subject["hair"], subject["hair_volume"]
+    ink, damp = skin * 0.3, 0.3 if crop else 1.0  # a face detector would have centred the crop
     fh = H * (0.95 * subject["face_scale"] / 0.65 if crop else subject["face_scale"])
-    fw = fh * subject["face_ratio"]
+    fw, lw = fh * subject["face_ratio"], max(1, round(0.022 * fh))
     cx = W / 2 + subject["dx"] * W * damp
     cy = H * (0.5 if crop else 0.46) + subject["dy"] * H * damp
-    lw = max(1, round(0.022 * fh))
     img = _background(rng, subject["background"], W, H)
 
     if not crop:  # neck and shoulders, so the full frame still reads as a portrait
         _ellipse(img, (cx, cy + 1.05 * fh), (1.1 * fw, 0.45 * fh), subject["shirt"])
-        cv2.rectangle(img, _pt(cx - 0.22 * fw, cy + 0.3 * fh), _pt(cx + 0.22 * fw, cy + 0.75 * fh),
-                      skin * 0.85, -1, cv2.LINE_AA, _SHIFT)
-    _ellipse(img, (cx, cy - 0.08 * fh), (0.55 * fw, 0.56 * fh), hair)
+        cv2.rectangle(img, _pt(cx - 0.22 * fw, cy + 0.3 * fh),
+                      _pt(cx + 0.22 * fw, cy + 0.75 * fh), skin * 0.85, -1, cv2.LINE_AA, _SHIFT)
+    _ellipse(img, (cx, cy - 0.08 * fh * hv), (0.55 * fw * hv, 0.56 * fh * hv), hair)
     for s in (-1, 1):
         _ellipse(img, (cx + s * 0.5 * fw, cy), (0.07 * fw, 0.12 * fh), skin * 0.9)
     _ellipse(img, (cx, cy), (fw / 2, fh / 2), skin)
@@ -190,42 +189,43 @@ def draw_face(label: str, subject: dict, rng: np.random.Generator, width: int, h
     for s in (-1, 1):
         ex = cx + s * subject["eye_spacing"] * fw / 2
         _ellipse(img, (ex, eye_y), (ew, eh), min(255.0, skin + 45))
-        r = 0.04 * fh
-        _ellipse(img, (ex, eye_y), (r, min(r, eh)), ink * 0.5)
+        _ellipse(img, (ex, eye_y), (0.04 * fh, min(0.04 * fh, eh)), ink * 0.5)
         _ellipse(img, (ex, eye_y), (ew, eh), ink, max(1, lw - 1))
         # Brows: inner end (toward the nose) rises with brow_angle > 0 (sad/fear).
         base = eye_y - 0.1 * fh - e["brow_raise"] * 0.05 * fh
         xin, xout = ex - s * ew, ex + s * 1.3 * ew
         yin, yout = base - e["brow_angle"] * 0.045 * fh, base + e["brow_angle"] * 0.01 * fh
         ymid = (yin + yout) / 2 - 0.012 * fh * (1 + max(e["brow_raise"], 0))
-        _poly(img, np.array([xin, (xin + xout) / 2, xout]), np.array([yin, ymid, yout]),
-              ink, round(lw * 1.4))
+        _poly(img, [(xin, yin), ((xin + xout) / 2, ymid), (xout, yout)], ink, round(lw * 1.4))
 
-    _poly(img, np.array([cx, cx + 0.015 * fw, cx]),
-          np.array([eye_y + 0.04 * fh, cy + 0.1 * fh, cy + 0.13 * fh]), skin * 0.65, max(1, lw // 2))
-    _ellipse(img, (cx, cy + 0.12 * fh), (0.06 * fw, 0.025 * fh), ink * 1.5, max(1, lw // 2), (10, 170))
+    thin = max(1, lw // 2)
+    _poly(img, [(cx, eye_y + 0.04 * fh), (cx + 0.015 * fw, cy + 0.1 * fh), (cx, cy + 0.13 * fh)],
+          skin * 0.65, thin)
+    _ellipse(img, (cx, cy + 0.12 * fh), (0.06 * fw, 0.025 * fh), ink * 1.5, thin, (10, 170))
     if e["wrinkle"] > 0.35:  # disgust: bridge wrinkles and deep nasolabial folds
         for k in range(3):
-            _ellipse(img, (cx, eye_y + (0.04 + 0.025 * k) * fh), (0.06 * fw, 0.012 * fh), ink * 1.4,
-                     max(1, lw // 2), (200, 340))
+            _ellipse(img, (cx, eye_y + (0.04 + 0.025 * k) * fh), (0.06 * fw, 0.012 * fh),
+                     ink * 1.4, thin, (200, 340))
         for s in (-1, 1):
-            _poly(img, np.array([cx + s * 0.08 * fw, cx + s * 0.2 * fw]),
-                  np.array([cy + 0.1 * fh, cy + 0.26 * fh]), ink * 1.3, max(1, lw - 1))
+            _poly(img, [(cx + s * 0.08 * fw, cy + 0.1 * fh), (cx + s * 0.2 * fw, cy + 0.26 * fh)],
+                  ink * 1.3, max(1, lw - 1))
 
+    # Mouth: smile lifts both corners, contempt only the right one, disgust raises the upper
+    # lip off-centre. 'open' has a dead zone so jitter alone never parts the lips.
     t = np.linspace(-1, 1, 25)
-    my, mw = cy + 0.3 * fh, subject["mouth_width"] * fw / 2 * (1 + 0.3 * e["stretch"])
-    # Smile lifts both corners; contempt lifts only the right one; disgust raises the upper lip off-centre.
-    mid = my - e["curve"] * 0.055 * fh * t ** 2 - e["asym"] * 0.07 * fh * np.clip(t, 0, None) ** 2
-    oh, shape = max(e["open"], 0) * 0.2 * fh, (1 - t ** 2) ** 0.6
+    xs = cx + subject["mouth_width"] * fw / 2 * (1 + 0.3 * e["stretch"]) * t
+    mid = cy + 0.3 * fh - e["curve"] * 0.055 * fh * t ** 2 \
+        - e["asym"] * 0.09 * fh * np.clip(t, 0, None) ** 2
+    oh, shape = max(e["open"] - 0.12, 0) * 0.22 * fh, (1 - t ** 2) ** 0.6
     up = mid - 0.35 * oh * shape - max(e["lip"], 0) * 0.05 * fh * np.exp(-((t - 0.35) / 0.35) ** 2)
     lo = mid + 0.65 * oh * shape
-    xs = cx + mw * t
     if np.max(lo - up) > 0.02 * fh:
-        _poly(img, np.concatenate([xs, xs[::-1]]), np.concatenate([up, lo[::-1]]), skin * 0.15, 0, True)
-        _poly(img, xs, up, ink, lw)
-        _poly(img, xs, lo, ink, lw)
+        _poly(img, np.concatenate([np.stack([xs, up], 1), np.stack([xs, lo], 1)[::-1]]),
+              skin * 0.15, 0, fill=True)
+        _poly(img, np.stack([xs, up], 1), ink, lw)
+        _poly(img, np.stack([xs, lo], 1), ink, lw)
     else:
-        _poly(img, xs, mid, ink, lw)
+        _poly(img, np.stack([xs, mid], 1), ink, lw)
 
     m = cv2.getRotationMatrix2D((cx, cy), pose["angle"], pose["scale"])
     m[:, 2] += (pose["tx"] * W, pose["ty"] * H)
@@ -243,6 +243,13 @@ def _draw_nonface(rng: np.random.Generator, width: int, height: int) -> np.ndarr
     return _finish(img, rng, width, height, 1.0, rng.uniform(2, 8))
 
 
+def _encode(ext: str, img: np.ndarray, params: list[int]) -> bytes:
+    ok, buf = cv2.imencode(ext, img, params)
+    if not ok:
+        raise RuntimeError(f"cv2 could not encode a {ext} image")
+    return buf.tobytes()
+
+
 def _write_zip(path: str | Path, entries: Iterable[tuple[str, bytes]]) -> Path:
     """Write entries deterministically to a temp file beside ``path``, then swap it in."""
     path = Path(path)
@@ -253,7 +260,8 @@ def _write_zip(path: str | Path, entries: Iterable[tuple[str, bytes]]) -> Path:
             for name, data in entries:
                 info = zipfile.ZipInfo(name, date_time=_ZIP_DATE)
                 # Images are already compressed; deflating them only costs time.
-                info.compress_type = zipfile.ZIP_DEFLATED if name.endswith(".csv") else zipfile.ZIP_STORED
+                info.compress_type = (zipfile.ZIP_DEFLATED if name.endswith(".csv")
+                                      else zipfile.ZIP_STORED)
                 info.create_system, info.external_attr = 3, 0o644 << 16
                 zf.writestr(info, data)
         os.chmod(tmp, 0o644)
@@ -297,19 +305,13 @@ def make_demo_kmufed(path: str | Path, num_subjects: int = 6, frames_per_class: 
                 rng = np.random.default_rng([seed, subj["id"], DEMO_CLASSES.index(label)])
                 base_pose, base_intensity = _random_pose(rng), rng.uniform(0.75, 1.1)
                 for frame in range(1, frames_per_class + 1):
-                    pose = {"angle": base_pose["angle"] + rng.normal(0, 1.0),
-                            "scale": base_pose["scale"] * (1 + rng.normal(0, 0.01)),
-                            "tx": base_pose["tx"] + rng.normal(0, 0.004),
-                            "ty": base_pose["ty"] + rng.normal(0, 0.004),
-                            "brightness": base_pose["brightness"] * (1 + rng.normal(0, 0.01))}
+                    pose = {k: v + rng.normal(0, _FRAME_JITTER[k]) for k, v in base_pose.items()}
                     gray = draw_face(label, subj, rng, width, height,
                                      intensity=base_intensity + rng.normal(0, 0.03), pose=pose)
-                    ok, buf = cv2.imencode(".jpg", cv2.cvtColor(gray, cv2.COLOR_GRAY2BGR),
-                                           [cv2.IMWRITE_JPEG_QUALITY, 92])
-                    assert ok
                     sid = f"{subj['id']:02d}"
                     yield (f"KMU-FED/{label}/{sid}_{KMU_CODES[label]}_d{sid}_{frame:03d}.jpg",
-                           buf.tobytes())
+                           _encode(".jpg", cv2.cvtColor(gray, cv2.COLOR_GRAY2BGR),
+                                   [cv2.IMWRITE_JPEG_QUALITY, 92]))
 
     return _write_zip(path, entries())
 
@@ -333,11 +335,10 @@ def _votes(true: str, kind: str, classes: tuple, rng: np.random.Generator) -> np
     others = [c for c in classes if c != true]
     if conf not in classes:
         conf = others[0] if others else "unknown"
-    if kind == "NF":
+    if kind == "NF":  # the rest of the votes go to 'unknown'
         v[col("NF")] = rng.integers(7, 11)
         v[col("unknown")] = 10 - v.sum()
-        return v
-    if kind == "unknown":
+    elif kind == "unknown":
         v[col("unknown")] = rng.integers(6, 9)
     else:
         v[col(true)] = rng.choice([6, 7, 8, 9, 10], p=[0.15, 0.25, 0.3, 0.2, 0.1])
@@ -373,7 +374,7 @@ def make_demo_ferplus(path: str | Path, num_train: int = 560, num_val: int = 140
     """
     unknown = [c for c in classes if c not in FERPLUS_CLASSES]
     if unknown or not classes:
-        raise ValueError(f"classes must be a non-empty subset of {FERPLUS_CLASSES}; got {unknown}")
+        raise ValueError(f"classes must be a non-empty subset of {FERPLUS_CLASSES}: {unknown}")
     classes = tuple(c for c in FERPLUS_CLASSES if c in classes)  # vote-column order
     subjects = make_subjects(num_subjects, seed)
     shares = np.array([_FERPLUS_SHARE[c] for c in classes])
@@ -400,11 +401,11 @@ def make_demo_ferplus(path: str | Path, num_train: int = 560, num_val: int = 140
                 else:
                     subj = subjects[rng.integers(len(subjects))]
                     # 'unknown' faces are faint, hence ambiguous, expressions.
-                    strength = rng.uniform(0.2, 0.45) if kind == "unknown" else rng.uniform(0.55, 1.1)
-                    gray = draw_face(label, subj, rng, 48, 48, intensity=strength, crop=True)
-                ok_png, buf = cv2.imencode(".png", gray, [cv2.IMWRITE_PNG_COMPRESSION, 6])
-                assert ok_png
-                yield f"FERPlus/data/{folder}/{name}", buf.tobytes()
+                    lo, hi = (0.2, 0.45) if kind == "unknown" else (0.55, 1.1)
+                    gray = draw_face(label, subj, rng, 48, 48, intensity=rng.uniform(lo, hi),
+                                     crop=True)
+                yield (f"FERPlus/data/{folder}/{name}",
+                       _encode(".png", gray, [cv2.IMWRITE_PNG_COMPRESSION, 6]))
                 votes = ",".join(str(x) for x in _votes(str(label), kind, classes, rng))
                 rows.append(f'{name},"(0, 0, 48, 48)",{votes}')
                 master.append(f"{usage},{name},{votes}")
