@@ -235,11 +235,11 @@ def draw_face(label: str, subject: dict, rng: np.random.Generator, width: int, h
 
 def _draw_nonface(rng: np.random.Generator, width: int, height: int) -> np.ndarray:
     """A face-free clutter image, standing in for FER2013's 'not a face' rows."""
-    ss = 4
-    img = _background(rng, rng.uniform(40, 200), width * ss, height * ss)
+    size = np.array([width, height]) * 4
+    img = _background(rng, rng.uniform(40, 200), *size)
     for _ in range(rng.integers(2, 6)):
-        c = rng.uniform(0, width * ss, 2)
-        _ellipse(img, tuple(c), tuple(rng.uniform(5, width * ss / 2, 2)), rng.uniform(0, 255))
+        _ellipse(img, tuple(rng.uniform(0, 1, 2) * size), tuple(rng.uniform(0.05, 0.5, 2) * size),
+                 rng.uniform(0, 255))
     return _finish(img, rng, width, height, 1.0, rng.uniform(2, 8))
 
 
@@ -410,7 +410,8 @@ def make_demo_ferplus(path: str | Path, num_train: int = 560, num_val: int = 140
                 rows.append(f'{name},"(0, 0, 48, 48)",{votes}')
                 master.append(f"{usage},{name},{votes}")
                 row += 1
-            yield f"FERPlus/data/{folder}/label.csv", "".join(r + "\n" for r in rows).encode()
+            if rows:  # an empty label.csv would only trip CSV readers; leave the split out
+                yield f"FERPlus/data/{folder}/label.csv", "".join(r + "\n" for r in rows).encode()
         yield "FERPlus/fer2013new.csv", "".join(r + "\n" for r in master).encode()
 
     return _write_zip(path, entries())

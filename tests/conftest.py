@@ -1,0 +1,78 @@
+"""Shared fixtures: real datasets from ../shared/data (skipped when absent) and small generated ones."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+SHARED = Path(__import__("os").environ.get("FER_SHARED_DATA", ROOT.parent / "shared" / "data"))
+
+import helpers as H  # noqa: E402
+
+
+def _real(rel: str) -> Path:
+    path = SHARED / rel
+    if not path.exists():
+        pytest.skip(f"real dataset {path} is absent (see ../shared/data/README.md)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def kmu_zip() -> Path:
+    return _real("kmu-fed/archive.zip")
+
+
+@pytest.fixture(scope="session")
+def ferplus_zip() -> Path:
+    return _real("ferplus/FERPlus.zip")
+
+
+@pytest.fixture(scope="session")
+def ckplus_zip() -> Path:
+    return _real("ck-plus/CK+48.zip")
+
+
+@pytest.fixture(scope="session")
+def kmu_root(kmu_zip, tmp_path_factory) -> Path:
+    return H.extract_archive(kmu_zip, tmp_path_factory.mktemp("kmu"), verbose=False)
+
+
+@pytest.fixture(scope="session")
+def kmu_index(kmu_root):
+    return H.discover_dataset(kmu_root, verbose=False)
+
+
+@pytest.fixture(scope="session")
+def kmu_faces(kmu_index, tmp_path_factory):
+    """Face boxes for all 1,106 real frames (about 30 s), shared by every test that needs them."""
+    index, _ = kmu_index
+    return H.detect_faces(index, tmp_path_factory.mktemp("faces") / "boxes.csv", progress=False)
+
+
+@pytest.fixture(scope="session")
+def ferplus_root(ferplus_zip, tmp_path_factory) -> Path:
+    return H.extract_archive(ferplus_zip, tmp_path_factory.mktemp("ferplus"), verbose=False)
+
+
+@pytest.fixture(scope="session")
+def demo_kmu_zip(tmp_path_factory) -> Path:
+    return H.make_demo_kmufed(tmp_path_factory.mktemp("demo") / "kmu-demo.zip", num_subjects=4, frames_per_class=5)
+
+
+def write_image(path: Path, size=(32, 24), mode="L", value=128) -> Path:
+    """A small solid image of the given PIL mode."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    color = value if mode in ("L", "P", "I;16") else (value,) * len(mode)
+    img = Image.new(mode, size, color)
+    img.save(path)
+    return path
+
+
+def random_face_like(rng: np.random.Generator, size=(40, 30)) -> Image.Image:
+    return Image.fromarray(rng.integers(0, 255, (size[1], size[0]), dtype=np.uint8))

@@ -1,0 +1,104 @@
+"""Layout discovery, class aliases, subjects, duplicates, skipped files, annotation CSVs."""
+
+import shutil
+import warnings
+
+import pandas as pd
+import pytest
+
+import helpers as H
+from conftest import write_image
+
+
+def test_split_and_class_folders_at_any_depth(tmp_path):
+    root = tmp_path / "archive"
+    for split in ("train", "validation"):
+        for cls in ("anger", "happiness", "Surprised"):
+            for i in range(2):
+                write_image(root / "KMU-FED" / split / cls / f"{i}.png", value=10 * i + len(cls) + len(split))
+    index, report = H.discover_dataset(root, verbose=False)
+    assert len(index) == 12
+    assert set(index["split"]) == {"train", "val"}
+    assert set(index["label"]) == {"angry", "happy", "surprise"}
+    assert report["class_mapping"]["angry"] == ["anger"]
+    assert report["layout"].startswith("split folders")
+
+
+def test_class_folders_only_and_printed_mapping(tmp_path, capsys):
+    for cls, n in (("fearful", 2), ("sad", 3), ("neutral", 1)):
+        for i in range(n):
+            write_image(tmp_path / cls / f"{cls}{i}.jpg", value=i * 20 + n)
+    index, report = H.discover_dataset(tmp_path)
+    assert report["counts"] == {"fear": 2, "neutral": 1, "sad": 3}
+    assert (index["split"] == "").all()
+    out = capsys.readouterr().out
+    assert "fear" in out and "fearful" in out
+
+
+def test_flat_kmu_file_names_give_class_subject_and_group(tmp_path):
+    names = ["01_AN_mr_001.jpg", "1_AN_mr_002.jpg", "03_HA_s02_010.jpg", "12_NE_gu_001.jpg", "05_DI_uj_041.jpg"]
+    for i, n in enumerate(names):
+        write_image(tmp_path / "KMU-FED" / n, value=i * 30)
+    index, report = H.discover_dataset(tmp_path, verbose=False)
+    by = index.set_index("rel_path")
+    assert by.loc["KMU-FED/01_AN_mr_001.jpg", "label"] == "angry"
+    assert by.loc["KMU-FED/12_NE_gu_001.jpg", "label"] == "neutral"
+    # "1_AN_mr" and "01_AN_mr" are one subject and one sequence
+    assert by.loc["KMU-FED/1_AN_mr_002.jpg", "subject"] == by.loc["KMU-FED/01_AN_mr_001.jpg", "subject"] == "1"
+    assert by.loc["KMU-FED/1_AN_mr_002.jpg", "group"] == "1_AN"
+    assert report["num_subjects"] == 4
+    assert "file names" in report["layout"]
+
+
+def test_ckplus_names_give_subject_and_sequence(tmp_path):
+    write_image(tmp_path / "CK+48" / "happy" / "S132_006_00000023.png")
+    index, _ = H.discover_dataset(tmp_path, verbose=False)
+    assert (index.loc[0, "subject"], index.loc[0, "group"]) == ("S132", "S132_006")
+
+
+def test_unknown_class_name_lists_names_or_is_accepted(tmp_path):
+    write_image(tmp_path / "happy" / "a.png")
+    write_image(tmp_path / "bored" / "b.png", value=1)
+    write_image(tmp_path / "sleepy" / "c.png", value=2)
+    with pytest.raises(H.DatasetError, match=r"unknown class names.*bored.*sleepy"):
+        H.discover_dataset(tmp_path, verbose=False)
+    index, report = H.discover_dataset(tmp_path, accept_unknown_classes=True, verbose=False)
+    assert sorted(index["label"]) == ["bored", "happy", "sleepy"]
+
+
+def test_empty_class_reported_and_corrupt_file_skipped_with_warning(tmp_path):
+    for i in range(3):
+        write_image(tmp_path / "happy" / f"{i}.jpg", value=i * 40)
+    (tmp_path / "sad").mkdir()
+    (tmp_path / "happy" / "broken.jpg").write_bytes(b"\xff\xd8 this is not a jpeg")
+    (tmp_path / "happy" / "notes.txt").write_text("ignored: not an image extension")
+    with pytest.warns(UserWarning, match="broken.jpg"):
+        index, report = H.discover_dataset(tmp_path, verbose=False)
+    assert len(index) == 3
+    assert report["empty_classes"] == ["sad"]
+    assert [p.endswith("broken.jpg") for p, _ in report["skipped"]] == [True]
+
+
+def test_exact_duplicates_are_flagged(tmp_path):
+    write_image(tmp_path / "happy" / "01_HA_mr_001.png", value=77)
+    shutil.copy(tmp_path / "happy" / "01_HA_mr_001.png", tmp_path / "happy" / "1_HA_mr_001.png")
+    write_image(tmp_path / "happy" / "01_HA_mr_002.png", value=78)
+    index, report = H.discover_dataset(tmp_path, verbose=False)
+    assert report["duplicates"] == [("happy/1_HA_mr_001.png", "happy/01_HA_mr_001.png")]
+    assert (index["duplicate_of"] != "").sum() == 1
+
+
+def test_no_images_is_an_error(tmp_path):
+    (tmp_path / "happy").mkdir()
+    with pytest.raises(H.DatasetError, match="no images"):
+        H.discover_dataset(tmp_path, verbose=False)
+
+
+def test_write_annotations_per_split(tmp_path):
+    for split in ("train", "val"):
+        write_image(tmp_path / "d" / split / "happy" / "a.png", value=len(split))
+    index, _ = H.discover_dataset(tmp_path / "d", verbose=False)
+    files = H.write_annotations(index, tmp_path / "out")
+    assert sorted(f.name for f in files) == ["annotations.csv", "train_annotations.csv", "val_annotations.csv"]
+    train = pd.read_csv(tmp_path / "out" / "train_annotations.csv")
+    assert list(train["split"]) == ["train"] and {"subject", "sha1", "width"} <= set(train.columns)

@@ -1,0 +1,109 @@
+"""Face crop policies and box cache, augmentation with landmarks, metrics."""
+
+import numpy as np
+import pytest
+
+import helpers as H
+
+
+def test_crop_face_box_margin_and_no_face_policies():
+    img = np.zeros((100, 200), np.uint8)
+    img[40:60, 90:110] = 255  # a 20 px "face"
+    crop = H.crop_face(img, (90, 40, 20, 20), out_size=40, margin=0.5)
+    assert crop.shape == (40, 40)
+    assert crop[10:30, 10:30].mean() > 200 and crop[:5].mean() < 10  # face centred, margin around it
+    assert H.crop_face(img, None, 32, no_face="full").shape == (32, 32)
+    center = H.crop_face(img, (np.nan,) * 4, 50, no_face="center")
+    assert center.shape == (50, 50) and center.mean() > 0
+    assert H.crop_face(img, None, 32, no_face="drop") is None
+    edge = H.crop_face(img, (0, 0, 30, 30), 30, margin=0.5)  # crop leaves the frame: padded, not shifted
+    assert edge.shape == (30, 30)
+    with pytest.raises(ValueError):
+        H.crop_face(img, None, 32, no_face="skip")
+
+
+def test_detect_faces_uses_and_resumes_its_cache(demo_kmu_zip, tmp_path):
+    root = H.extract_archive(demo_kmu_zip, tmp_path / "ex", verbose=False)
+    index, _ = H.discover_dataset(root, verbose=False)
+
+    class Counting(H.FaceDetector):
+        calls = 0
+
+        def detect(self, gray):
+            Counting.calls += 1
+            return super().detect(gray)
+
+    cache = tmp_path / "boxes.csv"
+    first = H.detect_faces(index.iloc[:10], cache, Counting(), progress=False)
+    assert Counting.calls == 10
+    both = H.detect_faces(index.iloc[:15], cache, Counting(), progress=False)
+    assert Counting.calls == 15  # only the 5 new images were detected
+    np.testing.assert_allclose(both[H.faces.BOX_COLUMNS].iloc[:10].to_numpy(),
+                               first[H.faces.BOX_COLUMNS].to_numpy())
+    H.detect_faces(index.iloc[:15], cache, Counting(passes=((200, 0),)), progress=False)
+    assert Counting.calls == 30  # other detector settings: not taken from the cache
+
+
+def test_flip_permutation_is_a_mirror_involution():
+    perm = H.FLIP_PERMUTATION_68
+    assert sorted(perm) == list(range(68))
+    np.testing.assert_array_equal(perm[perm], np.arange(68))
+    assert perm[36] == 45 and perm[48] == 54 and perm[8] == 8 and perm[30] == 30
+
+
+def test_landmarks_follow_flip_with_index_swap():
+    size = 64
+    pts = np.zeros((68, 2), np.float32)
+    pts[:] = (32, 32)
+    pts[36] = (20, 25)  # outer corner of the eye on the image's left
+    pts[45] = (44, 25)  # outer corner of the eye on the image's right
+    img = np.zeros((size, size, 1), np.uint8)
+    import albumentations as A
+    t = H.KeypointCompose([A.HorizontalFlip(p=1.0)])
+    out = t(image=img, keypoints=pts)
+    # Flipped, the point stored at index 36 must again be the left-most outer eye corner.
+    assert out["keypoints"][36][0] < out["keypoints"][45][0]
+    np.testing.assert_allclose(out["keypoints"][36], (size - 44, 25), atol=1)
+    none = H.KeypointCompose([A.HorizontalFlip(p=0.0)])(image=img, keypoints=pts)
+    np.testing.assert_allclose(none["keypoints"], pts)
+
+
+@pytest.mark.parametrize("kind", ["seed", "grefel", "eval"])
+def test_transforms_output_normalised_tensors(kind):
+    img = np.random.default_rng(0).integers(0, 255, (48, 48, 1), dtype=np.uint8)
+    x = H.build_transform(kind, 32, channels=1)(image=img)["image"]
+    assert tuple(x.shape) == (3, 32, 32) and x.dtype.is_floating_point
+    out = H.build_transform(kind, 32, channels=1, keypoints=True)(image=img, keypoints=np.full((68, 2), 24.0))
+    assert out["keypoints"].shape == (68, 2)
+    with pytest.raises(ValueError):
+        H.build_transform("heavy", 32)
+
+
+def test_compute_metrics_values():
+    y_true = np.array([0, 0, 1, 1, 2, 2])
+    y_pred = np.array([0, 1, 1, 1, 2, 0])
+    m = H.compute_metrics(y_true, y_pred, ["a", "b", "c"])
+    assert m["accuracy"] == pytest.approx(4 / 6)
+    assert m["confusion_matrix"] == [[1, 1, 0], [0, 2, 0], [1, 0, 1]]
+    assert m["recall_macro"] == pytest.approx((0.5 + 1 + 0.5) / 3)
+    assert m["precision_macro"] == pytest.approx((0.5 + 2 / 3 + 1) / 3)
+    assert m["per_class"]["b"]["f1-score"] == pytest.approx(0.8)
+    assert sum(map(sum, m["confusion_matrix"])) == m["num_samples"] == 6
+
+
+def test_expected_calibration_error():
+    y = np.array([0, 1, 0, 1])
+    perfect = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [0.0, 1.0]])
+    assert H.expected_calibration_error(perfect, y) == pytest.approx(0.0)
+    overconfident = np.array([[0.9, 0.1]] * 4)  # says 90 %, right half the time
+    assert H.expected_calibration_error(overconfident, y) == pytest.approx(0.4)
+    m = H.compute_metrics(y, overconfident.argmax(1), ["a", "b"], probs=overconfident)
+    assert m["ece"] == pytest.approx(0.4) and m["nll"] > 0
+
+
+def test_resolve_config_explicit_wins():
+    profiles = {"smoke": {"lr": 1e-3, "epochs": 1}}
+    cfg = H.resolve_config("smoke", profiles, {"lr": None, "epochs": 5, "data_path": None})
+    assert cfg == {"profile": "smoke", "lr": 1e-3, "epochs": 5, "data_path": None}
+    with pytest.raises(ValueError, match="profile"):
+        H.resolve_config("huge", profiles, {})
