@@ -55,6 +55,32 @@ face_crop = None               # True: detect and crop faces | False: whole fram
 face_margin = None             # fraction of the face box added on every side
 no_face = None                 # frames without a face: "full" | "center" | "drop"
 max_images = None              # int: stratified subset for quick runs | None: all
+# protocol
+protocol = None                # "given" (archive's splits or a random split) | "kfold" (image-level) | "subject"
+num_folds = None               # folds for kfold/subject (subject: at most the number of subjects)
+max_folds = None               # int: train only the first N folds (quick runs) | None: all
+val_fraction = None            # share of the training side held out for model selection
+# model
+model_name = None              # timm variant: gcvit_xxtiny | gcvit_xtiny | gcvit_tiny | gcvit_small | gcvit_base
+weights = None                 # "hub" (timm download) | "none" | path to a checkpoint (.pth/.safetensors)
+allow_random_init = None       # True: if hub weights are unreachable, train from scratch (recorded) instead of stopping
+finetune = None                # "full" | "head" (backbone frozen) | "partial" (freeze first frozen_stages stages)
+frozen_stages = None           # int: stages frozen under finetune "partial"
+dropout = None                 # head dropout
+# optim
+num_epochs = None              # epochs per fold
+batch_size = None              # images per step
+lr = None                      # peak learning rate (AdamW)
+weight_decay = None            # AdamW decoupled weight decay
+warmup_epochs = None           # linear warm-up, epochs
+label_smoothing = None         # cross-entropy label smoothing
+class_weighted = None          # True: inverse-frequency class weights in the loss
+clip_grad = None               # max gradient norm | None: off
+amp = None                     # "auto" (bf16/fp16 on CUDA, off on CPU/MPS) | "fp16" | "bf16" | "off"
+early_stopping = None          # epochs without val improvement before stopping | None: never
+num_workers = None             # DataLoader worker processes
+# evaluate
+cross_data_path = None         # another archive (e.g. CK+48.zip) to test the trained model on | None: skip
 
 # %% [markdown]
 # ## Configuration
@@ -62,15 +88,36 @@ max_images = None              # int: stratified subset for quick runs | None: a
 # with every cache, checkpoint and results file.
 
 # %%
+COMMON = dict(channels=1, face_crop=True, face_margin=0.25, no_face="full", max_images=None, val_fraction=0.1,
+              max_folds=None, allow_random_init=False, finetune="full", frozen_stages=0, dropout=0.3,
+              label_smoothing=0.0, class_weighted=False, clip_grad=1.0, amp="auto", early_stopping=None)
 PROFILES = {
-    "smoke": dict(image_size=64, channels=1, face_crop=True, face_margin=0.25, no_face="full", max_images=120),
-    "cpu": dict(image_size=112, channels=1, face_crop=True, face_margin=0.25, no_face="full", max_images=None),
-    "gpu": dict(image_size=224, channels=1, face_crop=True, face_margin=0.25, no_face="full", max_images=None),
-    "paper": dict(image_size=224, channels=1, face_crop=True, face_margin=0.25, no_face="full", max_images=None),
+    # minutes on 2 CPU cores: a tiny subset, one fold, two epochs; checks the plumbing, not accuracy
+    "smoke": {**COMMON, "image_size": 64, "max_images": 120, "protocol": "subject", "num_folds": 3, "max_folds": 1,
+              "model_name": "gcvit_xxtiny", "weights": "none", "num_epochs": 2, "batch_size": 16, "lr": 1e-3,
+              "weight_decay": 0.05, "warmup_epochs": 0, "num_workers": 0},
+    # real results on this CPU: small faces, the smallest GCViT, from scratch (no ImageNet weights offline)
+    "cpu": {**COMMON, "image_size": 96, "protocol": "subject", "num_folds": 6, "model_name": "gcvit_xxtiny",
+            "weights": "none", "num_epochs": 30, "batch_size": 32, "lr": 1e-3, "weight_decay": 0.05,
+            "warmup_epochs": 2, "label_smoothing": 0.1, "num_workers": 2},
+    "gpu": {**COMMON, "image_size": 224, "protocol": "subject", "num_folds": 6, "model_name": "gcvit_tiny",
+            "weights": "hub", "num_epochs": 50, "batch_size": 32, "lr": 1e-4, "weight_decay": 1e-4,
+            "warmup_epochs": 1, "num_workers": 4},
+    # the seed notebook's settings (gcvit_small at 224 px) under the DFER-GCViT paper's 10-fold protocol
+    "paper": {**COMMON, "image_size": 224, "protocol": "kfold", "num_folds": 10, "model_name": "gcvit_small",
+              "weights": "hub", "num_epochs": 50, "batch_size": 32, "lr": 1e-4, "weight_decay": 1e-4,
+              "warmup_epochs": 0, "num_workers": 4},
 }
 config = H.resolve_config(profile, PROFILES, dict(
     workdir=workdir, data_path=data_path, seed=seed, image_size=image_size, channels=channels,
-    face_crop=face_crop, face_margin=face_margin, no_face=no_face, max_images=max_images))
+    face_crop=face_crop, face_margin=face_margin, no_face=no_face, max_images=max_images, protocol=protocol,
+    num_folds=num_folds, max_folds=max_folds, val_fraction=val_fraction, model_name=model_name, weights=weights,
+    allow_random_init=allow_random_init, finetune=finetune, frozen_stages=frozen_stages, dropout=dropout,
+    num_epochs=num_epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup_epochs=warmup_epochs,
+    label_smoothing=label_smoothing, class_weighted=class_weighted, clip_grad=clip_grad, amp=amp,
+    early_stopping=early_stopping, num_workers=num_workers, cross_data_path=cross_data_path))
+# Fail here, not deep inside timm, if the model cannot take this input size or these weights.
+H.validate_gcvit_size(config["model_name"], config["image_size"], config["weights"])
 workdir = Path(config["workdir"])
 out_dir = workdir / "DFER_GCViT"
 out_dir.mkdir(parents=True, exist_ok=True)
@@ -133,7 +180,7 @@ if config["face_crop"]:
           f"the others follow no_face={config['no_face']!r}")
 else:
     face_stats = {"frames": len(index), "found": None, "rate": None, "note": "face_crop disabled"}
-cache_name = f"kmu_{data_kind.split()[-1]}_{config['image_size']}px_{config['channels']}ch.h5"
+cache_name = f"kmu_{data_kind.split()[-1]}_{len(index)}img_{config['image_size']}px_{config['channels']}ch.h5"
 cache_path = H.build_hdf5_cache(index, workdir / "cache" / cache_name, class_names, config["image_size"],
                                 channels=config["channels"], face_crop=config["face_crop"],
                                 margin=config["face_margin"], no_face=config["no_face"])
@@ -144,16 +191,196 @@ H.plot_sample_grid([crops.image(i) for i in picks], [class_names[meta.label[i]] 
                    save_path=out_dir / "face_crops.png");
 
 # %% [markdown]
-# ## Save results
-# What this run produced so far, with the config that produced it. Model training and
-# evaluation are added by the next stage of the pipeline (issue "DFER_GCViT.ipynb end to end").
+# ## Protocol: folds
+# `given` uses the archive's splits (or one stratified random split), `kfold` is the
+# DFER-GCViT paper's image-level 10-fold cross-validation, `subject` keeps every driver on
+# one side (leave-subjects-out). Image-level folds put near-identical frames of one sequence
+# on both sides, so only `subject` says how the model does on a new driver. In every
+# protocol the epoch is chosen on a validation split carved from the training side; the
+# test fold is touched once, at the end.
 
 # %%
+folds = H.make_folds(meta, config["protocol"], num_folds=config["num_folds"], val_fraction=config["val_fraction"],
+                     seed=config["seed"])
+if config["max_folds"]:
+    folds = folds[: config["max_folds"]]
+for k, f in enumerate(folds):
+    subjects = {part: set(meta["subject"].to_numpy()[f[part]]) for part in ("train", "val", "test")}
+    shared = (subjects["train"] | subjects["val"]) & subjects["test"]
+    print(f"fold {k + 1}: train {len(f['train'])}, val {len(f['val'])}, test {len(f['test'])} images; "
+          f"test subjects {sorted(subjects['test'])}" + (f"; subjects on both sides: {len(shared)}" if shared else ""))
+
+# %% [markdown]
+# ## Model
+# A timm GCViT without its classifier (`num_classes=0`, pooled features) and the seed's head:
+# Linear(num_features -> 256) -> BatchNorm -> ReLU -> Dropout -> Linear(256 -> classes).
+# Weights come from timm's hub (internet), a local checkpoint (e.g. a GCViT this pipeline
+# trained on FER+; its head is reset), or nowhere (`"none"`); the source is recorded.
+
+# %%
+def build_model():
+    model, weights_info = H.create_classifier(config["model_name"], len(class_names), config["image_size"],
+                                              weights=config["weights"], dropout=config["dropout"],
+                                              allow_random_init=config["allow_random_init"])
+    counts = H.set_finetune_strategy(model, config["finetune"], config["frozen_stages"])
+    return model, weights_info, counts
+
+
+model, weights_info, param_counts = build_model()
+print(f"{config['model_name']} + head: {param_counts['total']:,} parameters, {param_counts['trainable']:,} trainable "
+      f"({config['finetune']}); weights: {weights_info['source']}")
+if weights_info["source"].startswith("none"):
+    print("NOTE: training from RANDOM initialisation (no pretrained weights): expect lower accuracy than "
+          "ImageNet-pretrained results.")
+
+# %% [markdown]
+# ## Training configuration
+# Normalisation follows the backbone's timm data config; 1-channel crops are repeated to 3.
+
+# %%
+norm = model.data_config()
+train_tf = H.build_transform("seed", config["image_size"], norm["mean"], norm["std"], channels=config["channels"])
+eval_tf = H.build_transform("eval", config["image_size"], norm["mean"], norm["std"], channels=config["channels"])
+amp_dtype = H.resolve_amp(config["amp"], device)
+print(f"device {device}, AMP {amp_dtype}, protocol {config['protocol']} ({len(folds)} folds), "
+      f"{config['num_epochs']} epochs x batch {config['batch_size']}, AdamW lr {config['lr']} wd {config['weight_decay']}, "
+      f"cosine with {config['warmup_epochs']} warm-up epochs, clip {config['clip_grad']}, "
+      f"label smoothing {config['label_smoothing']}, class weights {config['class_weighted']}")
+print("train transform:", train_tf)
+
+# %% [markdown]
+# ## Train
+# One model per fold, from the same initial weights. Each fold writes `last.pth` every epoch
+# and `best_model.pth` on the best validation accuracy under `runs/fold_k/`; an interrupted
+# run resumes where it stopped when this cell is rerun with the same settings.
+
+# %%
+run_dir = out_dir / "runs" / f"{config['protocol']}_{config['model_name']}_{config['image_size']}px_seed{config['seed']}"
+fold_runs = []
+for k, f in enumerate(folds):
+    print(f"--- fold {k + 1}/{len(folds)} ---")
+    H.seed_everything(config["seed"])
+    model, weights_info, _ = build_model()
+    train_ds = H.H5Dataset(cache_path, f["train"], train_tf, in_memory=True)
+    loss_fn = H.cross_entropy_loss(config["label_smoothing"], H.class_weights_from_labels(
+        train_ds.labels, len(class_names)) if config["class_weighted"] else None)
+    train_loader = H.make_loader(train_ds, config["batch_size"], shuffle=True, num_workers=config["num_workers"],
+                                 device=device, drop_last=len(f["train"]) > config["batch_size"])
+    val_loader = H.make_loader(H.H5Dataset(cache_path, f["val"], eval_tf, in_memory=True), config["batch_size"],
+                               shuffle=False, num_workers=0, device=device)
+    run = H.fit(model, train_loader, val_loader, run_dir / f"fold_{k + 1}", num_epochs=config["num_epochs"],
+                lr=config["lr"], weight_decay=config["weight_decay"], device=device, loss_fn=loss_fn,
+                seed=config["seed"], warmup_epochs=config["warmup_epochs"], clip_grad=config["clip_grad"],
+                amp=config["amp"], early_stopping=config["early_stopping"], config=config,
+                extra_state={"class_names": class_names, "preprocess": cache_attrs["preprocess"], "norm": norm})
+    fold_runs.append(run)
+
+# %% [markdown]
+# ## Evaluate
+# Each fold's best checkpoint (chosen on its validation split) on its test fold: accuracy,
+# macro and weighted precision/recall/F1, per-class report and confusion matrix, then the
+# mean and standard deviation across folds.
+
+# %%
+def test_fold(run, test_idx):
+    model, _, _ = build_model()
+    model.load_state_dict(H.load_checkpoint(run["best_path"])["model"])
+    loader = H.make_loader(H.H5Dataset(cache_path, test_idx, eval_tf), config["batch_size"], False, device=device)
+    out = H.evaluate(model.to(device), loader, device, amp_dtype=amp_dtype)
+    return H.compute_metrics(out["y_true"], out["y_pred"], class_names, probs=out["probs"])
+
+
+fold_metrics = [test_fold(run, f["test"]) for run, f in zip(fold_runs, folds)]
+keys = ("accuracy", "precision_macro", "recall_macro", "f1_macro", "precision_weighted", "recall_weighted",
+        "f1_weighted", "ece")
+summary = {k: {"mean": float(np.mean([m[k] for m in fold_metrics])), "std": float(np.std([m[k] for m in fold_metrics]))}
+           for k in keys}
+total_cm = np.sum([m["confusion_matrix"] for m in fold_metrics], axis=0)
+pd.DataFrame({k: [m[k] for m in fold_metrics] for k in keys[:4]}, index=[f"fold {i + 1}" for i in range(len(folds))])
+
+# %%
+print(f"{config['protocol']} protocol, {len(folds)} fold(s): accuracy {summary['accuracy']['mean']:.4f} "
+      f"+- {summary['accuracy']['std']:.4f}, macro F1 {summary['f1_macro']['mean']:.4f} +- {summary['f1_macro']['std']:.4f}")
+pd.DataFrame({c: {k: np.mean([m["per_class"][c][k] for m in fold_metrics]) for k in ("precision", "recall", "f1-score")}
+              for c in class_names}).T
+
+# %% [markdown]
+# ## Visualise
+# Confusion matrix summed over the test folds (every image is tested once under kfold and
+# subject), per-fold metrics, and the training curves of each fold.
+
+# %%
+H.plot_confusion_matrix(total_cm, class_names, title=f"{config['protocol']} test folds",
+                        save_path=out_dir / "confusion_matrix.png")
+H.plot_metric_summary(fold_metrics, save_path=out_dir / "performance_summary.png")
+H.plot_training_curves(fold_runs[0]["history"], save_path=out_dir / "training_curve.png");
+
+# %% [markdown]
+# ## Cross-dataset check
+# The trained model (fold 1) on another archive, e.g. CK+ (posed, frontal, 48-px crops),
+# over the classes both datasets share. The mapping is printed; a large drop says how much
+# the model learned the KMU-FED drivers and cabin rather than expressions.
+
+# %%
+cross = None
+if config["cross_data_path"]:
+    cross_root = H.extract_archive(config["cross_data_path"], workdir / "extracted")
+    cross_index, _ = H.discover_dataset(cross_root, verbose=False)
+    shared_classes = [c for c in class_names if c in set(cross_index["label"])]
+    print("class mapping (ours <- theirs):", {c: c for c in shared_classes},
+          "| not shared:", sorted(set(cross_index["label"]) ^ set(shared_classes)))
+    cross_index = cross_index[cross_index["label"].isin(shared_classes)]
+    cross_cache = H.build_hdf5_cache(cross_index, workdir / "cache" / f"cross_{Path(config['cross_data_path']).stem}_"
+                                     f"{config['image_size']}px.h5", class_names, config["image_size"],
+                                     channels=config["channels"], face_crop=False, progress=False)
+    model, _, _ = build_model()
+    model.load_state_dict(H.load_checkpoint(fold_runs[0]["best_path"])["model"])
+    out = H.evaluate(model.to(device), H.make_loader(H.H5Dataset(cross_cache, transform=eval_tf), 64, False),
+                     device)
+    # Restrict the decision to the shared classes: the other outputs cannot be right there.
+    keep = [class_names.index(c) for c in shared_classes]
+    pred = np.array(keep)[out["probs"][:, keep].argmax(1)]
+    cross = {"source": str(config["cross_data_path"]), "classes": shared_classes,
+             **H.compute_metrics(out["y_true"], pred, class_names)}
+    print(f"cross-dataset accuracy on {len(pred)} images: {cross['accuracy']:.4f}")
+else:
+    print("No cross_data_path set: skipped (e.g. -p cross_data_path ../shared/data/ck-plus/CK+48.zip)")
+
+# %% [markdown]
+# ## Predict
+# `predict(path)` runs the full training preprocessing on one image (a full in-car frame or a
+# face crop): face detection, the same crop, the evaluation transform, the model.
+
+# %%
+best_fold = int(np.argmax([r["best"]["value"] for r in fold_runs]))
+best_ckpt = H.load_checkpoint(fold_runs[best_fold]["best_path"])
+model, _, _ = build_model()
+model.load_state_dict(best_ckpt["model"])
+predict = H.Predictor(model, class_names, cache_attrs["preprocess"], norm["mean"], norm["std"], device)
+example = index.iloc[0]
+print(example["rel_path"], "(true:", example["label"] + ")", "->", predict(example["path"]))
+
+# %% [markdown]
+# ## Save results
+# `best_model.pth` (the fold with the best validation accuracy, with config, class names and
+# preprocessing) and `final_results.json`: config, protocol, metrics per fold and aggregated,
+# parameter counts, wall time, environment, data fingerprint, face detection, weights source.
+
+# %%
+H.save_checkpoint(out_dir / "best_model.pth", **best_ckpt)
 results = {
     "notebook": "DFER_GCViT", "data": data_kind, "source": str(source), "config": config,
+    "protocol": {"name": config["protocol"], "folds": len(folds),
+                 "sizes": [{p: int(len(f[p])) for p in ("train", "val", "test")} for f in folds],
+                 "model_selection": "best val_acc on a validation split carved from the training side"},
+    "metrics": {"per_fold": fold_metrics, "mean_std": summary, "confusion_matrix_total": total_cm.tolist()},
+    "cross_dataset": cross,
+    "model": {"name": config["model_name"], "parameters": param_counts, "weights": weights_info,
+              "best_fold": best_fold + 1, "best_epochs": [r["best"] for r in fold_runs]},
+    "wall_time_s": {"train_per_fold": [r["wall_s"] for r in fold_runs], "train_total": sum(r["wall_s"] for r in fold_runs)},
     "dataset": {k: report[k] for k in ("layout", "num_images", "counts", "num_subjects", "duplicates", "skipped")},
     "face_detection": face_stats, "cache": {"path": str(cache_path), **cache_attrs},
-    "environment": H.environment_info(),
+    "device": str(device), "environment": H.environment_info(),
 }
 H.save_json(results, out_dir / "final_results.json")
-print("Wrote", out_dir / "final_results.json")
+print("Wrote", out_dir / "final_results.json", "and", out_dir / "best_model.pth")

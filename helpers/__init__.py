@@ -6,9 +6,13 @@
 2. demo     a generated demo dataset in the KMU-FED and FERPlus layouts
 3. faces    dlib face detection with a resumable box cache; the shared face crop
 4. cache    the fingerprinted, atomic HDF5 cache and a PyTorch Dataset over it
-5. augment  albumentations pipelines (seed, GReFEL, eval), landmark-aware flips
-6. metrics  accuracy, precision/recall/F1, confusion matrix, calibration error
-7. plots    class distribution, sample grid, confusion matrix, training curves
+5. splits   evaluation protocols: given, image-level k-fold, subject-independent k-fold
+6. augment  albumentations pipelines (seed, GReFEL, eval), landmark-aware flips
+7. models   timm backbone + the seed's head, weight sources (hub, file, none), freezing
+8. train    the engine: AdamW, cosine, AMP, clipping, checkpoints, resume, early stopping
+9. metrics  accuracy, precision/recall/F1, confusion matrix, calibration error
+10. plots   class distribution, sample grid, confusion matrix, training curves
+11. export  a Predictor applying the training preprocessing to one image
 
 Notebooks import this package; it never reads notebook globals.
 """
@@ -20,9 +24,17 @@ from .data import (CLASS_ALIASES, FERPLUS_CLASSES, FERPLUS_COLUMNS, VOTE_COLUMNS
 from .demo import make_demo_ferplus, make_demo_kmufed
 from .faces import FaceDetector, LandmarkDetector, crop_face, detect_faces, dlib_model_path
 from .cache import H5Dataset, build_hdf5_cache, cache_fingerprint, read_cache_meta
+from .splits import PROTOCOLS, make_folds
 from .augment import FLIP_PERMUTATION_68, IMAGENET_MEAN, IMAGENET_STD, KeypointCompose, build_transform
+from .models import (TimmClassifier, WeightsUnavailableError, count_parameters, create_classifier,
+                     load_weights, set_finetune_strategy, validate_gcvit_size)
+from .train import (build_optimizer, build_scheduler, class_weights_from_labels, cross_entropy_loss, evaluate, fit,
+                    load_checkpoint, make_loader, output_probs, resolve_amp, save_checkpoint, seed_everything,
+                    train_one_epoch)
 from .metrics import compute_metrics, expected_calibration_error
-from .plots import plot_class_distribution, plot_confusion_matrix, plot_sample_grid, plot_training_curves
+from .plots import (plot_class_distribution, plot_confusion_matrix, plot_metric_summary, plot_sample_grid,
+                    plot_training_curves)
+from .export import Predictor
 
 __all__ = [
     # setup
@@ -37,10 +49,22 @@ __all__ = [
     "FaceDetector", "LandmarkDetector", "detect_faces", "crop_face", "dlib_model_path",
     # cache
     "cache_fingerprint", "build_hdf5_cache", "read_cache_meta", "H5Dataset",
+    # splits
+    "PROTOCOLS", "make_folds",
     # augment
     "IMAGENET_MEAN", "IMAGENET_STD", "FLIP_PERMUTATION_68", "KeypointCompose", "build_transform",
+    # models
+    "TimmClassifier", "WeightsUnavailableError", "create_classifier", "load_weights", "validate_gcvit_size",
+    "count_parameters", "set_finetune_strategy",
+    # train
+    "seed_everything", "make_loader", "build_optimizer", "build_scheduler", "cross_entropy_loss",
+    "class_weights_from_labels", "output_probs", "resolve_amp", "train_one_epoch", "evaluate",
+    "save_checkpoint", "load_checkpoint", "fit",
     # metrics
     "compute_metrics", "expected_calibration_error",
     # plots
     "plot_class_distribution", "plot_sample_grid", "plot_confusion_matrix", "plot_training_curves",
+    "plot_metric_summary",
+    # export
+    "Predictor",
 ]

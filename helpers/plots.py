@@ -120,3 +120,31 @@ def plot_training_curves(history: list[dict], save_path: str | Path | None = Non
         ax.grid(alpha=0.3)
     fig.tight_layout()
     return _save(fig, save_path)
+
+
+def plot_metric_summary(per_fold: list[dict], keys: tuple[str, ...] = ("accuracy", "precision_macro", "recall_macro",
+                                                                      "f1_macro"),
+                        title: str = "Test metrics per fold", save_path: str | Path | None = None):
+    """Bars of each metric per fold with the mean +- std across folds.
+
+    Args:
+        per_fold: one metrics dict (from :func:`compute_metrics`) per fold.
+        keys: metrics to show.
+        title: figure title.
+        save_path: PNG to write.
+    """
+    values = np.array([[m[k] for k in keys] for m in per_fold])  # folds x metrics
+    fig, ax = plt.subplots(figsize=(2 + 1.6 * len(keys), 3.5))
+    width = 0.8 / max(1, len(per_fold))
+    for i, row in enumerate(values):
+        ax.bar(np.arange(len(keys)) + (i - (len(per_fold) - 1) / 2) * width, row, width, alpha=0.5,
+               label=f"fold {i + 1}" if len(per_fold) <= 10 else None)
+    ax.errorbar(np.arange(len(keys)), values.mean(0), yerr=values.std(0), fmt="ko", capsize=4, label="mean +- std")
+    for j, (m, s) in enumerate(zip(values.mean(0), values.std(0))):
+        ax.annotate(f"{m:.3f}", (j, min(1.0, m + s)), textcoords="offset points", xytext=(0, 6), ha="center")
+    ax.set_xticks(range(len(keys)), keys)
+    ax.set_ylim(0, 1.1)
+    ax.set_title(title)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    return _save(fig, save_path)

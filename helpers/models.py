@@ -1,0 +1,218 @@
+"""Models: a timm backbone with the seed's classification head, weight sources and freezing.
+
+``TimmClassifier`` = ``timm.create_model(variant, num_classes=0)`` (pooled features) +
+Linear(num_features -> 256) -> BatchNorm1d -> ReLU -> Dropout -> Linear(256 -> classes),
+with timm's ``forward_features`` / ``forward_head`` split. gcvit_small with a 7-class head
+has 50,522,348 parameters, the seed notebook's reported count.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+WEIGHT_SOURCES = ("hub", "none")  # or a path to a local checkpoint
+
+
+class WeightsUnavailableError(RuntimeError):
+    """Pretrained weights were requested but could not be loaded."""
+
+
+class TimmClassifier(nn.Module):
+    """A timm backbone and the seed's MLP head.
+
+    Args:
+        variant: timm model name, e.g. ``"gcvit_xxtiny"`` .. ``"gcvit_base"``.
+        num_classes: output classes.
+        img_size: input side in pixels (GCViT: a multiple of 32).
+        hidden: width of the head's hidden layer.
+        dropout: dropout before the last linear layer.
+        pretrained: ask timm for its hub weights (needs internet).
+        in_chans: input channels.
+    """
+
+    def __init__(self, variant: str, num_classes: int, img_size: int = 224, hidden: int = 256,
+                 dropout: float = 0.3, pretrained: bool = False, in_chans: int = 3):
+        super().__init__()
+        import timm
+
+        kwargs = {"img_size": img_size} if variant.startswith("gcvit") else {}
+        self.backbone = timm.create_model(variant, pretrained=pretrained, num_classes=0, in_chans=in_chans, **kwargs)
+        self.num_features = self.backbone.num_features
+        self.head = nn.Sequential(nn.Linear(self.num_features, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
+                                  nn.Dropout(dropout), nn.Linear(hidden, num_classes))
+        self.variant, self.num_classes, self.img_size = variant, num_classes, img_size
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) images -> (B, num_features) pooled features."""
+        return self.backbone(x)
+
+    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
+        """(B, num_features) -> (B, num_classes) logits."""
+        return self.head(features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """A fresh last layer for ``num_classes`` (e.g. after loading weights from another dataset)."""
+        last = self.head[-1]
+        self.head[-1] = nn.Linear(last.in_features, num_classes)
+        self.num_classes = num_classes
+
+    def data_config(self) -> dict:
+        """Mean and std the backbone was trained with (timm's pretrained config)."""
+        cfg = self.backbone.pretrained_cfg
+        return {"mean": tuple(cfg.get("mean", (0.485, 0.456, 0.406))), "std": tuple(cfg.get("std", (0.229, 0.224, 0.225)))}
+
+
+def validate_gcvit_size(variant: str, img_size: int, weights: str) -> None:
+    """Explain GCViT's input-size constraints before timm fails deep inside.
+
+    GCViT downsamples by 32 and its windows tile every stage, so the input side must be a
+    multiple of 32; its pretrained relative-position-bias tables are sized for 224 px, so
+    hub weights load only at 224.
+    """
+    if not variant.startswith("gcvit"):
+        return
+    if img_size % 32:
+        lo, hi = img_size // 32 * 32, (img_size // 32 + 1) * 32
+        raise ValueError(f"{variant}: image_size must be a multiple of 32 (GCViT windows tile each stage); "
+                         f"got {img_size}, use {lo or 32} or {hi}")
+    if weights == "hub" and img_size != 224:
+        raise ValueError(f"{variant}: timm's pretrained weights are for 224 px (relative position bias tables "
+                         f"change shape at other sizes); use image_size=224 with weights='hub', or weights='none' "
+                         f"or a checkpoint trained at {img_size} px")
+
+
+def count_parameters(model: nn.Module) -> dict:
+    """Total and trainable parameter counts."""
+    return {"total": sum(p.numel() for p in model.parameters()),
+            "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+
+
+def create_classifier(variant: str, num_classes: int, img_size: int, weights: str = "none",
+                      allow_random_init: bool = False, dropout: float = 0.3, hidden: int = 256) -> tuple[TimmClassifier, dict]:
+    """Build a :class:`TimmClassifier` and load its weights from the requested source.
+
+    Args:
+        variant: timm model name.
+        num_classes: classes of the new head.
+        img_size: input side in pixels.
+        weights: ``"hub"`` (timm download), ``"none"`` (random init) or a path to a local
+            checkpoint: a timm/backbone state dict, or a checkpoint written by this pipeline
+            (e.g. trained on FER+); its classification layer is reset when the class
+            count differs.
+        allow_random_init: if hub weights cannot be fetched, continue from random weights
+            (recorded in the returned info) instead of stopping.
+        dropout, hidden: head settings.
+
+    Returns:
+        ``(model, info)``; info records the weights source actually used, missing and
+        unexpected keys, and any fallback.
+
+    Raises:
+        WeightsUnavailableError: hub weights requested, unreachable, and no fallback allowed.
+    """
+    validate_gcvit_size(variant, img_size, weights)
+    info = {"requested": weights, "source": weights, "missing_keys": [], "unexpected_keys": []}
+    if weights == "hub":
+        try:
+            model = TimmClassifier(variant, num_classes, img_size, hidden, dropout, pretrained=True)
+        except Exception as e:  # noqa: BLE001 - any download/cache failure lands here
+            msg = (f"could not fetch timm's pretrained {variant} weights ({type(e).__name__}: {str(e)[:200]}). "
+                   "Without internet, download them elsewhere (timm.create_model(..., pretrained=True) "
+                   "caches them under ~/.cache/huggingface) and pass the file as weights='/path/to/file', "
+                   "or set allow_random_init=True to train from scratch.")
+            if not allow_random_init:
+                raise WeightsUnavailableError(msg) from e
+            print("WARNING:", msg, "\nContinuing from RANDOM initialisation, as allowed.")
+            info.update(source="none (hub unavailable)", error=str(e)[:300])
+            model = TimmClassifier(variant, num_classes, img_size, hidden, dropout)
+        return model, info
+    model = TimmClassifier(variant, num_classes, img_size, hidden, dropout)
+    if weights == "none":
+        return model, info
+    path = Path(weights)
+    if not path.is_file():
+        raise WeightsUnavailableError(f"{path}: weights file not found (weights must be 'hub', 'none' or a file)")
+    state = load_state_dict_file(path)
+    info.update(load_weights(model, state))
+    info["source"] = str(path)
+    return model, info
+
+
+def load_state_dict_file(path: str | Path) -> dict:
+    """A state dict from a ``.pth``/``.pt``/``.bin`` (safely, ``weights_only``) or ``.safetensors`` file."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001
+        raise WeightsUnavailableError(f"{path}: not a readable PyTorch checkpoint ({e})") from e
+    for key in ("model", "state_dict", "model_state"):
+        if isinstance(ckpt, dict) and isinstance(ckpt.get(key), dict):
+            return ckpt[key]
+    return ckpt
+
+
+def load_weights(model: TimmClassifier, state: dict) -> dict:
+    """Load a backbone or full-model state dict, dropping a last layer of the wrong size.
+
+    Keys of a bare timm model (``stem.``, ``stages.``) are mapped under ``backbone.``; timm's
+    own classifier (``head.fc``) is ignored, as our head replaces it.
+
+    Returns:
+        missing_keys, unexpected_keys and whether the head was reset.
+    """
+    own = model.state_dict()
+    if not any(k.startswith("backbone.") for k in state):
+        state = {f"backbone.{k}": v for k, v in state.items() if not k.startswith(("head.fc", "fc.", "classifier."))}
+    head_reset = False
+    for k in list(state):
+        if k in own and state[k].shape != own[k].shape:
+            if k.startswith("head."):
+                del state[k]  # the classification layer of another dataset: start it afresh
+                head_reset = True
+            else:
+                raise WeightsUnavailableError(
+                    f"weight {k} has shape {tuple(state[k].shape)} in the file but {tuple(own[k].shape)} in "
+                    f"{model.variant} at {model.img_size} px (GCViT weights only load at the size they were trained at)")
+    result = model.load_state_dict(state, strict=False)
+    return {"missing_keys": list(result.missing_keys), "unexpected_keys": list(result.unexpected_keys),
+            "head_reset": head_reset}
+
+
+def set_finetune_strategy(model: TimmClassifier, strategy: str = "full", frozen_stages: int = 0) -> dict:
+    """Freeze parts of the backbone.
+
+    Args:
+        model: the classifier.
+        strategy: ``"full"`` (train everything, as the seed), ``"head"`` (backbone frozen) or
+            ``"partial"`` (stem and the first ``frozen_stages`` stages frozen).
+        frozen_stages: stages to freeze under ``"partial"``.
+
+    Returns:
+        Parameter counts after freezing.
+    """
+    for p in model.parameters():
+        p.requires_grad = True
+    if strategy == "head":
+        for p in model.backbone.parameters():
+            p.requires_grad = False
+    elif strategy == "partial":
+        stages = getattr(model.backbone, "stages", None)
+        if stages is None or not 0 <= frozen_stages <= len(stages):
+            raise ValueError(f"{model.variant}: cannot freeze {frozen_stages} stages")
+        frozen = [getattr(model.backbone, n) for n in ("stem", "patch_embed") if hasattr(model.backbone, n)]
+        for module in frozen + list(stages[:frozen_stages]):
+            for p in module.parameters():
+                p.requires_grad = False
+    elif strategy != "full":
+        raise ValueError(f"strategy must be 'full', 'head' or 'partial', not {strategy!r}")
+    return count_parameters(model)

@@ -1,0 +1,378 @@
+"""The training engine both notebooks share.
+
+``fit`` runs epochs of :func:`train_one_epoch` and :func:`evaluate` with AdamW, a per-step
+cosine schedule (optional warm-up and warm restarts), gradient clipping, AMP, checkpoints
+(``last.pth`` every epoch, ``best_model.pth`` on the monitored metric), ``history.json``,
+early stopping and resume. The loss is pluggable: ``loss_fn(outputs, y, progress)`` where
+``progress`` in [0, 1] is the share of training done (GReFEL ramps its trust with it), and
+batches are ``(*inputs, y)`` so a model may take several inputs (images, landmarks).
+
+Reproducibility: every epoch reseeds torch (shuffle order, dropout, DataLoader worker
+seeds) and the augmentation from ``(seed, epoch)``, so a run resumed from ``last.pth``
+replays exactly the epochs an uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .setup import save_json
+
+
+# ----------------------------------------------------------------------------- seeding & loaders
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _reseed_transform(dataset, seed: int) -> None:
+    transform = getattr(dataset, "transform", None)
+    target = getattr(transform, "compose", transform)  # KeypointCompose wraps an A.Compose
+    if hasattr(target, "set_random_seed"):
+        target.set_random_seed(seed)
+
+
+def seed_worker(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: seed NumPy, Python and the augmentation per worker.
+
+    torch gives each worker ``base_seed + worker_id``, and ``base_seed`` is drawn from the
+    generator reseeded every epoch, so augmentation is reproducible and differs per worker.
+    """
+    s = torch.initial_seed() % 2**32
+    np.random.seed(s)
+    random.seed(s)
+    _reseed_transform(torch.utils.data.get_worker_info().dataset, s)
+
+
+def make_loader(dataset, batch_size: int, shuffle: bool, num_workers: int = 0, device=None,
+                drop_last: bool = False, sampler=None) -> torch.utils.data.DataLoader:
+    """A DataLoader with per-worker seeding and pinned memory on CUDA.
+
+    Args:
+        dataset: e.g. :class:`H5Dataset`.
+        batch_size: samples per batch (per process).
+        shuffle: reshuffle every epoch (ignored when ``sampler`` is given).
+        num_workers: loading processes (0: in the main process).
+        device: the training device; pinned memory is used when it is CUDA.
+        drop_last: drop an incomplete last batch (avoids BatchNorm on a single sample).
+        sampler: an explicit sampler (e.g. a DistributedSampler or a class-balanced one).
+    """
+    pin = device is not None and torch.device(device).type == "cuda"
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None,
+                                       sampler=sampler, num_workers=num_workers, pin_memory=pin,
+                                       drop_last=drop_last, worker_init_fn=seed_worker,
+                                       persistent_workers=False)
+
+
+# ----------------------------------------------------------------------------- optimiser & schedule
+
+def build_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW over trainable parameters; biases and norm weights get no weight decay."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr)
+
+
+def build_scheduler(optimizer, num_epochs: int, steps_per_epoch: int, warmup_epochs: float = 0.0,
+                    restart_epochs: int | None = None, min_lr_ratio: float = 0.0):
+    """Per-step cosine decay with linear warm-up and optional warm restarts.
+
+    Args:
+        optimizer: its initial lr is the peak.
+        num_epochs: length of the run (the seed's ``T_max``).
+        steps_per_epoch: optimiser steps per epoch.
+        warmup_epochs: linear warm-up from 0, in epochs.
+        restart_epochs: restart the cosine every this many epochs (SGDR); None = one cycle.
+        min_lr_ratio: floor of the cosine as a fraction of the peak.
+    """
+    total = max(1, num_epochs * steps_per_epoch)
+    warm = int(warmup_epochs * steps_per_epoch)
+    cycle = restart_epochs * steps_per_epoch if restart_epochs else total - warm
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        t = ((step - warm) % cycle) / max(1, cycle) if restart_epochs else min(1.0, (step - warm) / max(1, cycle))
+        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+# ----------------------------------------------------------------------------- losses & outputs
+
+def cross_entropy_loss(label_smoothing: float = 0.0, class_weights: torch.Tensor | None = None) -> Callable:
+    """The default pluggable loss: cross-entropy on ``logits`` (soft targets allowed).
+
+    Returns:
+        ``loss_fn(outputs, y, progress) -> scalar tensor``.
+    """
+    def loss_fn(outputs, y, progress):
+        logits = outputs["logits"] if isinstance(outputs, dict) else outputs
+        w = class_weights.to(logits.device) if class_weights is not None else None
+        return F.cross_entropy(logits.float(), y, weight=w, label_smoothing=label_smoothing)
+
+    return loss_fn
+
+
+def class_weights_from_labels(labels: np.ndarray, num_classes: int) -> torch.Tensor:
+    """Inverse-frequency class weights normalised to mean 1 (absent classes get 0)."""
+    counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
+    w = np.where(counts > 0, counts.sum() / np.maximum(counts, 1) / num_classes, 0.0)
+    return torch.tensor(w / w[counts > 0].mean(), dtype=torch.float32)
+
+
+def output_probs(outputs) -> torch.Tensor:
+    """Class probabilities from a model's outputs: ``final_probs`` of a dict, else softmax of logits."""
+    if isinstance(outputs, dict):
+        return outputs["final_probs"] if "final_probs" in outputs else outputs["logits"].float().softmax(-1)
+    return outputs.float().softmax(-1)
+
+
+def resolve_amp(amp: str, device) -> torch.dtype | None:
+    """The autocast dtype for ``amp`` on ``device``, or None for full precision.
+
+    Args:
+        amp: ``"auto"`` (bf16 on CUDA when supported, else fp16; off on CPU and MPS),
+            ``"fp16"``, ``"bf16"`` or ``"off"``.
+        device: the training device.
+    """
+    kind = torch.device(device).type
+    if amp == "off" or (amp == "auto" and kind != "cuda"):
+        return None
+    if amp == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if amp in ("fp16", "bf16"):
+        return torch.float16 if amp == "fp16" else torch.bfloat16
+    raise ValueError(f"amp must be 'auto', 'fp16', 'bf16' or 'off', not {amp!r}")
+
+
+# ----------------------------------------------------------------------------- epochs
+
+def _to_device(batch, device):
+    *inputs, y = batch
+    nb = torch.device(device).type == "cuda"
+    return [x.to(device, non_blocking=nb) for x in inputs], y.to(device, non_blocking=nb)
+
+
+def train_one_epoch(model: nn.Module, loader, optimizer, scheduler, loss_fn: Callable, device, epoch: int,
+                    num_epochs: int, scaler=None, amp_dtype=None, clip_grad: float | None = 1.0,
+                    progress: bool = True) -> dict:
+    """One pass over ``loader``; stops with FloatingPointError on a NaN/inf loss.
+
+    Returns:
+        ``{"loss": mean loss, "acc": accuracy}`` over the epoch.
+    """
+    from tqdm.auto import tqdm
+
+    model.train()
+    total, correct, loss_sum = 0, 0, 0.0
+    steps = len(loader)
+    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{num_epochs} train", leave=False, disable=not progress)
+    for step, batch in enumerate(bar):
+        inputs, y = _to_device(batch, device)
+        frac = (epoch + step / max(1, steps)) / max(1, num_epochs)  # share of training done
+        with torch.autocast(torch.device(device).type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            outputs = model(*inputs)
+            loss = loss_fn(outputs, y, frac)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"loss is {loss.item()} at epoch {epoch + 1}, step {step + 1}: training stopped. The last good "
+                "checkpoint is kept; lower the learning rate, enable gradient clipping or turn AMP off.")
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+        else:
+            loss.backward()
+        if clip_grad:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        scheduler.step()
+        hard = y if y.ndim == 1 else y.argmax(-1)  # soft targets: compare with their argmax
+        n = len(hard)
+        total += n
+        loss_sum += loss.item() * n
+        correct += (output_probs(outputs).argmax(-1) == hard).sum().item()
+        bar.set_postfix(loss=f"{loss_sum / total:.4f}", acc=f"{correct / total:.3f}")
+    return {"loss": loss_sum / max(1, total), "acc": correct / max(1, total)}
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, device, loss_fn: Callable | None = None, amp_dtype=None,
+             progress: bool = False) -> dict:
+    """Predictions and loss over ``loader`` in eval mode.
+
+    Returns:
+        loss (when ``loss_fn`` is given, at progress 1), acc, and arrays ``y_true``,
+        ``y_pred``, ``probs`` (N x C) for the metrics.
+    """
+    from tqdm.auto import tqdm
+
+    model.eval()
+    ys, probs, loss_sum = [], [], 0.0
+    for batch in tqdm(loader, desc="eval", leave=False, disable=not progress):
+        inputs, y = _to_device(batch, device)
+        with torch.autocast(torch.device(device).type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            outputs = model(*inputs)
+            if loss_fn is not None:
+                loss_sum += loss_fn(outputs, y, 1.0).item() * len(y)
+        ys.append((y if y.ndim == 1 else y.argmax(-1)).cpu())
+        probs.append(output_probs(outputs).float().cpu())
+    y_true = torch.cat(ys).numpy() if ys else np.zeros(0, int)
+    p = torch.cat(probs).numpy() if probs else np.zeros((0, 0))
+    y_pred = p.argmax(-1) if len(p) else np.zeros(0, int)
+    out = {"acc": float((y_pred == y_true).mean()) if len(y_true) else float("nan"),
+           "y_true": y_true, "y_pred": y_pred, "probs": p}
+    if loss_fn is not None:
+        out["loss"] = loss_sum / max(1, len(y_true))
+    return out
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def save_checkpoint(path: str | Path, **state) -> Path:
+    """``torch.save`` atomically (temporary file, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
+    """Load a checkpoint with ``weights_only=True`` (no arbitrary code from pickles)."""
+    return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def _plain(obj):
+    """Config values as JSON-safe plain types (what ``weights_only`` loading accepts)."""
+    if isinstance(obj, dict):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, (str, int, float, bool)) or obj is None:
+        return obj
+    if isinstance(obj, np.generic):
+        return obj.item()
+    return str(obj)
+
+
+# ----------------------------------------------------------------------------- fit
+
+def fit(model: nn.Module, train_loader, val_loader, out_dir: str | Path, *, num_epochs: int, lr: float,
+        weight_decay: float, device, loss_fn: Callable | None = None, seed: int = 42,
+        warmup_epochs: float = 0.0, restart_epochs: int | None = None, min_lr_ratio: float = 0.0,
+        clip_grad: float | None = 1.0, amp: str = "auto", monitor: str = "val_acc",
+        early_stopping: int | None = None, resume: bool = True, config: dict | None = None,
+        extra_state: dict | None = None, on_epoch_end: Callable[[dict], None] | None = None,
+        progress: bool = True) -> dict:
+    """Train with checkpoints, history, early stopping and resume.
+
+    Args:
+        model: any module; batches are ``(*inputs, y)`` and it is called as ``model(*inputs)``.
+        train_loader, val_loader: from :func:`make_loader`.
+        out_dir: where ``last.pth``, ``best_model.pth`` and ``history.json`` go.
+        num_epochs: epochs (also the cosine period).
+        lr: peak learning rate. weight_decay: AdamW decoupled weight decay.
+        device: training device.
+        loss_fn: ``loss_fn(outputs, y, progress)``; default :func:`cross_entropy_loss`.
+        seed: seeds every epoch (see module docstring).
+        warmup_epochs, restart_epochs, min_lr_ratio: schedule (see :func:`build_scheduler`).
+        clip_grad: max gradient norm, None to disable.
+        amp: see :func:`resolve_amp`; fp16 uses a GradScaler.
+        monitor: ``"val_acc"`` (higher is better) or ``"val_loss"`` (lower is better) for
+            the best checkpoint and early stopping.
+        early_stopping: stop after this many epochs without improvement (None: never).
+        resume: continue from ``out_dir/last.pth`` when it exists and is not finished.
+        config: saved in every checkpoint (the notebook's ``config`` dict).
+        extra_state: more plain values to store in ``best_model.pth`` (class names, ...).
+        on_epoch_end: called with each epoch's history row after the checkpoint is written.
+        progress: tqdm bars.
+
+    Returns:
+        ``{"history": [...], "best": {...}, "best_path", "last_path", "epochs_run", "stopped_early",
+        "wall_s"}``.
+    """
+    out_dir = Path(out_dir)
+    device = torch.device(device)
+    loss_fn = loss_fn or cross_entropy_loss()
+    model.to(device)
+    optimizer = build_optimizer(model, lr, weight_decay)
+    scheduler = build_scheduler(optimizer, num_epochs, len(train_loader), warmup_epochs, restart_epochs, min_lr_ratio)
+    amp_dtype = resolve_amp(amp, device)
+    scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
+    higher = monitor.endswith("acc")
+    history, best, start, waited = [], None, 0, 0
+    last_path, best_path = out_dir / "last.pth", out_dir / "best_model.pth"
+    config = _plain(config or {})
+    if resume and last_path.exists():
+        ckpt = load_checkpoint(last_path)
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        if scaler is not None and ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
+        history, best, start, waited = ckpt["history"], ckpt["best"], ckpt["epoch"], ckpt["waited"]
+        if progress:
+            print(f"Resuming from {last_path} after epoch {start}")
+    t0 = time.time()
+    stopped = bool(history) and history[-1].get("stopped_early", False)
+    for epoch in range(start, num_epochs):
+        if stopped:
+            break
+        # Everything random in this epoch derives from (seed, epoch): resume replays it exactly.
+        torch.manual_seed(seed * 1000 + epoch)
+        _reseed_transform(train_loader.dataset, seed * 1000 + epoch)
+        if hasattr(train_loader.sampler, "set_epoch"):
+            train_loader.sampler.set_epoch(epoch)
+        te = time.time()
+        tr = train_one_epoch(model, train_loader, optimizer, scheduler, loss_fn, device, epoch, num_epochs,
+                             scaler, amp_dtype, clip_grad, progress)
+        va = evaluate(model, val_loader, device, loss_fn, amp_dtype)
+        row = {"epoch": epoch + 1, "train_loss": tr["loss"], "train_acc": tr["acc"], "val_loss": va["loss"],
+               "val_acc": va["acc"], "lr": optimizer.param_groups[0]["lr"], "epoch_s": time.time() - te}
+        value = row[monitor]
+        improved = best is None or (value > best["value"] if higher else value < best["value"])
+        if improved:
+            best, waited = {"epoch": epoch + 1, "metric": monitor, "value": value}, 0
+            save_checkpoint(best_path, model=model.state_dict(), epoch=epoch + 1, best=best, config=config,
+                            **_plain(extra_state or {}))
+        else:
+            waited += 1
+        stopped = early_stopping is not None and waited >= early_stopping
+        row["stopped_early"] = stopped
+        history.append(row)
+        save_checkpoint(last_path, model=model.state_dict(), optimizer=optimizer.state_dict(),
+                        scheduler=scheduler.state_dict(), scaler=scaler.state_dict() if scaler else None,
+                        epoch=epoch + 1, history=history, best=best, waited=waited, config=config)
+        save_json(history, out_dir / "history.json")
+        if progress:
+            print(f"epoch {epoch + 1:3d}/{num_epochs}  train loss {tr['loss']:.4f} acc {tr['acc']:.3f}  "
+                  f"val loss {va['loss']:.4f} acc {va['acc']:.3f}  {row['epoch_s']:.0f}s" + ("  *" if improved else ""))
+        if on_epoch_end is not None:
+            on_epoch_end(row)
+    if stopped and progress:
+        print(f"Early stopping: no {monitor} improvement for {early_stopping} epochs")
+    return {"history": history, "best": best, "best_path": best_path, "last_path": last_path,
+            "epochs_run": len(history), "stopped_early": stopped, "wall_s": time.time() - t0}
