@@ -97,8 +97,8 @@ PROFILES = {
               "model_name": "gcvit_xxtiny", "weights": "none", "num_epochs": 2, "batch_size": 16, "lr": 1e-3,
               "weight_decay": 0.05, "warmup_epochs": 0, "num_workers": 0},
     # real results on this CPU: small faces, the smallest GCViT, from scratch (no ImageNet weights offline)
-    "cpu": {**COMMON, "image_size": 96, "protocol": "subject", "num_folds": 6, "model_name": "gcvit_xxtiny",
-            "weights": "none", "num_epochs": 30, "batch_size": 32, "lr": 1e-3, "weight_decay": 0.05,
+    "cpu": {**COMMON, "image_size": 64, "protocol": "subject", "num_folds": 4, "model_name": "gcvit_xxtiny",
+            "weights": "none", "num_epochs": 25, "batch_size": 32, "lr": 1e-3, "weight_decay": 0.05,
             "warmup_epochs": 2, "label_smoothing": 0.1, "num_workers": 2},
     "gpu": {**COMMON, "image_size": 224, "protocol": "subject", "num_folds": 6, "model_name": "gcvit_tiny",
             "weights": "hub", "num_epochs": 50, "batch_size": 32, "lr": 1e-4, "weight_decay": 1e-4,

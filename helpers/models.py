@@ -124,7 +124,7 @@ def create_classifier(variant: str, num_classes: int, img_size: int, weights: st
         except Exception as e:  # noqa: BLE001 - any download/cache failure lands here
             msg = (f"could not fetch timm's pretrained {variant} weights ({type(e).__name__}: {str(e)[:200]}). "
                    "Without internet, download them elsewhere (timm.create_model(..., pretrained=True) "
-                   "caches them under ~/.cache/huggingface) and pass the file as weights='/path/to/file', "
+                   "caches them under ~/.cache/torch/hub/checkpoints or ~/.cache/huggingface) and pass the file as weights='/path/to/file', "
                    "or set allow_random_init=True to train from scratch.")
             if not allow_random_init:
                 raise WeightsUnavailableError(msg) from e

@@ -5,7 +5,11 @@ from pathlib import Path
 
 import h5py
 import nbformat
+import numpy as np
 import pytest
+import torch
+
+import helpers as H
 
 from conftest import ROOT, SHARED
 
@@ -36,17 +40,41 @@ def test_paired_scripts_match_the_notebooks():
         assert [c.source for c in nb.cells] == [c.source for c in py.cells], f"{name}.py and .ipynb differ: jupytext --sync"
 
 
+DFER_FILES = ("class_distribution.png", "samples.png", "face_crops.png", "annotations.csv", "best_model.pth",
+              "confusion_matrix.png", "performance_summary.png", "training_curve.png", "final_results.json")
+
+
+def check_dfer_results(r, out):
+    """What every DFER_GCViT run must have written, whatever the data."""
+    for f in DFER_FILES:
+        assert (out / f).stat().st_size > 0, f
+    assert r["config"]["profile"] == "smoke" and r["protocol"]["name"] == r["config"]["protocol"]
+    folds = r["metrics"]["per_fold"]
+    assert len(folds) == r["protocol"]["folds"] >= 1
+    for m, sizes in zip(folds, r["protocol"]["sizes"]):
+        assert sum(map(sum, m["confusion_matrix"])) == m["num_samples"] == sizes["test"]
+        for k in ("accuracy", "precision_macro", "recall_macro", "f1_macro", "f1_weighted", "ece"):
+            assert 0.0 <= m[k] <= 1.0, k
+    agg = r["metrics"]["mean_std"]["accuracy"]
+    assert agg["mean"] == pytest.approx(sum(m["accuracy"] for m in folds) / len(folds))
+    assert r["model"]["parameters"]["total"] > 1e6 and r["model"]["weights"]["source"] == "none"
+    assert r["wall_time_s"]["train_total"] > 0 and r["environment"]["torch"]
+    assert r["cache"]["fingerprint"] and "rate" in r["face_detection"]
+    best = torch.load(out / "best_model.pth", weights_only=True)
+    assert best["class_names"] == sorted(r["dataset"]["counts"]) and best["config"]["profile"] == "smoke"
+
+
 def test_dfer_notebook_on_generated_demo(tmp_path):
     r = _run("DFER_GCViT", tmp_path)
-    assert r["data"] == "generated demo" and r["config"]["profile"] == "smoke"
+    assert r["data"] == "generated demo"
+    check_dfer_results(r, tmp_path / "DFER_GCViT")
     assert r["face_detection"]["frames"] == r["cache"]["report"]["num_source"] > 0
-    for f in ("class_distribution.png", "samples.png", "face_crops.png", "annotations.csv"):
-        assert (tmp_path / "DFER_GCViT" / f).stat().st_size > 0
     with h5py.File(r["cache"]["path"]) as f:
         assert f["images"].shape[1:] == (64, 64, 1)
-    # Rerun: the extraction, boxes and cache are reused, the results are the same.
+    # Rerun: extraction, boxes, cache and the finished training run are reused; same results.
     again = _run("DFER_GCViT", tmp_path)
     assert again["cache"]["fingerprint"] == r["cache"]["fingerprint"]
+    assert again["metrics"]["per_fold"] == r["metrics"]["per_fold"]
 
 
 def test_grefel_notebook_on_generated_demo(tmp_path):
@@ -58,11 +86,22 @@ def test_grefel_notebook_on_generated_demo(tmp_path):
         assert f["votes"].shape == (f["images"].shape[0], 10)
 
 
-def test_dfer_notebook_on_real_kmu_fed(kmu_zip, tmp_path):
-    r = _run("DFER_GCViT", tmp_path, data_path=str(kmu_zip))
+def test_dfer_notebook_on_real_kmu_fed_subject_protocol_and_ckplus(kmu_zip, ckplus_zip, tmp_path):
+    r = _run("DFER_GCViT", tmp_path, data_path=str(kmu_zip), cross_data_path=str(ckplus_zip), max_folds=2)
     assert r["data"] == "real" and r["dataset"]["num_images"] == 1106
+    check_dfer_results(r, tmp_path / "DFER_GCViT")
     assert r["face_detection"]["rate"] >= 0.9
     assert r["cache"]["report"]["num_cached"] == r["face_detection"]["frames"]
+    # Subject protocol: the folds' test subjects are disjoint from their training subjects.
+    meta = H.read_cache_meta(r["cache"]["path"])[0]
+    folds = H.make_folds(meta, "subject", num_folds=r["config"]["num_folds"], seed=r["config"]["seed"])[:2]
+    assert [{p: len(f[p]) for p in ("train", "val", "test")} for f in folds] == r["protocol"]["sizes"]
+    for f in folds:
+        train_subjects = set(meta["subject"].to_numpy()[np.concatenate([f["train"], f["val"]])])
+        assert not train_subjects & set(meta["subject"].to_numpy()[f["test"]])
+    cross = r["cross_dataset"]
+    assert cross["classes"] == ["angry", "disgust", "fear", "happy", "sad", "surprise"]
+    assert cross["num_samples"] == 981 - 54  # CK+ without contempt
 
 
 def test_grefel_notebook_on_real_ferplus_subset(ferplus_zip, tmp_path):

@@ -1,0 +1,255 @@
+"""The training engine, models and protocols."""
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+
+import helpers as H
+
+
+class TinyNet(nn.Module):
+    """Small enough for the engine tests; has BatchNorm and Dropout, which resume must replay."""
+
+    def __init__(self, num_classes):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                                  nn.Flatten(), nn.Dropout(0.2), nn.Linear(8, num_classes))
+
+    def forward(self, x):
+        return self.body(x)
+
+
+@pytest.fixture(scope="module")
+def demo_cache(demo_kmu_zip, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("engine")
+    root = H.extract_archive(demo_kmu_zip, tmp / "ex", verbose=False)
+    index, report = H.discover_dataset(root, verbose=False)
+    classes = sorted(report["counts"])
+    return H.build_hdf5_cache(index, tmp / "c.h5", classes, 32, progress=False), classes
+
+
+def _loaders(cache, workers=0):
+    meta, _ = H.read_cache_meta(cache)
+    idx = np.arange(len(meta))
+    tf = H.build_transform("seed", 32, channels=1)
+    ev = H.build_transform("eval", 32, channels=1)
+    train = H.make_loader(H.H5Dataset(cache, idx[::2], tf), 8, shuffle=True, num_workers=workers)
+    val = H.make_loader(H.H5Dataset(cache, idx[1::2], ev), 16, shuffle=False)
+    return train, val
+
+
+def _fit(cache, classes, out, workers=0, linear=False, **kw):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, len(classes))) if linear else TinyNet(len(classes))
+    train, val = _loaders(cache, workers)
+    args = dict(num_epochs=3, lr=1e-2, weight_decay=1e-4, device="cpu", seed=7, progress=False, warmup_epochs=0.5)
+    args.update(kw)
+    return model, H.fit(model, train, val, out, **args)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_interrupted_run_resumes_to_the_same_result(demo_cache, tmp_path, workers):
+    cache, classes = demo_cache
+    full_model, full = _fit(cache, classes, tmp_path / "full", workers)
+
+    def crash(row):
+        if row["epoch"] == 2:
+            raise KeyboardInterrupt("simulated kill after epoch 2")
+
+    with pytest.raises(KeyboardInterrupt):
+        _fit(cache, classes, tmp_path / "cut", workers, on_epoch_end=crash)
+    assert H.load_checkpoint(tmp_path / "cut" / "last.pth")["epoch"] == 2
+    resumed_model, resumed = _fit(cache, classes, tmp_path / "cut", workers)
+    assert [h["epoch"] for h in resumed["history"]] == [1, 2, 3]
+    for a, b in zip(full["history"], resumed["history"]):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
+        assert a["val_acc"] == pytest.approx(b["val_acc"])
+    for (k, a), b in zip(full_model.state_dict().items(), resumed_model.state_dict().values()):
+        torch.testing.assert_close(a.float(), b.float(), rtol=1e-5, atol=1e-6, msg=k)
+    # A different seed really gives a different run (so the equality above means something).
+    _, other = _fit(cache, classes, tmp_path / "other", workers, seed=8)
+    assert other["history"][-1]["train_loss"] != pytest.approx(full["history"][-1]["train_loss"], rel=1e-6)
+
+
+def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(demo_cache, tmp_path):
+    cache, classes = demo_cache
+    ce = H.cross_entropy_loss()
+
+    def loss_fn(outputs, y, progress):
+        loss = ce(outputs, y, progress)
+        return loss * float("nan") if progress > 0.5 else loss
+
+    with pytest.raises(FloatingPointError, match=r"loss is nan at epoch 2"):
+        _fit(cache, classes, tmp_path, loss_fn=loss_fn)
+    assert H.load_checkpoint(tmp_path / "last.pth")["epoch"] == 1
+
+
+def test_checkpoints_load_weights_only_and_refuse_arbitrary_objects(demo_cache, tmp_path):
+    cache, classes = demo_cache
+    _fit(cache, classes, tmp_path, num_epochs=1, config={"path": tmp_path, "lr": 1e-2},
+         extra_state={"class_names": classes})
+    best = H.load_checkpoint(tmp_path / "best_model.pth")
+    assert best["class_names"] == classes and best["config"]["path"] == str(tmp_path)
+    torch.save({"evil": pd.DataFrame({"a": [1]})}, tmp_path / "pickle.pth")
+    with pytest.raises(Exception, match="[Ww]eights only load failed|Unsupported global"):
+        H.load_checkpoint(tmp_path / "pickle.pth")
+
+
+def test_early_stopping_and_finished_run_is_not_retrained(demo_cache, tmp_path):
+    cache, classes = demo_cache
+    # A linear model at lr 0 (no BatchNorm statistics either): epoch 2 cannot improve on epoch 1.
+    _, run = _fit(cache, classes, tmp_path, linear=True, num_epochs=6, lr=0.0, warmup_epochs=0, monitor="val_loss",
+                  early_stopping=1)
+    assert run["stopped_early"] and run["epochs_run"] == 2
+    _, again = _fit(cache, classes, tmp_path, linear=True, num_epochs=6, lr=0.0, warmup_epochs=0,
+                    monitor="val_loss", early_stopping=1)
+    assert again["epochs_run"] == 2
+
+
+def test_amp_selection_and_bf16_on_cpu(demo_cache, tmp_path):
+    assert H.resolve_amp("auto", "cpu") is None and H.resolve_amp("off", "cuda") is None
+    assert H.resolve_amp("bf16", "cpu") == torch.bfloat16 and H.resolve_amp("fp16", "cpu") == torch.float16
+    with pytest.raises(ValueError):
+        H.resolve_amp("fp8", "cpu")
+    cache, classes = demo_cache
+    _, run = _fit(cache, classes, tmp_path, num_epochs=1, amp="bf16")
+    assert np.isfinite(run["history"][0]["train_loss"])
+
+
+def test_scheduler_warmup_cosine_and_restarts():
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = H.build_scheduler(opt, num_epochs=4, steps_per_epoch=10, warmup_epochs=1)
+    lrs = []
+    for _ in range(40):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[0] == pytest.approx(0.1) and max(lrs) == pytest.approx(1.0) and lrs[-1] < 0.01
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = H.build_scheduler(opt, num_epochs=4, steps_per_epoch=10, restart_epochs=2)
+    lrs = []
+    for _ in range(40):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[20] == pytest.approx(1.0) and lrs[19] < 0.05  # warm restart at epoch 2
+
+
+def test_class_weights_inverse_frequency():
+    w = H.class_weights_from_labels(np.array([0, 0, 0, 1]), 3)
+    assert w[0] < w[1] and w[2] == 0 and w[:2].mean() == pytest.approx(1.0)
+
+
+# ----------------------------------------------------------------------------- models
+
+def test_gcvit_small_with_7_class_head_matches_the_seed_count():
+    model, _ = H.create_classifier("gcvit_small", 7, 224)
+    assert H.count_parameters(model)["total"] == 50_522_348
+
+
+def test_finetune_strategies_change_trainable_counts():
+    model, _ = H.create_classifier("gcvit_xxtiny", 6, 64)
+    full = H.set_finetune_strategy(model, "full")
+    partial = H.set_finetune_strategy(model, "partial", frozen_stages=2)
+    head = H.set_finetune_strategy(model, "head")
+    head_params = sum(p.numel() for p in model.head.parameters())
+    assert full["trainable"] == full["total"] > partial["trainable"] > head["trainable"] == head_params
+    with pytest.raises(ValueError):
+        H.set_finetune_strategy(model, "partial", frozen_stages=9)
+
+
+def test_gcvit_size_constraints_are_explained():
+    with pytest.raises(ValueError, match="multiple of 32.*use 96 or 128"):
+        H.validate_gcvit_size("gcvit_xxtiny", 100, "none")
+    with pytest.raises(ValueError, match="224 px"):
+        H.validate_gcvit_size("gcvit_xxtiny", 96, "hub")
+    H.validate_gcvit_size("gcvit_xxtiny", 96, "none")
+
+
+def test_local_weights_backbone_file_and_pipeline_checkpoint_with_head_reset(tmp_path):
+    import timm
+
+    backbone = timm.create_model("gcvit_xxtiny", num_classes=1000, img_size=64)
+    torch.save(backbone.state_dict(), tmp_path / "timm.pth")
+    model, info = H.create_classifier("gcvit_xxtiny", 6, 64, weights=str(tmp_path / "timm.pth"))
+    assert info["source"] == str(tmp_path / "timm.pth")
+    assert not [k for k in info["missing_keys"] if k.startswith("backbone.")]
+    torch.testing.assert_close(model.backbone.stem.conv1.weight, backbone.stem.conv1.weight)
+    # A pipeline checkpoint trained on 8 classes (FER+) reused for 6: backbone kept, last layer reset.
+    donor, _ = H.create_classifier("gcvit_xxtiny", 8, 64)
+    H.save_checkpoint(tmp_path / "ferplus.pth", model=donor.state_dict(), class_names=list("abcdefgh"))
+    model, info = H.create_classifier("gcvit_xxtiny", 6, 64, weights=str(tmp_path / "ferplus.pth"))
+    assert info["head_reset"] and info["missing_keys"] == ["head.4.weight", "head.4.bias"]
+    torch.testing.assert_close(model.head[0].weight, donor.head[0].weight)
+    with pytest.raises(H.WeightsUnavailableError, match="shape"):  # trained at another size
+        H.create_classifier("gcvit_xxtiny", 6, 96, weights=str(tmp_path / "timm.pth"))
+    with pytest.raises(H.WeightsUnavailableError, match="not found"):
+        H.create_classifier("gcvit_xxtiny", 6, 64, weights=str(tmp_path / "missing.pth"))
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(H.WeightsUnavailableError, match="junk.pth"):
+        H.create_classifier("gcvit_xxtiny", 6, 64, weights=str(tmp_path / "junk.pth"))
+
+
+def test_unreachable_hub_weights_stop_loudly_unless_random_init_allowed(monkeypatch):
+    import timm
+
+    real = timm.create_model
+
+    def offline(name, pretrained=False, **kw):
+        if pretrained:
+            raise OSError("no internet")
+        return real(name, pretrained=False, **kw)
+
+    monkeypatch.setattr(timm, "create_model", offline)
+    with pytest.raises(H.WeightsUnavailableError, match="weights='/path/to/file'"):
+        H.create_classifier("gcvit_xxtiny", 6, 224, weights="hub")
+    model, info = H.create_classifier("gcvit_xxtiny", 6, 224, weights="hub", allow_random_init=True)
+    assert info["requested"] == "hub" and info["source"] == "none (hub unavailable)" and "no internet" in info["error"]
+
+
+# ----------------------------------------------------------------------------- protocols
+
+def _meta(n_subjects=6, per=12, dup=True):
+    rows = []
+    for s in range(n_subjects):
+        for i in range(per):
+            rows.append({"label": i % 3, "split": "", "subject": str(s), "sha1": f"{s}-{i}"})
+    meta = pd.DataFrame(rows)
+    if dup:
+        meta.loc[1, "sha1"] = meta.loc[0, "sha1"] = "same"
+        meta.loc[1, "subject"] = "0"
+    return meta
+
+
+def test_subject_folds_never_share_a_subject():
+    meta = _meta()
+    folds = H.make_folds(meta, "subject", num_folds=3)
+    assert len(folds) == 3
+    tested = np.concatenate([f["test"] for f in folds])
+    assert sorted(tested) == list(range(len(meta)))  # every image tested exactly once
+    for f in folds:
+        sides = [set(meta["subject"].to_numpy()[f[p]]) for p in ("train", "val", "test")]
+        assert not (sides[0] & sides[2]) and not (sides[1] & sides[2]) and not (sides[0] & sides[1])
+
+
+def test_kfold_keeps_duplicates_together_and_val_inside_the_training_side():
+    meta = _meta()
+    folds = H.make_folds(meta, "kfold", num_folds=4)
+    for f in folds:
+        assert not set(f["val"]) & set(f["test"]) and not set(f["train"]) & set(f["test"])
+        assert ({0, 1} <= set(f["test"])) or not ({0, 1} & set(f["test"]))
+
+
+def test_given_protocol_uses_archive_splits_or_a_random_split():
+    meta = _meta(dup=False)
+    meta["split"] = np.where(np.arange(len(meta)) % 4 == 0, "val", "train")
+    (fold,) = H.make_folds(meta, "given")
+    np.testing.assert_array_equal(fold["test"], np.flatnonzero(meta["split"] == "val"))
+    assert set(fold["val"]) <= set(np.flatnonzero(meta["split"] == "train"))
+    meta["split"] = ""
+    (fold,) = H.make_folds(meta, "given", test_fraction=0.25)
+    assert abs(len(fold["test"]) - 18) <= 3
+    with pytest.raises(ValueError, match="subject id"):
+        H.make_folds(meta.assign(subject=""), "subject")
