@@ -94,13 +94,17 @@ COMMON = dict(channels=1, face_crop=True, face_margin=0.25, no_face="full", max_
 PROFILES = {
     # minutes on 2 CPU cores: a tiny subset, one fold, two epochs; checks the plumbing, not accuracy
     "smoke": {**COMMON, "image_size": 64, "max_images": 120, "protocol": "subject", "num_folds": 3, "max_folds": 1,
+              "val_fraction": 0.2,
               "model_name": "gcvit_xxtiny", "weights": "none", "num_epochs": 2, "batch_size": 16, "lr": 1e-3,
               "weight_decay": 0.05, "warmup_epochs": 0, "num_workers": 0},
     # real results on this CPU: small faces, the smallest GCViT, from scratch (no ImageNet weights offline)
-    "cpu": {**COMMON, "image_size": 64, "protocol": "subject", "num_folds": 4, "model_name": "gcvit_xxtiny",
+    # (subject protocol: validation = about 2 held-out training drivers, so model selection sees a new face)
+    "cpu": {**COMMON, "image_size": 64, "protocol": "subject", "num_folds": 4, "val_fraction": 0.2,
+            "model_name": "gcvit_xxtiny",
             "weights": "none", "num_epochs": 25, "batch_size": 32, "lr": 1e-3, "weight_decay": 0.05,
             "warmup_epochs": 2, "label_smoothing": 0.1, "num_workers": 2},
-    "gpu": {**COMMON, "image_size": 224, "protocol": "subject", "num_folds": 6, "model_name": "gcvit_tiny",
+    "gpu": {**COMMON, "image_size": 224, "protocol": "subject", "num_folds": 6, "val_fraction": 0.2,
+            "model_name": "gcvit_tiny",
             "weights": "hub", "num_epochs": 50, "batch_size": 32, "lr": 1e-4, "weight_decay": 1e-4,
             "warmup_epochs": 1, "num_workers": 4},
     # the seed notebook's settings (gcvit_small at 224 px) under the DFER-GCViT paper's 10-fold protocol

@@ -41,11 +41,8 @@ class Predictor:
     def crop(self, path: str | Path) -> tuple[np.ndarray, tuple | None]:
         """The preprocessed uint8 crop of an image and the face box used (None if none found)."""
         image = load_image(path, self.pre["channels"])
-        box = None
-        if self.detector is not None:
-            gray = image if image.ndim == 2 else image.mean(-1).astype(np.uint8)
-            found = self.detector.detect(gray)
-            box = found[0] if found else None
+        found = self.detector.detect_file(path) if self.detector is not None else None
+        box = found[0] if found else None
         no_face = self.pre.get("no_face", "full")
         crop = crop_face(image, box, self.pre["image_size"], margin=self.pre.get("margin", 0.25),
                          square=self.pre.get("square", True), no_face="full" if no_face == "drop" else no_face)

@@ -85,6 +85,19 @@ class FaceDetector:
                 return box, float(scores[i])
         return None
 
+    def detect_file(self, path: str | Path) -> tuple[tuple[float, float, float, float], float] | None:
+        """:meth:`detect` on an image file, decoded as the box cache does (training and inference agree).
+
+        Returns:
+            ``((x, y, w, h), score)`` in the full-resolution image's pixels, or None.
+        """
+        gray, scale = _load_for_detection(str(path), max(p[0] for p in self.passes))
+        found = self.detect(gray)
+        if found is None:
+            return None
+        (x, y, w, h), score = found
+        return (x * scale, y * scale, w * scale, h * scale), score
+
 
 def _load_for_detection(path: str, max_width: int) -> tuple[np.ndarray, float]:
     """Grayscale frame decoded at reduced size (JPEG draft mode) and its scale to full size."""
@@ -125,7 +138,6 @@ def detect_faces(index: pd.DataFrame, cache_path: str | Path, detector: FaceDete
         old = old[old["params"] == key]
         cached = {r.sha1: [r.face_x, r.face_y, r.face_w, r.face_h, r.face_score] for r in old.itertuples()}
     todo = [r for r in index.drop_duplicates("sha1").itertuples() if r.sha1 not in cached]
-    max_width = max(p[0] for p in detector.passes)
 
     def save():
         rows = [[s, key, *v] for s, v in cached.items()]
@@ -137,16 +149,10 @@ def detect_faces(index: pd.DataFrame, cache_path: str | Path, detector: FaceDete
 
     for i, r in enumerate(tqdm(todo, desc="faces", disable=not progress or not todo)):
         try:
-            gray, scale = _load_for_detection(r.path, max_width)
+            found = detector.detect_file(r.path)
         except Exception:  # noqa: BLE001 - unreadable files are reported by the cache build
-            cached[r.sha1] = [np.nan] * 5
-            continue
-        found = detector.detect(gray)
-        if found is None:
-            cached[r.sha1] = [np.nan] * 5
-        else:
-            (x, y, w, h), score = found
-            cached[r.sha1] = [x * scale, y * scale, w * scale, h * scale, score]
+            found = None
+        cached[r.sha1] = [np.nan] * 5 if found is None else [*found[0], found[1]]
         if (i + 1) % save_every == 0:
             save()
     if todo or not cache_path.exists():

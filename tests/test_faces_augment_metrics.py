@@ -107,3 +107,20 @@ def test_resolve_config_explicit_wins():
     assert cfg == {"profile": "smoke", "lr": 1e-3, "epochs": 5, "data_path": None}
     with pytest.raises(ValueError, match="profile"):
         H.resolve_config("huge", profiles, {})
+
+
+def test_inference_crop_reproduces_the_cached_training_crop(demo_kmu_zip, tmp_path):
+    import torch
+
+    root = H.extract_archive(demo_kmu_zip, tmp_path / "ex", verbose=False)
+    index, report = H.discover_dataset(root, verbose=False)
+    index = H.detect_faces(index.iloc[:6], tmp_path / "boxes.csv", progress=False)
+    assert index["face_found"].all()
+    cache = H.build_hdf5_cache(index, tmp_path / "c.h5", sorted(report["counts"]), 48, channels=1, progress=False)
+    pre = H.read_cache_meta(cache)[1]["preprocess"]
+    predictor = H.Predictor(torch.nn.Identity(), sorted(report["counts"]), pre, H.IMAGENET_MEAN, H.IMAGENET_STD)
+    ds = H.H5Dataset(cache)
+    for i, path in enumerate(index["path"]):
+        crop, box = predictor.crop(path)
+        np.testing.assert_array_equal(crop, ds.image(i))
+        np.testing.assert_allclose(box, index.loc[i, H.faces.BOX_COLUMNS].to_numpy(float))
