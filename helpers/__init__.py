@@ -31,9 +31,9 @@ from .models import (TimmClassifier, WeightsUnavailableError, count_parameters, 
 from .train import (build_optimizer, build_scheduler, class_weights_from_labels, cross_entropy_loss, evaluate, fit,
                     load_checkpoint, make_loader, output_probs, resolve_amp, save_checkpoint, seed_everything,
                     train_one_epoch)
-from .metrics import compute_metrics, expected_calibration_error
-from .plots import (plot_class_distribution, plot_confusion_matrix, plot_metric_summary, plot_sample_grid,
-                    plot_training_curves)
+from .metrics import compute_metrics, expected_calibration_error, fit_temperature
+from .plots import (plot_class_distribution, plot_confidence_histograms, plot_confusion_matrix, plot_metric_summary,
+                    plot_reliability_diagram, plot_sample_grid, plot_training_curves)
 from .export import Predictor
 
 __all__ = [
@@ -61,10 +61,10 @@ __all__ = [
     "class_weights_from_labels", "output_probs", "resolve_amp", "train_one_epoch", "evaluate",
     "save_checkpoint", "load_checkpoint", "fit",
     # metrics
-    "compute_metrics", "expected_calibration_error",
+    "compute_metrics", "expected_calibration_error", "fit_temperature",
     # plots
     "plot_class_distribution", "plot_sample_grid", "plot_confusion_matrix", "plot_training_curves",
-    "plot_metric_summary",
+    "plot_metric_summary", "plot_reliability_diagram", "plot_confidence_histograms",
     # export
     "Predictor",
 ]

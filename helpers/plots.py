@@ -148,3 +148,56 @@ def plot_metric_summary(per_fold: list[dict], keys: tuple[str, ...] = ("accuracy
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     return _save(fig, save_path)
+
+
+def plot_reliability_diagram(probs_by_name: dict[str, np.ndarray], y_true: np.ndarray, num_bins: int = 15,
+                             save_path: str | Path | None = None):
+    """Accuracy against confidence per bin, one line per set of probabilities (e.g. before/after scaling).
+
+    Args:
+        probs_by_name: ``{label: (N, C) probabilities}``.
+        y_true: (N,) class indices.
+        num_bins: equal-width confidence bins.
+        save_path: PNG to write.
+    """
+    from .metrics import expected_calibration_error
+
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    ax.plot([0, 1], [0, 1], "k--", lw=1, label="perfect calibration")
+    edges = np.linspace(0, 1, num_bins + 1)
+    for name, probs in probs_by_name.items():
+        conf, correct = probs.max(1), probs.argmax(1) == y_true
+        bins = np.clip(np.ceil(conf * num_bins).astype(int) - 1, 0, num_bins - 1)
+        xs = [conf[bins == b].mean() for b in range(num_bins) if (bins == b).any()]
+        ys = [correct[bins == b].mean() for b in range(num_bins) if (bins == b).any()]
+        ece = expected_calibration_error(probs, y_true, num_bins)
+        ax.plot(xs, ys, marker="o", ms=4, label=f"{name} (ECE {ece:.3f})")
+    ax.set_xticks(edges[::3])
+    ax.set_xlabel("confidence")
+    ax.set_ylabel("accuracy")
+    ax.set_title("Reliability diagram")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _save(fig, save_path)
+
+
+def plot_confidence_histograms(confidence: np.ndarray, correct: np.ndarray, title: str = "Confidence",
+                               save_path: str | Path | None = None):
+    """Histograms of confidence for correct and wrong predictions.
+
+    Args:
+        confidence: (N,) confidences in [0, 1].
+        correct: (N,) booleans.
+        title: figure title.
+        save_path: PNG to write.
+    """
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    bins = np.linspace(0, 1, 21)
+    ax.hist(confidence[correct], bins, alpha=0.6, label=f"correct ({int(correct.sum())})", density=True)
+    ax.hist(confidence[~correct], bins, alpha=0.6, label=f"wrong ({int((~correct).sum())})", density=True)
+    ax.set_xlabel("confidence")
+    ax.set_ylabel("density")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    return _save(fig, save_path)

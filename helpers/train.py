@@ -5,7 +5,8 @@ cosine schedule (optional warm-up and warm restarts), gradient clipping, AMP, ch
 (``last.pth`` every epoch, ``best_model.pth`` on the monitored metric), ``history.json``,
 early stopping and resume. The loss is pluggable: ``loss_fn(outputs, y, progress)`` where
 ``progress`` in [0, 1] is the share of training done (GReFEL ramps its trust with it), and
-batches are ``(*inputs, y)`` so a model may take several inputs (images, landmarks).
+batches are ``(*inputs, y)`` so a model may take several inputs (images, landmarks). A model
+with a ``set_progress(p)`` method is told the share of training done before every step.
 
 Reproducibility: every epoch reseeds torch (shuffle order, dropout, DataLoader worker
 seeds) and the augmentation from ``(seed, epoch)``, so a run resumed from ``last.pth``
@@ -187,6 +188,9 @@ def train_one_epoch(model: nn.Module, loader, optimizer, scheduler, loss_fn: Cal
     for step, batch in enumerate(bar):
         inputs, y = _to_device(batch, device)
         frac = (epoch + step / max(1, steps)) / max(1, num_epochs)  # share of training done
+        core = getattr(model, "module", model)  # under DistributedDataParallel
+        if hasattr(core, "set_progress"):
+            core.set_progress(frac)
         with torch.autocast(torch.device(device).type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             outputs = model(*inputs)
             loss = loss_fn(outputs, y, frac)
