@@ -196,7 +196,8 @@ meta.groupby("split").size()
 #   between anchors of different classes, `mean(relu(margin - ||a_i - a_j||)^2)`: it is zero
 #   once classes are `margin` apart and bounded below by 0.
 #
-# The model cells are tagged `grefel-model` so tests can execute them on their own.
+# The model cells (and the evaluator's) are tagged `grefel-model` so tests can execute them
+# on their own.
 
 # %% tags=["grefel-model"]
 import math
@@ -427,14 +428,15 @@ def grefel_loss(model: GReFELModel, lambda_cls: float = 1.0, lambda_anchor: floa
 # half. Augmentation is the seed README's (resize, random crop, flip, colour jitter,
 # rotation); the landmarks follow every geometric transform, flips included.
 
-# %%
+# %% tags=["grefel-model"]
 def build_grefel(cfg: dict, num_classes: int) -> GReFELModel:
+    """The model a config describes (used for training and to rebuild it from a checkpoint)."""
     return GReFELModel(num_classes=num_classes, embed_dim=cfg["embed_dim"], num_heads=cfg["num_heads"],
                        depth=cfg["depth"], patch_sizes=cfg["patch_sizes"],
                        num_anchors_per_class=cfg["num_anchors_per_class"], img_size=cfg["image_size"],
                        window=cfg["window"], dropout=cfg["dropout"])
 
-
+# %%
 split_of = meta["split"].to_numpy()
 idx = {s: np.flatnonzero(split_of == s) for s in ("train", "val", "test")}
 norm = {"mean": (0.5,) * 3, "std": (0.5,) * 3}  # from scratch: no pretrained statistics to match
@@ -475,7 +477,7 @@ H.plot_training_curves(run["history"], save_path=out_dir / "training_curve.png")
 # balancing changes, shows confidence distributions, and calibrates with a temperature
 # fitted on the validation split.
 
-# %%
+# %% tags=["grefel-model"]
 class GReFELEvaluator:
     """Predict and analyse with a trained GReFEL checkpoint.
 

@@ -77,13 +77,32 @@ def test_dfer_notebook_on_generated_demo(tmp_path):
     assert again["metrics"]["per_fold"] == r["metrics"]["per_fold"]
 
 
-def test_grefel_notebook_on_generated_demo(tmp_path):
-    r = _run("GReFEL", tmp_path)
-    assert r["data"] == "generated demo"
+GREFEL_FILES = ("class_distribution.png", "samples.png", "training_curve.png", "confusion_matrix.png",
+                "reliability_diagram.png", "confidence_distribution.png", "best_model.pth", "final_results.json")
+
+
+def check_grefel_results(r, out):
+    for f in GREFEL_FILES:
+        assert (out / f).stat().st_size > 0, f
+    m = r["metrics"]
+    assert sum(map(sum, m["test"]["confusion_matrix"])) == m["test"]["num_samples"] == r["dataset"]["used"]["test"]
+    for k in ("accuracy", "f1_macro", "ece"):
+        assert 0 <= m["test"][k] <= 1
+    rb = m["reliability_balancing"]
+    assert 0 <= rb["share_changed"] <= 1 and rb["accuracy_with"] == pytest.approx(m["test"]["accuracy"])
+    assert m["temperature"] > 0 and m["ece_after_scaling"] == m["test"]["ece"]
     assert r["landmarks"]["ok"] + r["landmarks"]["failed"] == r["cache"]["report"]["num_cached"]
+    best = torch.load(out / "best_model.pth", weights_only=True)
+    assert best["temperature"] == m["temperature"] and best["class_names"] == list(H.FERPLUS_CLASSES)
     with h5py.File(r["cache"]["path"]) as f:
         assert f["landmarks"].shape == (f["images"].shape[0], 68, 2)
         assert f["votes"].shape == (f["images"].shape[0], 10)
+
+
+def test_grefel_notebook_on_generated_demo(tmp_path):
+    r = _run("GReFEL", tmp_path)
+    assert r["data"] == "generated demo"
+    check_grefel_results(r, tmp_path / "GReFEL")
 
 
 def test_dfer_notebook_on_real_kmu_fed_subject_protocol_and_ckplus(kmu_zip, ckplus_zip, tmp_path):
@@ -108,3 +127,4 @@ def test_grefel_notebook_on_real_ferplus_subset(ferplus_zip, tmp_path):
     r = _run("GReFEL", tmp_path, data_path=str(ferplus_zip), max_per_split=100)
     assert r["data"] == "real" and r["dataset"]["splits"] == {"train": 28558, "val": 3579, "test": 3573}
     assert r["cache"]["report"]["num_cached"] == 300
+    check_grefel_results(r, tmp_path / "GReFEL")
