@@ -117,19 +117,23 @@ print(json.dumps(config, indent=1))
 
 # %% [markdown]
 # ## Find and extract FERPlus
-# Any archive or folder with "ferplus" in its name in the working directory, or `data_path`.
-# Without one, a generated demo in the FERPlus layout is used, and the results say so.
+# Any archive or folder with "ferplus" or "fer2013" in its name in the working directory, or
+# `data_path`. Three forms are accepted: (a) the rendered `FER2013Train|Valid|Test/*.png`
+# folders with `label.csv`; (b) the original `fer2013.csv` with the FERPlus votes in
+# `fer2013new.csv`; (c) a custom `emotion,pixels,Usage` or `emotion,image,Usage` CSV. CSVs are
+# rendered once into layout (a). Without any, a generated demo in layout (a) is used, and
+# the results say so.
 
 # %%
 source = Path(config["data_path"]) if config["data_path"] else H.find_archive(
-    workdir, patterns=("*ferplus*", "*fer2013*"), any_archive=False)
+    workdir, patterns=("*ferplus*", "*fer2013*"), any_archive=False, file_suffixes=(*H.data.ARCHIVE_SUFFIXES, ".csv"))
 data_kind = "real" if source else "generated demo"
 if source is None:
     source = H.make_demo_ferplus(workdir / "demo" / "ferplus-demo.zip", seed=config["seed"])
     print("=" * 72 + "\nNO FERPLUS ARCHIVE FOUND in", workdir.resolve(),
           "\nUsing the GENERATED DEMO dataset: the numbers below say nothing about real faces.\n"
           "Put FERPlus.zip in data-exploration/ (or set data_path) for real results.\n" + "=" * 72)
-data_root = H.extract_archive(source, workdir / "extracted")
+data_root = H.prepare_ferplus(source, workdir / "extracted")
 
 # %% [markdown]
 # ## Labels and counts

@@ -20,7 +20,8 @@ Notebooks import this package; it never reads notebook globals.
 from .setup import environment_info, resolve_config, save_json, select_device
 from .data import (CLASS_ALIASES, FERPLUS_CLASSES, FERPLUS_COLUMNS, VOTE_COLUMNS, DatasetError,
                    discover_dataset, extract_archive, file_sha256, find_archive, find_ferplus_root,
-                   load_image, normalise_class, print_report, read_ferplus, write_annotations)
+                   load_image, normalise_class, prepare_ferplus, print_report, read_ferplus, render_fer2013_csv,
+                   write_annotations)
 from .demo import make_demo_ferplus, make_demo_kmufed
 from .faces import FaceDetector, LandmarkDetector, crop_face, detect_faces, dlib_model_path
 from .cache import H5Dataset, build_hdf5_cache, cache_fingerprint, read_cache_meta
@@ -42,7 +43,7 @@ __all__ = [
     # data
     "CLASS_ALIASES", "FERPLUS_CLASSES", "FERPLUS_COLUMNS", "VOTE_COLUMNS", "DatasetError", "find_archive",
     "extract_archive", "file_sha256", "load_image", "normalise_class", "discover_dataset", "print_report",
-    "write_annotations", "find_ferplus_root", "read_ferplus",
+    "write_annotations", "find_ferplus_root", "read_ferplus", "render_fer2013_csv", "prepare_ferplus",
     # demo
     "make_demo_kmufed", "make_demo_ferplus",
     # faces

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -56,7 +57,7 @@ class DatasetError(RuntimeError):
 # ----------------------------------------------------------------------------- find
 
 def find_archive(workdir: str | Path, patterns: tuple[str, ...] = ("archive.zip",),
-                 any_archive: bool = True) -> Path | None:
+                 any_archive: bool = True, file_suffixes: tuple[str, ...] = ARCHIVE_SUFFIXES) -> Path | None:
     """Find a dataset archive (or an already extracted folder) in the working directory.
 
     Args:
@@ -65,6 +66,7 @@ def find_archive(workdir: str | Path, patterns: tuple[str, ...] = ("archive.zip"
             archive or folder that matches wins.
         any_archive: if no pattern matches, fall back to the only archive in ``workdir``
             (``.zip``/``.tar.gz``/``.tgz``/``.tar``); several candidates raise an error.
+        file_suffixes: files a pattern may match (besides folders); e.g. add ``".csv"``.
 
     Returns:
         The path, or None when nothing is there (the caller then uses the demo dataset).
@@ -76,7 +78,7 @@ def find_archive(workdir: str | Path, patterns: tuple[str, ...] = ("archive.zip"
     for pattern in patterns:
         pat = pattern.lower()
         for p in entries:
-            if Path(p.name.lower()).match(pat) and (p.is_dir() or p.name.lower().endswith(ARCHIVE_SUFFIXES)):
+            if Path(p.name.lower()).match(pat) and (p.is_dir() or p.name.lower().endswith(tuple(file_suffixes))):
                 return p
     if not any_archive:
         return None
@@ -508,3 +510,139 @@ def read_ferplus(root: str | Path, verbose: bool = True) -> tuple[pd.DataFrame, 
               f"{report['excluded_unknown_or_nf']} unknown/NF-majority images excluded")
         print(counts.reindex(columns=[c for c in FERPLUS_CLASSES if c in counts.columns]).to_string())
     return index, report
+
+
+# FER2013's emotion codes (fer2013.csv) and their FER+ names.
+FER2013_EMOTIONS = ["anger", "disgust", "fear", "happiness", "sadness", "surprise", "neutral"]
+USAGE_TO_FOLDER = {"training": "FER2013Train", "publictest": "FER2013Valid", "privatetest": "FER2013Test"}
+
+
+def _fer_name(value) -> str:
+    """A FER2013 emotion code (0-6) or name (any alias) as its FER+ column name."""
+    text = str(value).strip()
+    if text.isdigit() and int(text) < len(FER2013_EMOTIONS):
+        return FER2013_EMOTIONS[int(text)]
+    canon = normalise_class(text)
+    fer = {"angry": "anger", "happy": "happiness", "sad": "sadness"}.get(canon, canon)
+    if fer not in FERPLUS_CLASSES:
+        raise ValueError(f"unknown emotion {value!r}")
+    return fer
+
+
+def render_fer2013_csv(csv_path: str | Path, out_dir: str | Path, votes_csv: str | Path | None = None,
+                       verbose: bool = True) -> Path:
+    """Render FER2013-style CSVs into the FERPlus folder layout that :func:`read_ferplus` reads.
+
+    Accepted inputs:
+    (b) the original ``fer2013.csv`` (``emotion,pixels,Usage``) with ``votes_csv`` =
+        ``fer2013new.csv`` (``Usage,Image name,<10 vote columns>``, row-aligned with
+        fer2013.csv; rows with an empty image name are dropped, as FERPlus does);
+    (c) a custom ``emotion,pixels,Usage`` or ``emotion,image,Usage`` CSV (``image``: a path
+        relative to the CSV); without votes, each image gets all ten votes on its label,
+        so soft labels equal the hard ones.
+    Usage maps Training/PublicTest/PrivateTest to FER2013Train/Valid/Test. The tree is built
+    in a temporary folder, renamed when complete, and reused while the CSVs are unchanged.
+
+    Args:
+        csv_path: fer2013.csv or a custom CSV.
+        out_dir: where the rendered tree goes (``out_dir/<csv stem>``).
+        votes_csv: fer2013new.csv for (b).
+        verbose: print what was done.
+
+    Returns:
+        The rendered folder (pass it to :func:`read_ferplus`).
+    """
+    csv_path = Path(csv_path)
+    sources = [csv_path] + ([Path(votes_csv)] if votes_csv else [])
+    fingerprint = {str(p.name): [p.stat().st_size, p.stat().st_mtime_ns] for p in sources}
+    target = Path(out_dir) / f"{csv_path.stem}-rendered"
+    marker = target / ".rendered.json"
+    if marker.exists() and json.loads(marker.read_text()) == fingerprint:
+        if verbose:
+            print(f"Reusing rendered {target}")
+        return target
+    try:
+        table = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, ValueError, UnicodeDecodeError) as e:
+        raise DatasetError(f"{csv_path}: cannot parse as CSV ({e})") from e
+    table.columns = [c.strip().lower() for c in table.columns]
+    missing = {"emotion", "usage"} - set(table.columns)
+    if missing or not ({"pixels", "image"} & set(table.columns)):
+        raise DatasetError(f"{csv_path}: needs columns emotion, pixels (or image), Usage; found {list(table.columns)}")
+    if votes_csv:
+        votes = pd.read_csv(votes_csv, dtype=str, keep_default_na=False)
+        if len(votes) != len(table):
+            raise DatasetError(f"{votes_csv}: {len(votes)} rows but {csv_path.name} has {len(table)}; "
+                               "fer2013new.csv must be row-aligned with fer2013.csv")
+        names = votes["Image name"].str.strip()
+        vote_values = votes[FERPLUS_COLUMNS].astype(int).to_numpy()
+    else:
+        names = pd.Series([f"fer{i:07d}.png" for i in range(len(table))])
+        vote_values = None
+    tmp = target.with_name(target.name + f".partial-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    rows_by_folder: dict[str, list] = {f: [] for f in USAGE_TO_FOLDER.values()}
+    try:
+        for i, row in enumerate(table.itertuples(index=False)):
+            name = names.iat[i]
+            if not name:  # FERPlus dropped this row
+                continue
+            folder = USAGE_TO_FOLDER.get(row.usage.strip().lower())
+            if folder is None:
+                raise DatasetError(f"{csv_path}: row {i + 2}: unknown Usage {row.usage!r}")
+            if "pixels" in table.columns and row.pixels.strip():
+                px = np.array(row.pixels.split(), dtype=np.uint8)
+                side = int(round(math.sqrt(px.size)))
+                if side * side != px.size:
+                    raise DatasetError(f"{csv_path}: row {i + 2}: {px.size} pixels is not a square image")
+                image = px.reshape(side, side)
+            else:
+                image = load_image(csv_path.parent / row.image, channels=1)
+            if vote_values is not None:
+                v = vote_values[i]
+            else:
+                try:
+                    v = np.eye(10, dtype=int)[FERPLUS_COLUMNS.index(_fer_name(row.emotion))] * 10
+                except ValueError as e:
+                    raise DatasetError(f"{csv_path}: row {i + 2}: {e}") from e
+            (tmp / folder).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(image).save(tmp / folder / name)
+            h, w = image.shape
+            rows_by_folder[folder].append([name, f"(0, 0, {w}, {h})", *map(int, v)])
+        for folder, rows in rows_by_folder.items():
+            if rows:
+                pd.DataFrame(rows).to_csv(tmp / folder / "label.csv", header=False, index=False)
+        (tmp / ".rendered.json").write_text(json.dumps(fingerprint))
+        if target.exists():
+            shutil.rmtree(target)
+        tmp.rename(target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if verbose:
+        print(f"Rendered {csv_path.name} -> {target}: " +
+              ", ".join(f"{f} {len(r)}" for f, r in rows_by_folder.items()))
+    return target
+
+
+def prepare_ferplus(source: str | Path, out_dir: str | Path, verbose: bool = True) -> Path:
+    """Any FERPlus form -> a folder :func:`read_ferplus` reads.
+
+    ``source`` may be an archive or folder with the rendered layout (a), or holding
+    ``fer2013.csv`` + ``fer2013new.csv`` (b) or a custom CSV (c), or such a CSV itself.
+
+    Args:
+        source: archive, folder or CSV.
+        out_dir: where archives are extracted and CSVs rendered.
+        verbose: print what was done.
+    """
+    source = Path(source)
+    root = source if source.suffix.lower() == ".csv" else extract_archive(source, out_dir, verbose=verbose)
+    if root.is_dir() and find_ferplus_root(root) is not None:
+        return root
+    csvs = [root] if root.is_file() else sorted(p for p in root.rglob("*.csv") if p.name != "fer2013new.csv")
+    if not csvs:
+        raise DatasetError(f"{source}: no FER2013Train/Valid/Test folders and no fer2013-style CSV")
+    csv_path = next((p for p in csvs if p.name == "fer2013.csv"), csvs[0])
+    votes = csv_path.with_name("fer2013new.csv")
+    return render_fer2013_csv(csv_path, out_dir, votes if votes.exists() else None, verbose=verbose)
