@@ -134,14 +134,8 @@ print(json.dumps(config, indent=1))
 # layout is used, and the results say so. Extraction refuses unsafe paths and is atomic.
 
 # %%
-source = Path(config["data_path"]) if config["data_path"] else H.find_archive(
-    workdir, patterns=("archive.zip", "*kmu*"), any_archive=False)
-data_kind = "real" if source else "generated demo"
-if source is None:
-    source = H.make_demo_kmufed(workdir / "demo" / "kmu-fed-demo.zip", seed=config["seed"])
-    print("=" * 72 + "\nNO KMU-FED ARCHIVE FOUND in", workdir.resolve(),
-          "\nUsing the GENERATED DEMO dataset: the numbers below say nothing about real faces.\n"
-          "Put archive.zip in data-exploration/ (or set data_path) for real results.\n" + "=" * 72)
+source, data_kind = H.locate_dataset(workdir, config["data_path"], ("archive.zip", "*kmu*"), "KMU-FED",
+                                     H.make_demo_kmufed, "kmu-fed-demo.zip", seed=config["seed"])
 data_root = H.extract_archive(source, workdir / "extracted")
 
 # %% [markdown]

@@ -125,14 +125,9 @@ print(json.dumps(config, indent=1))
 # the results say so.
 
 # %%
-source = Path(config["data_path"]) if config["data_path"] else H.find_archive(
-    workdir, patterns=("*ferplus*", "*fer2013*"), any_archive=False, file_suffixes=(*H.data.ARCHIVE_SUFFIXES, ".csv"))
-data_kind = "real" if source else "generated demo"
-if source is None:
-    source = H.make_demo_ferplus(workdir / "demo" / "ferplus-demo.zip", seed=config["seed"])
-    print("=" * 72 + "\nNO FERPLUS ARCHIVE FOUND in", workdir.resolve(),
-          "\nUsing the GENERATED DEMO dataset: the numbers below say nothing about real faces.\n"
-          "Put FERPlus.zip in data-exploration/ (or set data_path) for real results.\n" + "=" * 72)
+source, data_kind = H.locate_dataset(workdir, config["data_path"], ("*ferplus*", "*fer2013*"), "FERPlus",
+                                     H.make_demo_ferplus, "ferplus-demo.zip", seed=config["seed"],
+                                     file_suffixes=(".zip", ".tar.gz", ".tgz", ".tar", ".csv"))
 data_root = H.prepare_ferplus(source, workdir / "extracted")
 
 # %% [markdown]

@@ -19,7 +19,7 @@ Notebooks import this package; it never reads notebook globals.
 
 from .setup import environment_info, resolve_config, save_json, select_device
 from .data import (CLASS_ALIASES, FERPLUS_CLASSES, FERPLUS_COLUMNS, VOTE_COLUMNS, DatasetError,
-                   discover_dataset, extract_archive, file_sha256, find_archive, find_ferplus_root,
+                   discover_dataset, extract_archive, file_sha256, find_archive, find_ferplus_root, locate_dataset,
                    load_image, normalise_class, prepare_ferplus, print_report, read_ferplus, render_fer2013_csv,
                    write_annotations)
 from .demo import make_demo_ferplus, make_demo_kmufed
@@ -42,6 +42,7 @@ __all__ = [
     "resolve_config", "select_device", "environment_info", "save_json",
     # data
     "CLASS_ALIASES", "FERPLUS_CLASSES", "FERPLUS_COLUMNS", "VOTE_COLUMNS", "DatasetError", "find_archive",
+    "locate_dataset",
     "extract_archive", "file_sha256", "load_image", "normalise_class", "discover_dataset", "print_report",
     "write_annotations", "find_ferplus_root", "read_ferplus", "render_fer2013_csv", "prepare_ferplus",
     # demo

@@ -21,6 +21,7 @@ import zipfile
 import zlib
 from collections import Counter
 from pathlib import Path, PurePosixPath
+from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -87,6 +88,37 @@ def find_archive(workdir: str | Path, patterns: tuple[str, ...] = ("archive.zip"
         raise DatasetError(f"{workdir}: several archives ({', '.join(a.name for a in archives)}); "
                            "set data_path to the one to use")
     return archives[0] if archives else None
+
+
+def locate_dataset(workdir: str | Path, data_path: str | Path | None, patterns: tuple[str, ...], name: str,
+                   make_demo: Callable[..., Path], demo_file: str, seed: int = 0,
+                   file_suffixes: tuple[str, ...] = ARCHIVE_SUFFIXES) -> tuple[Path, str]:
+    """The dataset to use: ``data_path``, else a match in ``workdir``, else a generated demo (loudly).
+
+    Args:
+        workdir: the working directory searched with :func:`find_archive`.
+        data_path: explicit archive, folder or file; wins when set.
+        patterns: name patterns for :func:`find_archive`.
+        name: dataset name for the notice (e.g. ``"KMU-FED"``).
+        make_demo: demo writer, called as ``make_demo(path, seed=seed)``.
+        demo_file: file name of the demo archive under ``workdir/demo``.
+        seed: demo seed.
+        file_suffixes: passed to :func:`find_archive`.
+
+    Returns:
+        ``(source, data_kind)`` where data_kind is ``"real"`` or ``"generated demo"``.
+    """
+    workdir = Path(workdir)
+    if data_path:
+        return Path(data_path), "real"
+    source = find_archive(workdir, patterns=patterns, any_archive=False, file_suffixes=file_suffixes)
+    if source is not None:
+        return source, "real"
+    source = make_demo(workdir / "demo" / demo_file, seed=seed)
+    print("=" * 72 + f"\nNO {name} ARCHIVE FOUND in {workdir.resolve()}\n"
+          "Using the GENERATED DEMO dataset: the numbers below say nothing about real faces.\n"
+          f"Put the {name} archive in {workdir}/ (or set data_path) for real results.\n" + "=" * 72)
+    return source, "generated demo"
 
 
 def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:

@@ -118,22 +118,21 @@ def test_amp_selection_and_bf16_on_cpu(demo_cache, tmp_path):
     assert np.isfinite(run["history"][0]["train_loss"])
 
 
+def _lr_trace(steps=40, **kw):
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = H.build_scheduler(opt, num_epochs=4, steps_per_epoch=10, **kw)
+    lrs = []
+    for _ in range(steps):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return lrs
+
+
 def test_scheduler_warmup_cosine_and_restarts():
-    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
-    sched = H.build_scheduler(opt, num_epochs=4, steps_per_epoch=10, warmup_epochs=1)
-    lrs = []
-    for _ in range(40):
-        lrs.append(opt.param_groups[0]["lr"])
-        opt.step()
-        sched.step()
+    lrs = _lr_trace(warmup_epochs=1)
     assert lrs[0] == pytest.approx(0.1) and max(lrs) == pytest.approx(1.0) and lrs[-1] < 0.01
-    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
-    sched = H.build_scheduler(opt, num_epochs=4, steps_per_epoch=10, restart_epochs=2)
-    lrs = []
-    for _ in range(40):
-        lrs.append(opt.param_groups[0]["lr"])
-        opt.step()
-        sched.step()
+    lrs = _lr_trace(restart_epochs=2)
     assert lrs[20] == pytest.approx(1.0) and lrs[19] < 0.05  # warm restart at epoch 2
 
 
