@@ -12,7 +12,7 @@
 8. train    the engine: AdamW, cosine, AMP, clipping, checkpoints, resume, early stopping
 9. metrics  accuracy, precision/recall/F1, confusion matrix, calibration error
 10. plots   class distribution, sample grid, confusion matrix, training curves
-11. export  a Predictor applying the training preprocessing to one image
+11. export  Predictor (one image, training preprocessing), ONNX/TorchScript/int8 export, backends
 
 Notebooks import this package; it never reads notebook globals.
 """
@@ -35,7 +35,8 @@ from .train import (build_optimizer, build_scheduler, class_weights_from_labels,
 from .metrics import compute_metrics, expected_calibration_error, fit_temperature
 from .plots import (plot_class_distribution, plot_confidence_histograms, plot_confusion_matrix, plot_metric_summary,
                     plot_reliability_diagram, plot_sample_grid, plot_training_curves)
-from .export import Predictor
+from .export import (Backend, Predictor, ProbabilityModel, export_metadata, export_onnx, export_torchscript,
+                     quantize_onnx_int8, read_onnx_metadata, run_video)
 
 __all__ = [
     # setup
@@ -68,5 +69,6 @@ __all__ = [
     "plot_class_distribution", "plot_sample_grid", "plot_confusion_matrix", "plot_training_curves",
     "plot_metric_summary", "plot_reliability_diagram", "plot_confidence_histograms",
     # export
-    "Predictor",
+    "Predictor", "ProbabilityModel", "export_metadata", "export_onnx", "export_torchscript", "quantize_onnx_int8",
+    "read_onnx_metadata", "Backend", "run_video",
 ]

@@ -1,0 +1,99 @@
+"""Export (ONNX, TorchScript, int8) parity and metadata, and video inference."""
+
+import json
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import helpers as H
+
+PRE = {"image_size": 64, "channels": 1, "margin": 0.25, "square": True, "no_face": "full", "face_crop": True}
+NORM = ((0.5,) * 3, (0.5,) * 3)
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    m, _ = H.create_classifier("gcvit_xxtiny", 6, 64)
+    return m.eval()
+
+
+@pytest.fixture(scope="module")
+def exported(model, tmp_path_factory):
+    d = tmp_path_factory.mktemp("export")
+    meta = H.export_metadata(list("abcdef"), PRE, *NORM)
+    x = torch.zeros(1, 3, 64, 64)
+    return {"onnx": H.export_onnx(model, d / "m.onnx", (x,), meta),
+            "torchscript": H.export_torchscript(model, d / "m.pt", (x,), meta),
+            "int8": H.quantize_onnx_int8(d / "m.onnx", d / "m.int8.onnx"), "meta": meta}
+
+
+def _real_batch(kmu_faces, n=16):
+    """Evaluation-transformed face crops of real KMU-FED frames, as the validation loader makes them."""
+    t = H.build_transform("eval", 64, *NORM, channels=1)
+    rows = kmu_faces[kmu_faces["face_found"]].iloc[:: max(1, len(kmu_faces) // n)][:n]
+    crops = [H.crop_face(H.load_image(p, 1), tuple(r), 64) for p, r in
+             zip(rows["path"], rows[H.faces.BOX_COLUMNS].to_numpy())]
+    return np.stack([t(image=c[..., None])["image"].numpy() for c in crops])
+
+
+def test_onnx_and_torchscript_match_pytorch_on_real_frames(model, exported, kmu_faces):
+    x = _real_batch(kmu_faces)
+    ref = H.Backend("torch", model)(x)
+    np.testing.assert_allclose(ref.sum(1), 1, atol=1e-5)
+    for kind in ("onnx", "torchscript"):
+        out = H.Backend(kind, exported[kind])(x)
+        assert out.shape == ref.shape
+        assert np.abs(out - ref).max() <= 1e-4, kind
+    int8 = H.Backend("onnx", exported["int8"])(x)
+    np.testing.assert_allclose(int8.sum(1), 1, atol=1e-4)
+    assert np.abs(int8 - ref).max() < 0.2  # quantised: close, not equal
+
+
+def test_dynamic_batch_and_metadata(model, exported):
+    x = np.random.default_rng(0).normal(size=(5, 3, 64, 64)).astype(np.float32)
+    assert H.Backend("onnx", exported["onnx"])(x).shape == (5, 6)
+    assert H.Backend("onnx", exported["onnx"])(x[:1]).shape == (1, 6)
+    meta = H.read_onnx_metadata(exported["onnx"])
+    assert meta["class_names"] == list("abcdef") and meta["input_size"] == [3, 64, 64]
+    assert meta["mean"] == [0.5] * 3 and meta["preprocess"]["margin"] == 0.25
+    files = {"meta.json": ""}
+    torch.jit.load(str(exported["torchscript"]), _extra_files=files)
+    assert json.loads(files["meta.json"])["class_names"] == list("abcdef")
+    with pytest.raises(ValueError):
+        H.Backend("tflite", exported["onnx"])
+
+
+def test_video_inference_on_real_frames(model, exported, kmu_faces, tmp_path):
+    frames = kmu_faces[kmu_faces["face_found"]]["path"].iloc[:10].tolist()
+    src = tmp_path / "drive.avi"
+    writer = cv2.VideoWriter(str(src), cv2.VideoWriter_fourcc(*"MJPG"), 10, (640, 480))
+    for f in frames[:6]:
+        writer.write(cv2.resize(cv2.imread(f), (640, 480)))
+    for _ in range(2):  # the driver leaves the frame
+        writer.write(np.full((480, 640, 3), 30, np.uint8))
+    for f in frames[6:]:
+        writer.write(cv2.resize(cv2.imread(f), (640, 480)))
+    writer.release()
+    summary = H.run_video(src, H.Backend("onnx", exported["onnx"]), list("abcdef"), PRE, *NORM,
+                          out_video=tmp_path / "out.avi", out_csv=tmp_path / "out.csv", ema=0.5, progress=False)
+    table = pd.read_csv(tmp_path / "out.csv", keep_default_na=False, na_values=[""])
+    assert len(table) == summary["frames"] == 12 and list(table["frame"]) == list(range(12))
+    assert list(table["face_found"][6:8]) == [0, 0] and summary["frames_with_face"] >= 9
+    probs = table[[f"p_{c}" for c in "abcdef"]].to_numpy()
+    faces = table["face_found"].to_numpy() == 1
+    np.testing.assert_allclose(probs[faces].sum(1), 1, atol=1e-4)
+    assert np.isnan(probs[~faces]).all()
+    assert (table.loc[faces, "label"].isin(list("abcdef"))).all()
+    # smoothing: an EMA of the probabilities, carried over the frames without a face
+    assert table.loc[6, "smoothed_label"] == table.loc[5, "smoothed_label"]
+    cap = cv2.VideoCapture(str(tmp_path / "out.avi"))
+    n = 0
+    while cap.read()[0]:
+        n += 1
+    assert n == 12
+    with pytest.raises(FileNotFoundError):
+        H.run_video(tmp_path / "missing.avi", H.Backend("torch", model), list("abcdef"), PRE, *NORM)
