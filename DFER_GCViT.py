@@ -81,6 +81,11 @@ early_stopping = None          # epochs without val improvement before stopping 
 num_workers = None             # DataLoader worker processes
 # evaluate
 cross_data_path = None         # another archive (e.g. CK+48.zip) to test the trained model on | None: skip
+# export
+export = None                  # True: ONNX, TorchScript and int8 ONNX exports with parity checks
+video_source = None            # video file or camera index for the video demo | None: a clip of test-fold frames
+video_frames = None            # int: frames of the video demo | None: all
+ema = None                     # smoothing of probabilities over frames, in [0, 1) (0: none)
 
 # %% [markdown]
 # ## Configuration
@@ -88,13 +93,13 @@ cross_data_path = None         # another archive (e.g. CK+48.zip) to test the tr
 # with every cache, checkpoint and results file.
 
 # %%
-COMMON = dict(channels=1, face_crop=True, face_margin=0.25, no_face="full", max_images=None, val_fraction=0.1,
+COMMON = dict(export=True, video_source=None, video_frames=None, ema=0.6, channels=1, face_crop=True, face_margin=0.25, no_face="full", max_images=None, val_fraction=0.1,
               max_folds=None, allow_random_init=False, finetune="full", frozen_stages=0, dropout=0.3,
               label_smoothing=0.0, class_weighted=False, clip_grad=1.0, amp="auto", early_stopping=None)
 PROFILES = {
     # minutes on 2 CPU cores: a tiny subset, one fold, two epochs; checks the plumbing, not accuracy
     "smoke": {**COMMON, "image_size": 64, "max_images": 120, "protocol": "subject", "num_folds": 3, "max_folds": 1,
-              "val_fraction": 0.2,
+              "val_fraction": 0.2, "video_frames": 12,
               "model_name": "gcvit_xxtiny", "weights": "none", "num_epochs": 2, "batch_size": 16, "lr": 1e-3,
               "weight_decay": 0.05, "warmup_epochs": 0, "num_workers": 0},
     # real results on this CPU: small faces, the smallest GCViT, from scratch (no ImageNet weights offline)
@@ -119,7 +124,8 @@ config = H.resolve_config(profile, PROFILES, dict(
     allow_random_init=allow_random_init, finetune=finetune, frozen_stages=frozen_stages, dropout=dropout,
     num_epochs=num_epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup_epochs=warmup_epochs,
     label_smoothing=label_smoothing, class_weighted=class_weighted, clip_grad=clip_grad, amp=amp,
-    early_stopping=early_stopping, num_workers=num_workers, cross_data_path=cross_data_path))
+    early_stopping=early_stopping, num_workers=num_workers, cross_data_path=cross_data_path, export=export,
+    video_source=video_source, video_frames=video_frames, ema=ema))
 # Fail here, not deep inside timm, if the model cannot take this input size or these weights.
 H.validate_gcvit_size(config["model_name"], config["image_size"], config["weights"])
 workdir = Path(config["workdir"])
@@ -382,3 +388,71 @@ results = {
 }
 H.save_json(results, out_dir / "final_results.json")
 print("Wrote", out_dir / "final_results.json", "and", out_dir / "best_model.pth")
+
+# %% [markdown]
+# ## Export
+# The best model as ONNX (opset 17, dynamic batch), TorchScript and dynamically quantised
+# int8 ONNX, each carrying its preprocessing (input size, channels, mean/std, class names)
+# so a consumer needs nothing else. Parity with PyTorch is checked on the validation images
+# of the best fold, with accuracy and batch-1 latency per format (figures on this machine;
+# `bench/bench_realtime.py` measures the full frame pipeline).
+
+# %%
+export_report = None
+if config["export"]:
+    export_dir = out_dir / "export"
+    export_meta = H.export_metadata(class_names, cache_attrs["preprocess"], norm["mean"], norm["std"],
+                                    model=config["model_name"], protocol=config["protocol"])
+    model = model.cpu().eval()
+    example = torch.zeros(1, 3, config["image_size"], config["image_size"])
+    files = {"onnx": H.export_onnx(model, export_dir / "model.onnx", (example,), export_meta),
+             "torchscript": H.export_torchscript(model, export_dir / "model.torchscript.pt", (example,), export_meta)}
+    files["onnx_int8"] = H.quantize_onnx_int8(files["onnx"], export_dir / "model.int8.onnx")
+    val_ds = H.H5Dataset(cache_path, folds[best_fold]["val"], eval_tf)
+    x = torch.stack([val_ds[i][0] for i in range(len(val_ds))]).numpy()
+    y = val_ds.labels
+    backends = {"pytorch": H.Backend("torch", model), "torchscript": H.Backend("torchscript", files["torchscript"]),
+                "onnx": H.Backend("onnx", files["onnx"]), "onnx_int8": H.Backend("onnx", files["onnx_int8"])}
+    ref = backends["pytorch"](x)
+    export_report = {"files": {k: str(v) for k, v in files.items()}, "validation_images": int(len(y)), "formats": {}}
+    for name, backend in backends.items():
+        probs = backend(x)
+        times = []
+        for i in range(min(20, len(x))):
+            t0 = time.perf_counter()
+            backend(x[i:i + 1])
+            times.append(time.perf_counter() - t0)
+        export_report["formats"][name] = {"max_abs_diff_vs_pytorch": float(np.abs(probs - ref).max()),
+                                          "val_accuracy": float((probs.argmax(1) == y).mean()),
+                                          "batch1_ms_median": 1e3 * float(np.median(times))}
+    H.save_json(export_report, export_dir / "export_report.json")
+    display(pd.DataFrame(export_report["formats"]).T)
+    for name in ("torchscript", "onnx"):
+        assert export_report["formats"][name]["max_abs_diff_vs_pytorch"] <= 1e-4, f"{name} export differs from PyTorch"
+
+# %% [markdown]
+# ## Video
+# Frame-by-frame driver monitoring: face detection, the training crop, the ONNX model, and an
+# exponential moving average of the probabilities (`ema`), written as an annotated video and a
+# per-frame CSV. Set `video_source` to a file or a camera index; without one, a clip is made
+# from the first test fold's frames (there is no camera here).
+
+# %%
+video_summary = None
+if config["export"]:
+    import cv2
+
+    source_video = config["video_source"]
+    if source_video is None:
+        clip = index.set_index("rel_path").loc[meta["rel_path"].to_numpy()[folds[0]["test"]], "path"]
+        source_video = export_dir / "test_clip.avi"
+        writer = cv2.VideoWriter(str(source_video), cv2.VideoWriter_fourcc(*"MJPG"), 10, (640, 480))
+        for p in list(clip)[: config["video_frames"] or len(clip)]:
+            writer.write(cv2.resize(cv2.imread(p), (640, 480)))
+        writer.release()
+    video_summary = H.run_video(source_video, H.Backend("onnx", files["onnx"]), class_names,
+                                cache_attrs["preprocess"], norm["mean"], norm["std"],
+                                out_video=export_dir / "annotated.avi", out_csv=export_dir / "frames.csv",
+                                ema=config["ema"], max_frames=config["video_frames"])
+    H.save_json(video_summary, export_dir / "video_summary.json")
+    print(json.dumps(video_summary, indent=1))

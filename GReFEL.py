@@ -91,8 +91,8 @@ PROFILES = {
     "cpu": {**COMMON, "image_size": 48, "embed_dim": 128, "num_heads": 4, "depth": 4, "patch_sizes": [16, 8, 4],
             "window": 3, "num_anchors_per_class": 5, "num_epochs": 20, "batch_size": 128, "lr": 1e-3,
             "weight_decay": 0.05, "warmup_epochs": 1, "num_workers": 2},
-    "gpu": {**COMMON, "image_size": 112, "embed_dim": 384, "num_heads": 6, "depth": 6, "patch_sizes": [14, 7, 4],
-            "window": 4, "num_anchors_per_class": 10, "num_epochs": 60, "batch_size": 64, "lr": 3e-4,
+    "gpu": {**COMMON, "image_size": 112, "embed_dim": 384, "num_heads": 6, "depth": 6, "patch_sizes": [16, 8, 4],
+            "window": 7, "num_anchors_per_class": 10, "num_epochs": 60, "batch_size": 64, "lr": 3e-4,
             "weight_decay": 0.01, "warmup_epochs": 2, "num_workers": 4},
     # the seed README's settings
     "paper": {**COMMON, "image_size": 224, "embed_dim": 512, "num_heads": 8, "depth": 6, "patch_sizes": [28, 14, 7],
@@ -251,6 +251,8 @@ class MultiScaleFeatureExtractor(nn.Module):
             if g % min(window, g):
                 raise ValueError(f"window {window} does not tile a {g}x{g} grid")
         self.out_grid = min(self.grids)
+        if any(g % self.out_grid for g in self.grids):
+            raise ValueError(f"grids {self.grids} must be multiples of the coarsest; choose patch sizes like 4p, 2p, p")
         self.patch_embeds = nn.ModuleList(nn.Conv2d(in_chans, embed_dim, p, stride=p) for p in patch_sizes)
         self.pos = nn.ParameterList(nn.Parameter(torch.zeros(1, g * g, embed_dim)) for g in self.grids)
         self.geo_proj = nn.ModuleList(nn.Linear(num_landmarks, embed_dim) for _ in self.grids)
@@ -272,7 +274,7 @@ class MultiScaleFeatureExtractor(nn.Module):
             x = self.cross[i](x, geo, grid)
             if grid != self.out_grid:  # pool finer scales to the coarsest grid before fusion
                 x = x.transpose(1, 2).reshape(len(x), -1, grid, grid)
-                x = F.adaptive_avg_pool2d(x, self.out_grid).flatten(2).transpose(1, 2)
+                x = F.avg_pool2d(x, grid // self.out_grid).flatten(2).transpose(1, 2)  # static kernel: exportable
             tokens.append(x + self.scale_embed[i])
         x = torch.cat([self.cls.expand(len(images), -1, -1), *tokens], 1)
         return self.norm(self.vit(x))[:, 0]                                        # (B, D)
@@ -619,3 +621,30 @@ results = {
 }
 H.save_json(results, out_dir / "final_results.json")
 print("Wrote", out_dir / "final_results.json", "and", out_dir / "best_model.pth")
+
+# %% [markdown]
+# ## Export
+# GReFEL returns a dict and takes landmarks, so it is exported through `H.ProbabilityModel`,
+# a wrapper whose inputs are plain tensors, `image` (B, 3, S, S) and `landmarks` (B, 68, 2) in
+# [0, 1], and whose single output is `final_probs` (the reliability-balanced probabilities,
+# before temperature scaling; the fitted temperature is in the metadata). Note that the
+# attention correction attends over the samples of the batch, so outputs depend on the batch
+# composition: at batch 1, as in real-time use, each image attends only to itself. Parity
+# with PyTorch is checked on test images.
+
+# %%
+model = evaluator.model.cpu().eval()
+export_dir = out_dir / "export"
+export_meta = H.export_metadata(class_names, cache_attrs["preprocess"], norm["mean"], norm["std"],
+                                inputs={"image": "(B, 3, S, S) normalised", "landmarks": "(B, 68, 2) in [0, 1]"},
+                                outputs=["final_probs"], temperature=temperature)
+x, lm, _ = next(iter(H.make_loader(H.H5Dataset(cache_path, idx["test"][:16], eval_tf, landmarks=True), 16, False)))
+files = {"onnx": H.export_onnx(model, export_dir / "grefel.onnx", (x[:1], lm[:1]), export_meta,
+                               input_names=("image", "landmarks"), output_names=("final_probs",)),
+         "torchscript": H.export_torchscript(model, export_dir / "grefel.torchscript.pt", (x[:1], lm[:1]), export_meta)}
+ref = H.Backend("torch", model)(x[:1].numpy(), lm[:1].numpy())
+export_report = {k: float(np.abs(H.Backend(k, v)(x[:1].numpy(), lm[:1].numpy()) - ref).max()) for k, v in files.items()}
+print("max |difference| from PyTorch, batch 1:", export_report)
+assert max(export_report.values()) <= 1e-4
+H.save_json({"files": {k: str(v) for k, v in files.items()}, "max_abs_diff_vs_pytorch": export_report},
+            export_dir / "export_report.json");

@@ -6,6 +6,7 @@ from pathlib import Path
 import h5py
 import nbformat
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -62,6 +63,13 @@ def check_dfer_results(r, out):
     assert r["cache"]["fingerprint"] and "rate" in r["face_detection"]
     best = torch.load(out / "best_model.pth", weights_only=True)
     assert best["class_names"] == sorted(r["dataset"]["counts"]) and best["config"]["profile"] == "smoke"
+    export = json.loads((out / "export" / "export_report.json").read_text())
+    for name in ("torchscript", "onnx"):
+        assert export["formats"][name]["max_abs_diff_vs_pytorch"] <= 1e-4
+    assert H.read_onnx_metadata(out / "export" / "model.onnx")["class_names"] == best["class_names"]
+    video = json.loads((out / "export" / "video_summary.json").read_text())
+    frames = pd.read_csv(out / "export" / "frames.csv")
+    assert len(frames) == video["frames"] == r["config"]["video_frames"]
 
 
 def test_dfer_notebook_on_generated_demo(tmp_path):
@@ -94,6 +102,8 @@ def check_grefel_results(r, out):
     assert r["landmarks"]["ok"] + r["landmarks"]["failed"] == r["cache"]["report"]["num_cached"]
     best = torch.load(out / "best_model.pth", weights_only=True)
     assert best["temperature"] == m["temperature"] and best["class_names"] == list(H.FERPLUS_CLASSES)
+    export = json.loads((out / "export" / "export_report.json").read_text())
+    assert max(export["max_abs_diff_vs_pytorch"].values()) <= 1e-4
     with h5py.File(r["cache"]["path"]) as f:
         assert f["landmarks"].shape == (f["images"].shape[0], 68, 2)
         assert f["votes"].shape == (f["images"].shape[0], 10)
