@@ -209,8 +209,8 @@ class Backend:
 
 def run_video(source: str | Path | int, backend: "Backend", class_names: list[str], preprocess: dict,
               mean: tuple, std: tuple, out_video: str | Path | None = None, out_csv: str | Path | None = None,
-              ema: float = 0.6, detector: FaceDetector | None = None, max_frames: int | None = None,
-              progress: bool = True) -> dict:
+              ema: float = 0.6, detector: FaceDetector | None = None, detect_every: int = 1,
+              max_frames: int | None = None, progress: bool = True) -> dict:
     """Classify a video (or a camera index) frame by frame, as training preprocessed faces.
 
     decode -> face detection -> :func:`crop_face` -> evaluation transform -> model ->
@@ -228,6 +228,8 @@ def run_video(source: str | Path | int, backend: "Backend", class_names: list[st
         out_csv: per-frame CSV to write, or None.
         ema: weight of the past in the smoothing, in [0, 1) (0: no smoothing).
         detector: defaults to :class:`FaceDetector()`.
+        detect_every: run the detector on every k-th frame and reuse its box in between
+            (drivers move little between frames; detection is the costliest stage).
         max_frames: stop after this many frames.
         progress: tqdm bar.
 
@@ -250,7 +252,9 @@ def run_video(source: str | Path | int, backend: "Backend", class_names: list[st
     detector = detector or FaceDetector()
     size, channels = preprocess["image_size"], preprocess.get("channels", 3)
     transform = build_transform("eval", size, mean, std, channels=channels)
-    writer, rows, smoothed = None, [], None
+    if detect_every < 1:
+        raise ValueError(f"detect_every must be >= 1, not {detect_every}")
+    writer, rows, smoothed, found = None, [], None, None
     bar = tqdm(total=max_frames or total, desc="video", disable=not progress)
     t_start = time.perf_counter()
     i = 0
@@ -261,9 +265,11 @@ def run_video(source: str | Path | int, backend: "Backend", class_names: list[st
             break
         t1 = time.perf_counter()
         gray = cv2.cvtColor(frame, cv2.COLOR_BGR2GRAY)
-        found = detector.detect(gray)
+        if i % detect_every == 0:
+            found = detector.detect(gray)
         t2 = time.perf_counter()
-        row = {"frame": i, "timestamp_s": i / fps_in, "face_found": int(found is not None)}
+        row = {"frame": i, "timestamp_s": i / fps_in, "face_found": int(found is not None),
+               "detected": int(i % detect_every == 0)}
         row.update(dict.fromkeys(["box_x", "box_y", "box_w", "box_h"], np.nan))
         probs = None
         if found is not None:

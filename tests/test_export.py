@@ -97,3 +97,26 @@ def test_video_inference_on_real_frames(model, exported, kmu_faces, tmp_path):
     assert n == 12
     with pytest.raises(FileNotFoundError):
         H.run_video(tmp_path / "missing.avi", H.Backend("torch", model), list("abcdef"), PRE, *NORM)
+
+
+def test_video_detection_every_k_frames_reuses_the_box(model, kmu_faces, tmp_path):
+    src = tmp_path / "clip.avi"
+    writer = cv2.VideoWriter(str(src), cv2.VideoWriter_fourcc(*"MJPG"), 10, (640, 480))
+    for f in kmu_faces[kmu_faces["face_found"]]["path"].iloc[:6]:
+        writer.write(cv2.resize(cv2.imread(f), (640, 480)))
+    writer.release()
+
+    class Counting(H.FaceDetector):
+        calls = 0
+
+        def detect(self, gray):
+            Counting.calls += 1
+            return super().detect(gray)
+
+    H.run_video(src, H.Backend("torch", model), list("abcdef"), PRE, *NORM, out_csv=tmp_path / "f.csv",
+                detector=Counting(), detect_every=3, progress=False)
+    table = pd.read_csv(tmp_path / "f.csv")
+    assert Counting.calls == 2 and list(table["detected"]) == [1, 0, 0, 1, 0, 0]
+    assert table.loc[1, "box_x"] == table.loc[0, "box_x"]
+    with pytest.raises(ValueError):
+        H.run_video(src, H.Backend("torch", model), list("abcdef"), PRE, *NORM, detect_every=0)
