@@ -74,14 +74,18 @@ clip_grad = None               # max gradient norm | None: off
 amp = None                     # "auto" | "fp16" | "bf16" | "off"
 early_stopping = None          # epochs without val improvement | None: never
 num_workers = None             # DataLoader worker processes
+# export
+video_source = None            # video file or camera index for the video demo | None: a clip of test images
+video_frames = None            # int: frames of the video demo
+ema = None                     # smoothing of probabilities over frames, in [0, 1) (0: none)
 
 # %% [markdown]
 # ## Configuration
 
 # %%
-COMMON = dict(max_per_split=None, soft_labels=False, dropout=0.1, lambda_cls=1.0, lambda_anchor=1.0,
-              lambda_center=1.0, anchor_margin=2.0, class_weighted=False, balanced_sampling=False, clip_grad=1.0,
-              amp="auto", early_stopping=None)
+COMMON = dict(video_source=None, video_frames=30, ema=0.6, max_per_split=None, soft_labels=False, dropout=0.1,
+              lambda_cls=1.0, lambda_anchor=1.0, lambda_center=1.0, anchor_margin=2.0, class_weighted=False,
+              balanced_sampling=False, clip_grad=1.0, amp="auto", early_stopping=None)
 PROFILES = {
     # minutes on 2 CPU cores: 200 images per split, a tiny model, two epochs; checks the plumbing
     "smoke": {**COMMON, "image_size": 48, "max_per_split": 200, "embed_dim": 64, "num_heads": 4, "depth": 2,
@@ -106,7 +110,8 @@ config = H.resolve_config(profile, PROFILES, dict(
     num_epochs=num_epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup_epochs=warmup_epochs,
     lambda_cls=lambda_cls, lambda_anchor=lambda_anchor, lambda_center=lambda_center, anchor_margin=anchor_margin,
     class_weighted=class_weighted, balanced_sampling=balanced_sampling, clip_grad=clip_grad, amp=amp,
-    early_stopping=early_stopping, num_workers=num_workers))
+    early_stopping=early_stopping, num_workers=num_workers, video_source=video_source, video_frames=video_frames,
+    ema=ema))
 for p in config["patch_sizes"]:  # fail here, not inside the model, on an impossible geometry
     if config["image_size"] % p:
         raise ValueError(f"patch size {p} does not divide image_size {config['image_size']}")
@@ -648,3 +653,27 @@ print("max |difference| from PyTorch, batch 1:", export_report)
 assert max(export_report.values()) <= 1e-4
 H.save_json({"files": {k: str(v) for k, v in files.items()}, "max_abs_diff_vs_pytorch": export_report},
             export_dir / "export_report.json");
+
+# %% [markdown]
+# ## Video
+# The same frame-by-frame pipeline as DFER_GCViT's, with landmarks computed on every face
+# crop and passed to the exported model with the image. Without `video_source`, a clip is
+# made of test images (FER+ has no video; these are independent faces, so the smoothing has
+# nothing to smooth here; it is shown for the plumbing).
+
+# %%
+import cv2
+
+source_video = config["video_source"]
+if source_video is None:
+    source_video = export_dir / "test_clip.avi"
+    writer = cv2.VideoWriter(str(source_video), cv2.VideoWriter_fourcc(*"MJPG"), 10, (192, 192))
+    for p in index[index["split"] == "test"]["path"].iloc[: config["video_frames"]]:
+        writer.write(cv2.cvtColor(cv2.resize(H.load_image(p, 1), (192, 192)), cv2.COLOR_GRAY2BGR))
+    writer.release()
+video_summary = H.run_video(source_video, H.Backend("onnx", files["onnx"]), class_names, cache_attrs["preprocess"],
+                            norm["mean"], norm["std"], out_video=export_dir / "annotated.avi",
+                            out_csv=export_dir / "frames.csv", ema=config["ema"], landmarker=H.LandmarkDetector(),
+                            max_frames=config["video_frames"])
+H.save_json(video_summary, export_dir / "video_summary.json")
+print(json.dumps(video_summary, indent=1))

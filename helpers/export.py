@@ -210,7 +210,7 @@ class Backend:
 def run_video(source: str | Path | int, backend: "Backend", class_names: list[str], preprocess: dict,
               mean: tuple, std: tuple, out_video: str | Path | None = None, out_csv: str | Path | None = None,
               ema: float = 0.6, detector: FaceDetector | None = None, detect_every: int = 1,
-              max_frames: int | None = None, progress: bool = True) -> dict:
+              landmarker=None, max_frames: int | None = None, progress: bool = True) -> dict:
     """Classify a video (or a camera index) frame by frame, as training preprocessed faces.
 
     decode -> face detection -> :func:`crop_face` -> evaluation transform -> model ->
@@ -230,6 +230,9 @@ def run_video(source: str | Path | int, backend: "Backend", class_names: list[st
         detector: defaults to :class:`FaceDetector()`.
         detect_every: run the detector on every k-th frame and reuse its box in between
             (drivers move little between frames; detection is the costliest stage).
+        landmarker: for models that also take landmarks (GReFEL): a function crop ->
+            ``(points (68, 2) in crop pixels, ok)``; the backend is then called with
+            ``(image, landmarks in [0, 1])``.
         max_frames: stop after this many frames.
         progress: tqdm bar.
 
@@ -251,7 +254,7 @@ def run_video(source: str | Path | int, backend: "Backend", class_names: list[st
     total = int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) or None
     detector = detector or FaceDetector()
     size, channels = preprocess["image_size"], preprocess.get("channels", 3)
-    transform = build_transform("eval", size, mean, std, channels=channels)
+    transform = build_transform("eval", size, mean, std, channels=channels, keypoints=landmarker is not None)
     if detect_every < 1:
         raise ValueError(f"detect_every must be >= 1, not {detect_every}")
     writer, rows, smoothed, found = None, [], None, None
@@ -277,9 +280,13 @@ def run_video(source: str | Path | int, backend: "Backend", class_names: list[st
             image = gray if channels == 1 else cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)
             crop = crop_face(image, box, size, margin=preprocess.get("margin", 0.25),
                              square=preprocess.get("square", True), no_face="full")
-            x = transform(image=crop.reshape(size, size, -1))["image"][None].numpy()
+            if landmarker is None:
+                inputs = (transform(image=crop.reshape(size, size, -1))["image"][None].numpy(),)
+            else:
+                out = transform(image=crop.reshape(size, size, -1), keypoints=landmarker(crop)[0])
+                inputs = (out["image"][None].numpy(), (out["keypoints"] / size)[None].astype(np.float32))
             t3 = time.perf_counter()
-            probs = backend(x)[0].astype(np.float64)
+            probs = backend(*inputs)[0].astype(np.float64)
             t4 = time.perf_counter()
             smoothed = probs if smoothed is None else ema * smoothed + (1 - ema) * probs
             row.update(zip(["box_x", "box_y", "box_w", "box_h"], box))

@@ -104,6 +104,10 @@ def check_grefel_results(r, out):
     assert best["temperature"] == m["temperature"] and best["class_names"] == list(H.FERPLUS_CLASSES)
     export = json.loads((out / "export" / "export_report.json").read_text())
     assert max(export["max_abs_diff_vs_pytorch"].values()) <= 1e-4
+    frames = pd.read_csv(out / "export" / "frames.csv")
+    assert len(frames) == json.loads((out / "export" / "video_summary.json").read_text())["frames"] == 30
+    faces = frames["face_found"] == 1
+    np.testing.assert_allclose(frames.loc[faces, [f"p_{c}" for c in H.FERPLUS_CLASSES]].sum(1), 1, atol=1e-4)
     with h5py.File(r["cache"]["path"]) as f:
         assert f["landmarks"].shape == (f["images"].shape[0], 68, 2)
         assert f["votes"].shape == (f["images"].shape[0], 10)
