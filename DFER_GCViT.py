@@ -259,7 +259,10 @@ print("train transform:", train_tf)
 # run resumes where it stopped when this cell is rerun with the same settings.
 
 # %%
-run_dir = out_dir / "runs" / f"{config['protocol']}_{config['model_name']}_{config['image_size']}px_seed{config['seed']}"
+# One folder per training setting: rerunning with the same settings resumes, new settings start afresh.
+run_key = H.config_fingerprint(config, exclude=("workdir", "max_folds", "export", "video_source", "video_frames", "ema",
+                                                "cross_data_path"))
+run_dir = out_dir / "runs" / f"{config['protocol']}_{config['model_name']}_{config['image_size']}px_{run_key}"
 fold_runs = []
 for k, f in enumerate(folds):
     print(f"--- fold {k + 1}/{len(folds)} ---")
@@ -276,7 +279,8 @@ for k, f in enumerate(folds):
                 lr=config["lr"], weight_decay=config["weight_decay"], device=device, loss_fn=loss_fn,
                 seed=config["seed"], warmup_epochs=config["warmup_epochs"], clip_grad=config["clip_grad"],
                 amp=config["amp"], early_stopping=config["early_stopping"], config=config,
-                extra_state={"class_names": class_names, "preprocess": cache_attrs["preprocess"], "norm": norm})
+                extra_state={"class_names": class_names, "preprocess": cache_attrs["preprocess"], "norm": norm},
+                run_key=run_key)
     fold_runs.append(run)
 
 # %% [markdown]

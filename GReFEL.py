@@ -466,12 +466,14 @@ loss_fn = grefel_loss(model, config["lambda_cls"], config["lambda_anchor"], conf
                       config["anchor_margin"], weights)
 print(f"GReFEL {param_counts['total']:,} parameters; train {len(idx['train'])}, val {len(idx['val'])}, "
       f"test {len(idx['test'])}; device {device}")
-run_dir = out_dir / "runs" / f"{config['profile']}_{config['image_size']}px_d{config['embed_dim']}_seed{config['seed']}"
+run_key = H.config_fingerprint(config, exclude=("workdir", "video_source", "video_frames", "ema"))
+run_dir = out_dir / "runs" / f"{config['profile']}_{config['image_size']}px_d{config['embed_dim']}_{run_key}"
 run = H.fit(model, train_loader, val_loader, run_dir, num_epochs=config["num_epochs"], lr=config["lr"],
             weight_decay=config["weight_decay"], device=device, loss_fn=loss_fn, seed=config["seed"],
             warmup_epochs=config["warmup_epochs"], clip_grad=config["clip_grad"], amp=config["amp"],
             early_stopping=config["early_stopping"], config=config,
-            extra_state={"class_names": class_names, "preprocess": cache_attrs["preprocess"], "norm": norm})
+            extra_state={"class_names": class_names, "preprocess": cache_attrs["preprocess"], "norm": norm},
+            run_key=run_key)
 H.plot_training_curves(run["history"], save_path=out_dir / "training_curve.png");
 
 # %% [markdown]

@@ -17,7 +17,7 @@
 Notebooks import this package; it never reads notebook globals.
 """
 
-from .setup import environment_info, resolve_config, save_json, select_device
+from .setup import config_fingerprint, environment_info, resolve_config, save_json, select_device
 from .data import (CLASS_ALIASES, FERPLUS_CLASSES, FERPLUS_COLUMNS, VOTE_COLUMNS, DatasetError,
                    discover_dataset, extract_archive, file_sha256, find_archive, find_ferplus_root, locate_dataset,
                    load_image, normalise_class, prepare_ferplus, print_report, read_ferplus, render_fer2013_csv,
@@ -40,7 +40,7 @@ from .export import (Backend, Predictor, ProbabilityModel, export_metadata, expo
 
 __all__ = [
     # setup
-    "resolve_config", "select_device", "environment_info", "save_json",
+    "resolve_config", "config_fingerprint", "select_device", "environment_info", "save_json",
     # data
     "CLASS_ALIASES", "FERPLUS_CLASSES", "FERPLUS_COLUMNS", "VOTE_COLUMNS", "DatasetError", "find_archive",
     "locate_dataset",

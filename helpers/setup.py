@@ -28,6 +28,19 @@ def resolve_config(profile: str, profiles: dict[str, dict], overrides: dict) -> 
     return config
 
 
+def config_fingerprint(config: dict, exclude: tuple[str, ...] = ()) -> str:
+    """Short hash of the settings that shape a result (e.g. to name a run folder).
+
+    Args:
+        config: the notebook's config dict.
+        exclude: keys that do not change the result (export options, plotting, ...).
+    """
+    import hashlib
+
+    kept = {k: v for k, v in sorted(config.items()) if k not in exclude}
+    return hashlib.sha1(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+
 def select_device(preference: str = "auto"):
     """The torch device to train on: CUDA, then Apple MPS, then CPU.
 

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .setup import save_json
+from .setup import config_fingerprint, save_json
 
 
 # ----------------------------------------------------------------------------- seeding & loaders
@@ -290,7 +290,7 @@ def fit(model: nn.Module, train_loader, val_loader, out_dir: str | Path, *, num_
         clip_grad: float | None = 1.0, amp: str = "auto", monitor: str = "val_acc",
         early_stopping: int | None = None, resume: bool = True, config: dict | None = None,
         extra_state: dict | None = None, on_epoch_end: Callable[[dict], None] | None = None,
-        progress: bool = True) -> dict:
+        run_key: str | None = None, progress: bool = True) -> dict:
     """Train with checkpoints, history, early stopping and resume.
 
     Args:
@@ -312,6 +312,9 @@ def fit(model: nn.Module, train_loader, val_loader, out_dir: str | Path, *, num_
         config: saved in every checkpoint (the notebook's ``config`` dict).
         extra_state: more plain values to store in ``best_model.pth`` (class names, ...).
         on_epoch_end: called with each epoch's history row after the checkpoint is written.
+        run_key: identity of the training settings, stored in ``last.pth``; resuming a
+            checkpoint with another key is refused (default: a hash of ``config``; pass
+            :func:`config_fingerprint` of the training-relevant keys to allow other changes).
         progress: tqdm bars.
 
     Returns:
@@ -330,8 +333,13 @@ def fit(model: nn.Module, train_loader, val_loader, out_dir: str | Path, *, num_
     history, best, start, waited = [], None, 0, 0
     last_path, best_path = out_dir / "last.pth", out_dir / "best_model.pth"
     config = _plain(config or {})
+    run_key = run_key or config_fingerprint(config)
     if resume and last_path.exists():
         ckpt = load_checkpoint(last_path)
+        if ckpt.get("run_key") != run_key:
+            changed = sorted(k for k in set(config) | set(ckpt["config"]) if config.get(k) != ckpt["config"].get(k))
+            raise ValueError(f"{last_path} was written with other settings ({', '.join(changed) or 'run_key'}); "
+                             "resuming would mix two runs. Use another out_dir, delete it, or pass resume=False.")
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
@@ -369,7 +377,7 @@ def fit(model: nn.Module, train_loader, val_loader, out_dir: str | Path, *, num_
         history.append(row)
         save_checkpoint(last_path, model=model.state_dict(), optimizer=optimizer.state_dict(),
                         scheduler=scheduler.state_dict(), scaler=scaler.state_dict() if scaler else None,
-                        epoch=epoch + 1, history=history, best=best, waited=waited, config=config)
+                        epoch=epoch + 1, history=history, best=best, waited=waited, config=config, run_key=run_key)
         save_json(history, out_dir / "history.json")
         if progress:
             print(f"epoch {epoch + 1:3d}/{num_epochs}  train loss {tr['loss']:.4f} acc {tr['acc']:.3f}  "

@@ -252,3 +252,14 @@ def test_given_protocol_uses_archive_splits_or_a_random_split():
     assert abs(len(fold["test"]) - 18) <= 3
     with pytest.raises(ValueError, match="subject id"):
         H.make_folds(meta.assign(subject=""), "subject")
+
+
+def test_resume_refuses_a_checkpoint_written_with_other_settings(demo_cache, tmp_path):
+    cache, classes = demo_cache
+    _fit(cache, classes, tmp_path, num_epochs=1, config={"lr": 1e-2})
+    with pytest.raises(ValueError, match="other settings.*lr"):
+        _fit(cache, classes, tmp_path, num_epochs=2, config={"lr": 5e-3})
+    _, run = _fit(cache, classes, tmp_path, num_epochs=2, config={"lr": 5e-3}, resume=False)
+    assert run["epochs_run"] == 2
+    assert H.config_fingerprint({"a": 1, "b": 2}, exclude=("b",)) == H.config_fingerprint({"a": 1, "b": 3}, exclude=("b",))
+    assert H.config_fingerprint({"a": 1}) != H.config_fingerprint({"a": 2})
