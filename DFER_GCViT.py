@@ -15,9 +15,11 @@
 # # DFER-GCViT: driver facial expressions on KMU-FED
 #
 # KMU-FED holds near-infrared in-car frames of 12 drivers showing six expressions. This
-# notebook finds the archive, crops the faces, caches them to HDF5 and (next sections)
-# fine-tunes a timm GCViT on them. Run it top to bottom; every expensive step reuses its
-# saved result when inputs and settings are unchanged, so single sections can be rerun.
+# notebook finds the archive, crops the faces, caches them to HDF5, fine-tunes a timm GCViT
+# under an honest protocol (subject-independent by default), evaluates it, and exports it for
+# real-time use. Run it top to bottom; every expensive step (extraction, face boxes, cache,
+# each fold's training) reuses its saved result when inputs and settings are unchanged, so
+# single sections can be rerun.
 
 # %% [markdown]
 # ## Setup
