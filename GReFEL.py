@@ -133,7 +133,7 @@ print(json.dumps(config, indent=1))
 # %%
 source, data_kind = H.locate_dataset(workdir, config["data_path"], ("*ferplus*", "*fer2013*"), "FERPlus",
                                      H.make_demo_ferplus, "ferplus-demo.zip", seed=config["seed"],
-                                     file_suffixes=(".zip", ".tar.gz", ".tgz", ".tar", ".csv"))
+                                     also_files=(".csv",))
 data_root = H.prepare_ferplus(source, workdir / "extracted")
 
 # %% [markdown]

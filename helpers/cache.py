@@ -122,10 +122,9 @@ def build_hdf5_cache(index: pd.DataFrame, out_path: str | Path, class_names: lis
             image = load_image(rows.at[i, "path"], channels)
         except DatasetError as e:
             return str(e)
-        box = tuple(boxes[i]) if has_boxes else None
-        if not has_boxes:  # no detection: fit the whole image, as the "full" policy does
-            return crop_face(image, None, s, no_face="full")
-        return crop_face(image, box, s, margin=margin, square=square, no_face=no_face)
+        # Without detection the whole image is fitted, as the "full" policy does.
+        return crop_face(image, tuple(boxes[i]) if has_boxes else None, s, margin=margin, square=square,
+                         no_face=no_face if has_boxes else "full")
 
     with h5py.File(tmp, "w") as f:
         images = f.create_dataset("images", shape=(n, s, s, c), maxshape=(None, s, s, c), dtype="uint8",
@@ -197,6 +196,13 @@ def read_cache_meta(path: str | Path) -> tuple[pd.DataFrame, dict]:
     return meta, attrs
 
 
+def _to_tensor(x: np.ndarray):
+    """H x W x C uint8 -> C x H x W float tensor in [0, 1] (no transform given)."""
+    import torch
+
+    return torch.from_numpy(np.ascontiguousarray(x)).permute(2, 0, 1).float() / 255
+
+
 class H5Dataset:
     """PyTorch map-style dataset over a cache file.
 
@@ -260,13 +266,8 @@ class H5Dataset:
             pts = self._lm[i] * size
             if self.transform is not None:
                 out = self.transform(image=x, keypoints=pts)
-                x, pts = out["image"], np.asarray(out["keypoints"], np.float32) / size
+                x, pts = out["image"], np.asarray(out["keypoints"], np.float32)
             else:
-                x = torch.from_numpy(np.ascontiguousarray(x)).permute(2, 0, 1).float() / 255
-                pts = pts / size
-            return x, torch.as_tensor(pts, dtype=torch.float32), y
-        if self.transform is not None:
-            x = self.transform(image=x)["image"]
-        else:
-            x = torch.from_numpy(np.ascontiguousarray(x)).permute(2, 0, 1).float() / 255
-        return x, y
+                x = _to_tensor(x)
+            return x, torch.as_tensor(pts / size, dtype=torch.float32), y
+        return (self.transform(image=x)["image"] if self.transform is not None else _to_tensor(x)), y

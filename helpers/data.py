@@ -92,7 +92,7 @@ def find_archive(workdir: str | Path, patterns: tuple[str, ...] = ("archive.zip"
 
 def locate_dataset(workdir: str | Path, data_path: str | Path | None, patterns: tuple[str, ...], name: str,
                    make_demo: Callable[..., Path], demo_file: str, seed: int = 0,
-                   file_suffixes: tuple[str, ...] = ARCHIVE_SUFFIXES) -> tuple[Path, str]:
+                   also_files: tuple[str, ...] = ()) -> tuple[Path, str]:
     """The dataset to use: ``data_path``, else a match in ``workdir``, else a generated demo (loudly).
 
     Args:
@@ -103,7 +103,7 @@ def locate_dataset(workdir: str | Path, data_path: str | Path | None, patterns: 
         make_demo: demo writer, called as ``make_demo(path, seed=seed)``.
         demo_file: file name of the demo archive under ``workdir/demo``.
         seed: demo seed.
-        file_suffixes: passed to :func:`find_archive`.
+        also_files: file suffixes accepted besides archives (e.g. ``(".csv",)``).
 
     Returns:
         ``(source, data_kind)`` where data_kind is ``"real"`` or ``"generated demo"``.
@@ -111,7 +111,8 @@ def locate_dataset(workdir: str | Path, data_path: str | Path | None, patterns: 
     workdir = Path(workdir)
     if data_path:
         return Path(data_path), "real"
-    source = find_archive(workdir, patterns=patterns, any_archive=False, file_suffixes=file_suffixes)
+    source = find_archive(workdir, patterns=patterns, any_archive=False,
+                          file_suffixes=ARCHIVE_SUFFIXES + tuple(also_files))
     if source is not None:
         return source, "real"
     source = make_demo(workdir / "demo" / demo_file, seed=seed)
@@ -347,6 +348,7 @@ def discover_dataset(root: str | Path, accept_unknown_classes: bool = False,
     rows, skipped, unknown = [], [], Counter()
     mapping: dict[str, set] = {}
     class_dirs: dict[Path, str] = {}
+    image_dirs: set[Path] = set()  # folders holding image files, readable or not
     kinds = Counter()
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith((".", "__MACOSX")))
@@ -361,20 +363,22 @@ def discover_dataset(root: str | Path, accept_unknown_classes: bool = False,
             rel = p.relative_to(root)
             parents = rel.parts[:-1]
             subject, group, code = _subject_and_group(p.stem)
+            image_dirs.add(d)
             if canon:
-                label, raw, kinds["folder"] = canon, d.name, kinds["folder"] + 1
+                label, raw, kind = canon, d.name, "folder"
             elif code and normalise_class(code):
-                label, raw, kinds["filename"] = normalise_class(code), code, kinds["filename"] + 1
+                label, raw, kind = normalise_class(code), code, "filename"
             elif parents and not _split_of(parents[-1:]):
                 raw = d.name
                 if not accept_unknown_classes:
                     unknown[raw] += 1
                     continue
-                label, kinds["folder"] = raw, kinds["folder"] + 1
+                label, kind = raw, "folder"
                 class_dirs[d] = raw
             else:
                 skipped.append((str(p), "no class folder and no class code in the file name"))
                 continue
+            kinds[kind] += 1
             size = _probe_image(p)
             if size is None:
                 warnings.warn(f"{p}: not a readable image; skipped")
@@ -396,12 +400,10 @@ def discover_dataset(root: str | Path, accept_unknown_classes: bool = False,
         raise DatasetError(f"{root}: no images found in any accepted layout "
                            "(split/class folders, class folders, or KMU-FED file names)")
     index = pd.DataFrame(rows)
-    # Exact duplicates: every copy after the first points at the first (by sorted path).
-    first = index.groupby("sha1")["rel_path"].transform("first")
-    index["duplicate_of"] = np.where(first != index["rel_path"], first, "")
+    _flag_duplicates(index)
     counts = {c: int(n) for c, n in sorted(Counter(index["label"]).items())}
     empty = sorted({name for d, name in class_dirs.items()
-                    if not any(True for f in d.rglob("*") if f.suffix.lower() in IMAGE_EXTENSIONS)})
+                    if not any(d == i or d in i.parents for i in image_dirs)})
     layout = ("split folders" if index["split"].ne("").any() else "no split") + " + " + \
              ("class folders" if kinds["folder"] >= kinds["filename"] else "class codes in file names")
     report = {
@@ -415,6 +417,12 @@ def discover_dataset(root: str | Path, accept_unknown_classes: bool = False,
     if verbose:
         print_report(report)
     return index, report
+
+
+def _flag_duplicates(index: pd.DataFrame) -> None:
+    """Exact duplicates: every copy after the first (in index order) points at the first, in place."""
+    first = index.groupby("sha1")["rel_path"].transform("first")
+    index["duplicate_of"] = np.where(first != index["rel_path"], first, "")
 
 
 def _sha1(path: Path) -> str:
@@ -527,8 +535,7 @@ def read_ferplus(root: str | Path, verbose: bool = True) -> tuple[pd.DataFrame, 
     index["subject"] = ""
     index["group"] = ""
     index["sha1"] = [_sha1(Path(p)) for p in index["path"]]
-    first = index.groupby("sha1")["rel_path"].transform("first")
-    index["duplicate_of"] = np.where(first != index["rel_path"], first, "")
+    _flag_duplicates(index)
     counts = index[index["label"] != ""].groupby(["split", "label"]).size().unstack(fill_value=0)
     report = {
         "root": str(base), "layout": "FERPlus rendered folders + label.csv",
