@@ -225,11 +225,7 @@ for k, f in enumerate(folds):
 
 # %%
 def build_model():
-    model, weights_info = H.create_classifier(config["model_name"], len(class_names), config["image_size"],
-                                              weights=config["weights"], dropout=config["dropout"],
-                                              allow_random_init=config["allow_random_init"])
-    counts = H.set_finetune_strategy(model, config["finetune"], config["frozen_stages"])
-    return model, weights_info, counts
+    return H.build_classifier(config, len(class_names))  # the same builder the training job uses
 
 
 model, weights_info, param_counts = build_model()
@@ -257,33 +253,26 @@ print("train transform:", train_tf)
 # %% [markdown]
 # ## Train
 # One model per fold, from the same initial weights. Each fold writes `last.pth` every epoch
-# and `best_model.pth` on the best validation accuracy under `runs/fold_k/`; an interrupted
-# run resumes where it stopped when this cell is rerun with the same settings.
+# and `best_model.pth` on the best validation accuracy under `runs/<run>/fold_k/`; an
+# interrupted run resumes where it stopped when this cell is rerun with the same settings.
+#
+# The cell first writes the run's spec, `run.json`. On several GPUs or machines, train from
+# it instead (`torchrun --standalone --nproc_per_node 4 -m helpers train --config <run.json>`,
+# see README), then rerun this cell: finished folds are loaded, not trained again.
 
 # %%
 # One folder per training setting: rerunning with the same settings resumes, new settings start afresh.
 run_key = H.config_fingerprint(config, exclude=("workdir", "max_folds", "export", "video_source", "video_frames", "ema",
                                                 "cross_data_path"))
 run_dir = out_dir / "runs" / f"{config['protocol']}_{config['model_name']}_{config['image_size']}px_{run_key}"
+spec_path = H.write_run_spec(run_dir / "run.json", config=config, cache_path=cache_path, class_names=class_names,
+                             folds=folds, run_dir=run_dir, run_key=run_key)
+print(f"run spec: {spec_path}")
+spec = H.read_run_spec(spec_path)
 fold_runs = []
-for k, f in enumerate(folds):
+for k in range(len(folds)):
     print(f"--- fold {k + 1}/{len(folds)} ---")
-    H.seed_everything(config["seed"])
-    model, weights_info, _ = build_model()
-    train_ds = H.H5Dataset(cache_path, f["train"], train_tf, in_memory=True)
-    loss_fn = H.cross_entropy_loss(config["label_smoothing"], H.class_weights_from_labels(
-        train_ds.labels, len(class_names)) if config["class_weighted"] else None)
-    train_loader = H.make_loader(train_ds, config["batch_size"], shuffle=True, num_workers=config["num_workers"],
-                                 device=device, drop_last=len(f["train"]) > config["batch_size"])
-    val_loader = H.make_loader(H.H5Dataset(cache_path, f["val"], eval_tf, in_memory=True), config["batch_size"],
-                               shuffle=False, num_workers=0, device=device)
-    run = H.fit(model, train_loader, val_loader, run_dir / f"fold_{k + 1}", num_epochs=config["num_epochs"],
-                lr=config["lr"], weight_decay=config["weight_decay"], device=device, loss_fn=loss_fn,
-                seed=config["seed"], warmup_epochs=config["warmup_epochs"], clip_grad=config["clip_grad"],
-                amp=config["amp"], early_stopping=config["early_stopping"], config=config,
-                extra_state={"class_names": class_names, "preprocess": cache_attrs["preprocess"], "norm": norm},
-                run_key=run_key)
-    fold_runs.append(run)
+    fold_runs.append(H.train_fold(spec, k, device))
 
 # %% [markdown]
 # ## Evaluate
@@ -292,15 +281,7 @@ for k, f in enumerate(folds):
 # mean and standard deviation across folds.
 
 # %%
-def test_fold(run, test_idx):
-    model, _, _ = build_model()
-    model.load_state_dict(H.load_checkpoint(run["best_path"])["model"])
-    loader = H.make_loader(H.H5Dataset(cache_path, test_idx, eval_tf), config["batch_size"], False, device=device)
-    out = H.evaluate(model.to(device), loader, device, amp_dtype=amp_dtype)
-    return H.compute_metrics(out["y_true"], out["y_pred"], class_names, probs=out["probs"])
-
-
-fold_metrics = [test_fold(run, f["test"]) for run, f in zip(fold_runs, folds)]
+fold_metrics = [H.evaluate_fold(spec, k, run["best_path"], "test", device) for k, run in enumerate(fold_runs)]
 keys = ("accuracy", "precision_macro", "recall_macro", "f1_macro", "precision_weighted", "recall_weighted",
         "f1_weighted", "ece")
 summary = {k: {"mean": float(np.mean([m[k] for m in fold_metrics])), "std": float(np.std([m[k] for m in fold_metrics]))}

@@ -10,9 +10,12 @@
 6. augment  albumentations pipelines (seed, GReFEL, eval), landmark-aware flips
 7. models   timm backbone + the seed's head, weight sources (hub, file, none), freezing
 8. train    the engine: AdamW, cosine, AMP, clipping, checkpoints, resume, early stopping
+   distributed  the same engine under torchrun: process group, sharded loaders, reductions
 9. metrics  accuracy, precision/recall/F1, confusion matrix, calibration error
 10. plots   class distribution, sample grid, confusion matrix, training curves
 11. export  Predictor (one image, training preprocessing), ONNX/TorchScript/int8 export, backends
+12. recipes the DFER_GCViT fold as a job from a run spec (run.json), shared by the notebook and
+            ``python -m helpers train`` (see __main__.py)
 
 Notebooks import this package; it never reads notebook globals.
 """
@@ -29,6 +32,8 @@ from .splits import PROTOCOLS, make_folds
 from .augment import FLIP_PERMUTATION_68, IMAGENET_MEAN, IMAGENET_STD, KeypointCompose, build_transform
 from .models import (TimmClassifier, WeightsUnavailableError, count_parameters, create_classifier,
                      load_weights, set_finetune_strategy, validate_gcvit_size)
+from .distributed import (ShardedBatchSampler, barrier, get_rank, get_world_size, init_distributed, is_distributed,
+                          is_main, shutdown)
 from .train import (build_optimizer, build_scheduler, class_weights_from_labels, cross_entropy_loss, evaluate, fit,
                     load_checkpoint, make_loader, output_probs, resolve_amp, save_checkpoint, seed_everything,
                     train_one_epoch)
@@ -37,6 +42,7 @@ from .plots import (plot_class_distribution, plot_confidence_histograms, plot_co
                     plot_reliability_diagram, plot_sample_grid, plot_training_curves)
 from .export import (Backend, Predictor, ProbabilityModel, export_metadata, export_onnx, export_torchscript,
                      quantize_onnx_int8, read_onnx_metadata, run_video)
+from .recipes import build_classifier, evaluate_fold, read_run_spec, run_spec, train_fold, write_run_spec
 
 __all__ = [
     # setup
@@ -63,6 +69,9 @@ __all__ = [
     "seed_everything", "make_loader", "build_optimizer", "build_scheduler", "cross_entropy_loss",
     "class_weights_from_labels", "output_probs", "resolve_amp", "train_one_epoch", "evaluate",
     "save_checkpoint", "load_checkpoint", "fit",
+    # distributed
+    "init_distributed", "shutdown", "is_distributed", "get_rank", "get_world_size", "is_main", "barrier",
+    "ShardedBatchSampler",
     # metrics
     "compute_metrics", "expected_calibration_error", "fit_temperature",
     # plots
@@ -71,4 +80,6 @@ __all__ = [
     # export
     "Predictor", "ProbabilityModel", "export_metadata", "export_onnx", "export_torchscript", "quantize_onnx_int8",
     "read_onnx_metadata", "Backend", "run_video",
+    # recipes
+    "build_classifier", "write_run_spec", "read_run_spec", "train_fold", "evaluate_fold", "run_spec",
 ]

@@ -11,6 +11,10 @@ with a ``set_progress(p)`` method is told the share of training done before ever
 Reproducibility: every epoch reseeds torch (shuffle order, dropout, DataLoader worker
 seeds) and the augmentation from ``(seed, epoch)``, so a run resumed from ``last.pth``
 replays exactly the epochs an uninterrupted run would have.
+
+The same code runs under torchrun (see :mod:`.distributed`): ``fit`` wraps the model in
+DistributedDataParallel, ``make_loader`` shards the data, ``train_one_epoch`` and
+``evaluate`` reduce their figures over the ranks, and only rank 0 writes or prints.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import distributed
 from .setup import config_fingerprint, save_json
 
 
@@ -59,23 +64,36 @@ def seed_worker(worker_id: int) -> None:
 
 
 def make_loader(dataset, batch_size: int, shuffle: bool, num_workers: int = 0, device=None,
-                drop_last: bool = False, sampler=None) -> torch.utils.data.DataLoader:
-    """A DataLoader with per-worker seeding and pinned memory on CUDA.
+                drop_last: bool = False, sampler=None, seed: int = 0) -> torch.utils.data.DataLoader:
+    """A DataLoader with per-worker seeding and pinned memory on CUDA; sharded under torchrun.
+
+    In a process group of several ranks, a shuffled (training) loader gets a
+    ``DistributedSampler`` (each rank a disjoint share of every epoch; ``fit`` calls its
+    ``set_epoch``) and an unshuffled (evaluation) loader a :class:`ShardedBatchSampler`.
 
     Args:
         dataset: e.g. :class:`H5Dataset`.
-        batch_size: samples per batch (per process).
+        batch_size: samples per batch, per process.
         shuffle: reshuffle every epoch (ignored when ``sampler`` is given).
         num_workers: loading processes (0: in the main process).
         device: the training device; pinned memory is used when it is CUDA.
         drop_last: drop an incomplete last batch (avoids BatchNorm on a single sample).
-        sampler: an explicit sampler (e.g. a DistributedSampler or a class-balanced one).
+        sampler: an explicit sampler (e.g. a class-balanced one; single process only).
+        seed: the distributed sampler's shuffle seed (the same on every rank).
     """
     pin = device is not None and torch.device(device).type == "cuda"
+    common = dict(num_workers=num_workers, pin_memory=pin, worker_init_fn=seed_worker, persistent_workers=False)
+    if distributed.is_distributed():
+        if sampler is not None:
+            raise ValueError("an explicit sampler cannot be sharded across processes: under torchrun use "
+                             "shuffle=True (DistributedSampler) instead, e.g. turn balanced sampling off")
+        if not shuffle:  # evaluation: whole batches per rank, nothing padded or dropped
+            return torch.utils.data.DataLoader(
+                dataset, batch_sampler=distributed.ShardedBatchSampler(len(dataset), batch_size), **common)
+        # drop_last here trims the epoch to a multiple of the world size: shares stay disjoint
+        sampler = torch.utils.data.DistributedSampler(dataset, shuffle=True, seed=seed, drop_last=True)
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None,
-                                       sampler=sampler, num_workers=num_workers, pin_memory=pin,
-                                       drop_last=drop_last, worker_init_fn=seed_worker,
-                                       persistent_workers=False)
+                                       sampler=sampler, drop_last=drop_last, **common)
 
 
 # ----------------------------------------------------------------------------- optimiser & schedule
@@ -177,7 +195,8 @@ def train_one_epoch(model: nn.Module, loader, optimizer, scheduler, loss_fn: Cal
     """One pass over ``loader``; stops with FloatingPointError on a NaN/inf loss.
 
     Returns:
-        ``{"loss": mean loss, "acc": accuracy}`` over the epoch.
+        ``{"loss": mean loss, "acc": accuracy, "samples": count}`` over the epoch (over all
+        ranks under torchrun).
     """
     from tqdm.auto import tqdm
 
@@ -218,13 +237,17 @@ def train_one_epoch(model: nn.Module, loader, optimizer, scheduler, loss_fn: Cal
         loss_sum += loss.item() * n
         correct += (output_probs(outputs).argmax(-1) == hard).sum().item()
         bar.set_postfix(loss=f"{loss_sum / total:.4f}", acc=f"{correct / total:.3f}")
-    return {"loss": loss_sum / max(1, total), "acc": correct / max(1, total)}
+    loss_sum, correct, total = distributed.all_reduce_sum([loss_sum, correct, total], device)
+    return {"loss": loss_sum / max(1, total), "acc": correct / max(1, total), "samples": int(total)}
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, device, loss_fn: Callable | None = None, amp_dtype=None,
              progress: bool = False) -> dict:
     """Predictions and loss over ``loader`` in eval mode.
+
+    Under torchrun, with a loader from :func:`make_loader` (shuffle=False), each rank
+    evaluates its batches and every rank returns the whole dataset's predictions in order.
 
     Returns:
         loss (when ``loss_fn`` is given, at progress 1), acc, and arrays ``y_true``,
@@ -244,6 +267,9 @@ def evaluate(model: nn.Module, loader, device, loss_fn: Callable | None = None, 
         probs.append(output_probs(outputs).float().cpu())
     y_true = torch.cat(ys).numpy() if ys else np.zeros(0, int)
     p = torch.cat(probs).numpy() if probs else np.zeros((0, 0))
+    if isinstance(loader.batch_sampler, distributed.ShardedBatchSampler):
+        y_true, p, loss_sum = distributed.gather_predictions(loader.batch_sampler.indices(), y_true, p, loss_sum,
+                                                             len(loader.dataset))
     y_pred = p.argmax(-1) if len(p) else np.zeros(0, int)
     out = {"acc": float((y_pred == y_true).mean()) if len(y_true) else float("nan"),
            "y_true": y_true, "y_pred": y_pred, "probs": p}
@@ -290,7 +316,7 @@ def fit(model: nn.Module, train_loader, val_loader, out_dir: str | Path, *, num_
         clip_grad: float | None = 1.0, amp: str = "auto", monitor: str = "val_acc",
         early_stopping: int | None = None, resume: bool = True, config: dict | None = None,
         extra_state: dict | None = None, on_epoch_end: Callable[[dict], None] | None = None,
-        run_key: str | None = None, progress: bool = True) -> dict:
+        run_key: str | None = None, progress: bool = True, find_unused_parameters: bool = False) -> dict:
     """Train with checkpoints, history, early stopping and resume.
 
     Args:
@@ -315,15 +341,25 @@ def fit(model: nn.Module, train_loader, val_loader, out_dir: str | Path, *, num_
         run_key: identity of the training settings, stored in ``last.pth``; resuming a
             checkpoint with another key is refused (default: a hash of ``config``; pass
             :func:`config_fingerprint` of the training-relevant keys to allow other changes).
-        progress: tqdm bars.
+        progress: tqdm bars and a line per epoch (rank 0 only under torchrun).
+        find_unused_parameters: passed to DistributedDataParallel (a model with branches
+            that some steps skip needs it).
+
+    Under torchrun the model is wrapped in DistributedDataParallel here, every rank runs the
+    same epochs on its share of the data, validation figures are those of the whole
+    validation set, and only rank 0 writes checkpoints (of the unwrapped model, so they load
+    in one process) and history. ``batch_size`` stays per process, lr is not rescaled.
 
     Returns:
         ``{"history": [...], "best": {...}, "best_path", "last_path", "epochs_run", "stopped_early",
-        "wall_s"}``.
+        "wall_s", "world_size"}``.
     """
     out_dir = Path(out_dir)
     device = torch.device(device)
     loss_fn = loss_fn or cross_entropy_loss()
+    rank, world = distributed.get_rank(), distributed.get_world_size()
+    main = rank == 0
+    progress = progress and main
     model.to(device)
     optimizer = build_optimizer(model, lr, weight_decay)
     scheduler = build_scheduler(optimizer, num_epochs, len(train_loader), warmup_epochs, restart_epochs, min_lr_ratio)
@@ -346,39 +382,54 @@ def fit(model: nn.Module, train_loader, val_loader, out_dir: str | Path, *, num_
         if scaler is not None and ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
         history, best, start, waited = ckpt["history"], ckpt["best"], ckpt["epoch"], ckpt["waited"]
+        stopped = bool(history) and history[-1].get("stopped_early", False)
+        # the schedule's length and the data order depend on the number of processes
+        if start < num_epochs and not stopped and ckpt.get("world_size", 1) != world:
+            raise ValueError(f"{last_path} was trained by {ckpt.get('world_size', 1)} process(es) and this run has "
+                             f"{world}: the schedule and data order would change mid-run. Resume it with "
+                             f"{ckpt.get('world_size', 1)} process(es), or start afresh (resume=False).")
         if progress:
             print(f"Resuming from {last_path} after epoch {start}")
+    core = model  # what checkpoints hold: never the DDP wrapper, so they load in one process
+    if distributed.is_distributed():
+        model = nn.parallel.DistributedDataParallel(core, device_ids=[device.index] if device.type == "cuda" else None,
+                                                    find_unused_parameters=find_unused_parameters)
     t0 = time.time()
     stopped = bool(history) and history[-1].get("stopped_early", False)
     for epoch in range(start, num_epochs):
         if stopped:
             break
-        # Everything random in this epoch derives from (seed, epoch): resume replays it exactly.
-        torch.manual_seed(seed * 1000 + epoch)
-        _reseed_transform(train_loader.dataset, seed * 1000 + epoch)
+        # Everything random in this epoch derives from (seed, epoch, rank): resume replays it exactly.
+        torch.manual_seed((seed * 1000 + epoch) * world + rank)
+        _reseed_transform(train_loader.dataset, (seed * 1000 + epoch) * world + rank)
         if hasattr(train_loader.sampler, "set_epoch"):
             train_loader.sampler.set_epoch(epoch)
         te = time.time()
         tr = train_one_epoch(model, train_loader, optimizer, scheduler, loss_fn, device, epoch, num_epochs,
                              scaler, amp_dtype, clip_grad, progress)
-        va = evaluate(model, val_loader, device, loss_fn, amp_dtype)
+        train_s = time.time() - te
+        va = evaluate(model, val_loader, device, loss_fn, amp_dtype)  # the same figures on every rank
         row = {"epoch": epoch + 1, "train_loss": tr["loss"], "train_acc": tr["acc"], "val_loss": va["loss"],
-               "val_acc": va["acc"], "lr": optimizer.param_groups[0]["lr"], "epoch_s": time.time() - te}
+               "val_acc": va["acc"], "lr": optimizer.param_groups[0]["lr"], "epoch_s": time.time() - te,
+               "train_s": train_s, "train_samples": tr["samples"], "world_size": world}
         value = row[monitor]
         improved = best is None or (value > best["value"] if higher else value < best["value"])
         if improved:
             best, waited = {"epoch": epoch + 1, "metric": monitor, "value": value}, 0
-            save_checkpoint(best_path, model=model.state_dict(), epoch=epoch + 1, best=best, config=config,
-                            **_plain(extra_state or {}))
+            if main:
+                save_checkpoint(best_path, model=core.state_dict(), epoch=epoch + 1, best=best, config=config,
+                                world_size=world, **_plain(extra_state or {}))
         else:
             waited += 1
         stopped = early_stopping is not None and waited >= early_stopping
         row["stopped_early"] = stopped
         history.append(row)
-        save_checkpoint(last_path, model=model.state_dict(), optimizer=optimizer.state_dict(),
-                        scheduler=scheduler.state_dict(), scaler=scaler.state_dict() if scaler else None,
-                        epoch=epoch + 1, history=history, best=best, waited=waited, config=config, run_key=run_key)
-        save_json(history, out_dir / "history.json")
+        if main:
+            save_checkpoint(last_path, model=core.state_dict(), optimizer=optimizer.state_dict(),
+                            scheduler=scheduler.state_dict(), scaler=scaler.state_dict() if scaler else None,
+                            epoch=epoch + 1, history=history, best=best, waited=waited, config=config,
+                            run_key=run_key, world_size=world)
+            save_json(history, out_dir / "history.json")
         if progress:
             print(f"epoch {epoch + 1:3d}/{num_epochs}  train loss {tr['loss']:.4f} acc {tr['acc']:.3f}  "
                   f"val loss {va['loss']:.4f} acc {va['acc']:.3f}  {row['epoch_s']:.0f}s" + ("  *" if improved else ""))
@@ -386,5 +437,6 @@ def fit(model: nn.Module, train_loader, val_loader, out_dir: str | Path, *, num_
             on_epoch_end(row)
     if stopped and progress:
         print(f"Early stopping: no {monitor} improvement for {early_stopping} epochs")
+    distributed.barrier()  # the other ranks may read best_model.pth next
     return {"history": history, "best": best, "best_path": best_path, "last_path": last_path,
-            "epochs_run": len(history), "stopped_early": stopped, "wall_s": time.time() - t0}
+            "epochs_run": len(history), "stopped_early": stopped, "wall_s": time.time() - t0, "world_size": world}

@@ -83,6 +83,13 @@ def test_dfer_notebook_on_generated_demo(tmp_path):
     again = _run("DFER_GCViT", tmp_path)
     assert again["cache"]["fingerprint"] == r["cache"]["fingerprint"]
     assert again["metrics"]["per_fold"] == r["metrics"]["per_fold"]
+    # The run spec it wrote drives `python -m helpers train`, which reuses the finished fold.
+    (spec,) = (tmp_path / "DFER_GCViT" / "runs").glob("*/run.json")
+    last = spec.parent / "fold_1" / "last.pth"
+    written = last.stat().st_mtime_ns
+    cli = H.run_spec(spec, progress=False)
+    assert [f["test"]["accuracy"] for f in cli["folds"]] == [m["accuracy"] for m in r["metrics"]["per_fold"]]
+    assert last.stat().st_mtime_ns == written  # nothing was trained again
 
 
 GREFEL_FILES = ("class_distribution.png", "samples.png", "training_curve.png", "confusion_matrix.png",

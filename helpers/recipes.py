@@ -1,0 +1,197 @@
+"""The DFER_GCViT training recipe as a job: one fold, from a run spec a notebook writes.
+
+The notebook's Train section and ``python -m helpers train --config run.json`` (under
+torchrun or not) call the same :func:`train_fold`, with the same spec, into the same run
+folder: a run trained on several GPUs is picked up by the notebook (finished folds are
+loaded, not retrained) and the other way round.
+
+A run spec (``run.json``) holds the notebook's ``config``, the HDF5 cache, the class names,
+the folds (cache row indices of train/val/test) and the run folder. Paths are absolute; on
+several machines they must point to a shared file system.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import distributed
+from .augment import build_transform
+from .cache import H5Dataset, read_cache_meta
+from .metrics import compute_metrics
+from .models import create_classifier, set_finetune_strategy
+from .setup import environment_info, save_json
+from .train import (class_weights_from_labels, cross_entropy_loss, evaluate, fit, load_checkpoint, make_loader,
+                    resolve_amp, seed_everything)
+
+SPEC_KEYS = ("task", "config", "cache_path", "class_names", "folds", "run_dir", "run_key")
+CONFIG_KEYS = ("model_name", "weights", "allow_random_init", "image_size", "channels", "dropout", "finetune",
+               "frozen_stages", "num_epochs", "batch_size", "lr", "weight_decay", "warmup_epochs", "label_smoothing",
+               "class_weighted", "clip_grad", "amp", "early_stopping", "num_workers", "seed")
+
+
+def build_classifier(config: dict, num_classes: int):
+    """The notebook's model: timm backbone + head, weights and fine-tuning strategy from ``config``.
+
+    Returns:
+        ``(model, weights_info, parameter_counts)``.
+    """
+    model, weights_info = create_classifier(config["model_name"], num_classes, config["image_size"],
+                                            weights=config["weights"], dropout=config["dropout"],
+                                            allow_random_init=config["allow_random_init"])
+    counts = set_finetune_strategy(model, config["finetune"], config["frozen_stages"])
+    return model, weights_info, counts
+
+
+def write_run_spec(path: str | Path, *, config: dict, cache_path: str | Path, class_names: list[str],
+                   folds: list[dict], run_dir: str | Path, run_key: str) -> Path:
+    """Write ``run.json`` (atomically) for :func:`train_fold` and ``python -m helpers train``.
+
+    Args:
+        path: the spec file. config: the notebook's config dict.
+        cache_path: the HDF5 cache. class_names: in label order.
+        folds: ``[{"train": idx, "val": idx, "test": idx}, ...]`` of cache rows.
+        run_dir: fold k trains into ``run_dir/fold_{k+1}``. run_key: identity of the training settings.
+    """
+    spec = {"task": "classifier", "config": config, "cache_path": str(Path(cache_path).resolve()),
+            "class_names": list(class_names),
+            "folds": [{part: [int(i) for i in f[part]] for part in ("train", "val", "test")} for f in folds],
+            "run_dir": str(Path(run_dir).resolve()), "run_key": run_key}
+    return save_json(spec, path)
+
+
+def read_run_spec(path: str | Path) -> dict:
+    """Read and check a run spec; errors name the file and what is wrong with it."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"run spec {path} does not exist (the notebook's Train section writes it)")
+    try:
+        spec = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"run spec {path} is not valid JSON: {e}") from None
+    missing = [k for k in SPEC_KEYS if k not in spec]
+    missing += [f"config.{k}" for k in CONFIG_KEYS if k not in spec.get("config", {})]
+    if missing:
+        raise ValueError(f"run spec {path} lacks {', '.join(missing)}")
+    if spec["task"] != "classifier":
+        raise ValueError(f"run spec {path}: task {spec['task']!r} is not supported (only 'classifier')")
+    if not Path(spec["cache_path"]).is_file():
+        raise FileNotFoundError(f"run spec {path}: cache {spec['cache_path']} does not exist")
+    return spec
+
+
+def _fold_dir(spec: dict, fold: int) -> Path:
+    return Path(spec["run_dir"]) / f"fold_{fold + 1}"
+
+
+def _transforms(config: dict, norm: dict):
+    size, ch = config["image_size"], config["channels"]
+    return (build_transform("seed", size, norm["mean"], norm["std"], channels=ch),
+            build_transform("eval", size, norm["mean"], norm["std"], channels=ch))
+
+
+def train_fold(spec: dict, fold: int, device, progress: bool = True) -> dict:
+    """Train fold ``fold`` (0-based) of a run spec into ``run_dir/fold_{fold+1}``.
+
+    Works alone and under torchrun (see :func:`fit`); resumes or reuses a finished fold.
+
+    Returns:
+        :func:`fit`'s result plus ``weights`` (source info), ``parameters`` and ``norm``.
+    """
+    config, class_names, f = spec["config"], spec["class_names"], spec["folds"][fold]
+    seed_everything(config["seed"])  # every fold starts from the same initial weights
+    model, weights_info, counts = build_classifier(config, len(class_names))
+    norm = model.data_config()
+    train_tf, eval_tf = _transforms(config, norm)
+    train_ds = H5Dataset(spec["cache_path"], f["train"], train_tf, in_memory=True)
+    weights = class_weights_from_labels(train_ds.labels, len(class_names)) if config["class_weighted"] else None
+    loss_fn = cross_entropy_loss(config["label_smoothing"], weights)
+    bs = config["batch_size"]
+    # drop_last avoids a BatchNorm step on one sample (the head has BatchNorm1d)
+    train_loader = make_loader(train_ds, bs, shuffle=True, num_workers=config["num_workers"], device=device,
+                               drop_last=len(f["train"]) > bs, seed=config["seed"])
+    val_loader = make_loader(H5Dataset(spec["cache_path"], f["val"], eval_tf, in_memory=True), bs, shuffle=False,
+                             device=device)
+    _, cache_attrs = read_cache_meta(spec["cache_path"])
+    run = fit(model, train_loader, val_loader, _fold_dir(spec, fold), num_epochs=config["num_epochs"], lr=config["lr"],
+              weight_decay=config["weight_decay"], device=device, loss_fn=loss_fn, seed=config["seed"],
+              warmup_epochs=config["warmup_epochs"], clip_grad=config["clip_grad"], amp=config["amp"],
+              early_stopping=config["early_stopping"], config=config, run_key=spec["run_key"], progress=progress,
+              extra_state={"class_names": class_names, "preprocess": cache_attrs["preprocess"], "norm": norm})
+    return {**run, "weights": weights_info, "parameters": counts, "norm": norm}
+
+
+def evaluate_fold(spec: dict, fold: int, checkpoint: str | Path, part: str, device) -> dict:
+    """Metrics of a checkpoint on one part (``"train"``, ``"val"`` or ``"test"``) of a fold.
+
+    Under torchrun every rank evaluates a share and all get the whole part's metrics.
+    """
+    config, class_names = spec["config"], spec["class_names"]
+    model, _, _ = build_classifier({**config, "weights": "none"}, len(class_names))  # weights come from the checkpoint
+    model.load_state_dict(load_checkpoint(checkpoint)["model"])
+    _, eval_tf = _transforms(config, model.data_config())
+    loader = make_loader(H5Dataset(spec["cache_path"], spec["folds"][fold][part], eval_tf), config["batch_size"],
+                         shuffle=False, device=device)
+    out = evaluate(model.to(device), loader, device, amp_dtype=resolve_amp(config["amp"], device))
+    return compute_metrics(out["y_true"], out["y_pred"], class_names, probs=out["probs"])
+
+
+def run_spec(path: str | Path, folds: list[int] | None = None, device: str = "auto", timeout_s: float = 600,
+             progress: bool = True) -> dict | None:
+    """Train (or reuse) and test the folds of a run spec: the body of ``python -m helpers train``.
+
+    Joins the torchrun process group when there is one. Rank 0 writes
+    ``run_dir/train_results.json``: per fold the best epoch, validation and test metrics of
+    the best checkpoint, training throughput, and the batch semantics.
+
+    Args:
+        path: ``run.json``. folds: 1-based fold numbers (default: all).
+        device: ``"auto"`` or a device type. timeout_s: process-group timeout.
+
+    Returns:
+        The results dict on rank 0, None on the other ranks.
+    """
+    spec = read_run_spec(path)
+    chosen = folds or list(range(1, len(spec["folds"]) + 1))
+    bad = [k for k in chosen if not 1 <= k <= len(spec["folds"])]
+    if bad:
+        raise ValueError(f"run spec {path} has {len(spec['folds'])} folds; no fold {bad}")
+    dev = distributed.init_distributed(device, timeout_s)
+    # No try/finally around the group: on an error this process exits at once (torchrun then
+    # ends its peers); tearing the group down could block on a peer stuck in a collective.
+    world, config = distributed.get_world_size(), spec["config"]
+    main = distributed.is_main()
+    if main and progress:
+        print(f"{world} process(es) on {dev}: batch {config['batch_size']} per process = global batch "
+              f"{config['batch_size'] * world}; lr {config['lr']} as configured (not rescaled)")
+    per_fold = []
+    for k in chosen:
+        if main and progress:
+            print(f"--- fold {k}/{len(spec['folds'])} ---")
+        t0 = time.time()
+        run = train_fold(spec, k - 1, dev, progress)
+        trained = [r for r in run["history"] if "train_s" in r and r.get("world_size") == world]
+        per_fold.append({
+            "fold": k, "best": run["best"], "epochs_run": run["epochs_run"], "stopped_early": run["stopped_early"],
+            "val": evaluate_fold(spec, k - 1, run["best_path"], "val", dev),
+            "test": evaluate_fold(spec, k - 1, run["best_path"], "test", dev),
+            "wall_s": time.time() - t0, "weights": run["weights"], "parameters": run["parameters"],
+            # over the epochs trained with this many processes (none when a fold was reused as is)
+            "train_images_per_s": (sum(r["train_samples"] for r in trained) / sum(r["train_s"] for r in trained)
+                                   if trained else None)})
+    results = {"spec": str(Path(path).resolve()), "folds": per_fold, "world_size": world,
+               "batch_size_per_process": config["batch_size"], "global_batch_size": config["batch_size"] * world,
+               "lr": config["lr"], "lr_scaling": "none", "backend": torch.distributed.get_backend()
+               if distributed.is_distributed() else None, "device": str(dev), "environment": environment_info()}
+    if main:
+        save_json(results, Path(spec["run_dir"]) / "train_results.json")
+        if progress:
+            accs = [f["test"]["accuracy"] for f in per_fold]
+            print(f"test accuracy {np.mean(accs):.4f} +- {np.std(accs):.4f} over {len(accs)} fold(s); wrote "
+                  f"{Path(spec['run_dir']) / 'train_results.json'}")
+    distributed.shutdown()
+    return results if main else None
