@@ -80,7 +80,8 @@ class_weighted = None          # True: inverse-frequency class weights in the lo
 clip_grad = None               # max gradient norm | None: off
 amp = None                     # "auto" (bf16/fp16 on CUDA, off on CPU/MPS) | "fp16" | "bf16" | "off"
 early_stopping = None          # epochs without val improvement before stopping | None: never
-num_workers = None             # DataLoader worker processes
+num_workers = None             # DataLoader worker processes (per training process)
+nproc = None                   # int: train on this many local processes (GPUs) with torchrun | None: in this kernel
 # evaluate
 cross_data_path = None         # another archive (e.g. CK+48.zip) to test the trained model on | None: skip
 # export
@@ -96,7 +97,7 @@ ema = None                     # smoothing of probabilities over frames, in [0, 
 
 # %%
 COMMON = dict(export=True, video_source=None, video_frames=None, ema=0.6, channels=1, face_crop=True, face_margin=0.25, no_face="full", max_images=None, val_fraction=0.1,
-              max_folds=None, allow_random_init=False, finetune="full", frozen_stages=0, dropout=0.3,
+              max_folds=None, nproc=None, allow_random_init=False, finetune="full", frozen_stages=0, dropout=0.3,
               label_smoothing=0.0, class_weighted=False, clip_grad=1.0, amp="auto", early_stopping=None)
 PROFILES = {
     # minutes on 2 CPU cores: a tiny subset, one fold, two epochs; checks the plumbing, not accuracy
@@ -126,7 +127,7 @@ config = H.resolve_config(profile, PROFILES, dict(
     allow_random_init=allow_random_init, finetune=finetune, frozen_stages=frozen_stages, dropout=dropout,
     num_epochs=num_epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup_epochs=warmup_epochs,
     label_smoothing=label_smoothing, class_weighted=class_weighted, clip_grad=clip_grad, amp=amp,
-    early_stopping=early_stopping, num_workers=num_workers, cross_data_path=cross_data_path, export=export,
+    early_stopping=early_stopping, num_workers=num_workers, nproc=nproc, cross_data_path=cross_data_path, export=export,
     video_source=video_source, video_frames=video_frames, ema=ema))
 # Fail here, not deep inside timm, if the model cannot take this input size or these weights.
 H.validate_gcvit_size(config["model_name"], config["image_size"], config["weights"])
@@ -254,21 +255,29 @@ print("train transform:", train_tf)
 # ## Train
 # One model per fold, from the same initial weights. Each fold writes `last.pth` every epoch
 # and `best_model.pth` on the best validation accuracy under `runs/<run>/fold_k/`; an
-# interrupted run resumes where it stopped when this cell is rerun with the same settings.
+# interrupted run resumes where it stopped when this section is rerun with the same settings.
 #
-# The cell first writes the run's spec, `run.json`. On several GPUs or machines, train from
-# it instead (`torchrun --standalone --nproc_per_node 4 -m helpers train --config <run.json>`,
-# see README), then rerun this cell: finished folds are loaded, not trained again.
+# First the run's spec, `run.json`: what `python -m helpers train` needs to train the same
+# folds in other processes (README: several GPUs or machines).
 
 # %%
 # One folder per training setting: rerunning with the same settings resumes, new settings start afresh.
-run_key = H.config_fingerprint(config, exclude=("workdir", "max_folds", "export", "video_source", "video_frames", "ema",
-                                                "cross_data_path"))
+run_key = H.config_fingerprint(config, exclude=("workdir", "max_folds", "nproc", "export", "video_source",
+                                                "video_frames", "ema", "cross_data_path"))
 run_dir = out_dir / "runs" / f"{config['protocol']}_{config['model_name']}_{config['image_size']}px_{run_key}"
 spec_path = H.write_run_spec(run_dir / "run.json", config=config, cache_path=cache_path, class_names=class_names,
                              folds=folds, run_dir=run_dir, run_key=run_key)
-print(f"run spec: {spec_path}")
 spec = H.read_run_spec(spec_path)
+print(f"run spec: {spec_path}\nelsewhere: torchrun --standalone --nproc_per_node <GPUs> -m helpers train --config "
+      f"{spec_path}\n(then rerun the next cell: finished folds are loaded, not trained again)")
+
+# %% [markdown]
+# With `nproc` set, the folds train in `nproc` torchrun processes (one per GPU; batch size
+# per process, lr unchanged) and this kernel then loads them; otherwise they train here.
+
+# %%
+if config["nproc"]:
+    H.launch_torchrun(spec_path, config["nproc"])
 fold_runs = []
 for k in range(len(folds)):
     print(f"--- fold {k + 1}/{len(folds)} ---")

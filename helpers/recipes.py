@@ -13,6 +13,7 @@ several machines they must point to a shared file system.
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -138,6 +139,30 @@ def evaluate_fold(spec: dict, fold: int, checkpoint: str | Path, part: str, devi
                          shuffle=False, device=device)
     out = evaluate(model.to(device), loader, device, amp_dtype=resolve_amp(config["amp"], device))
     return compute_metrics(out["y_true"], out["y_pred"], class_names, probs=out["probs"])
+
+
+def launch_torchrun(spec_path: str | Path, nproc: int, extra_args: tuple[str, ...] = ()) -> None:
+    """Run ``torchrun --standalone --nproc_per_node nproc -m helpers train --config spec_path``.
+
+    For a notebook on a multi-GPU machine: its output is forwarded as it comes (progress bars
+    included), and a failure raises with the exit code. Afterwards :func:`train_fold` finds
+    the folds finished and loads them.
+    """
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent  # so that `-m helpers` finds this package
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+           "-m", "helpers", "train", "--config", str(spec_path), *extra_args]
+    print("$ torchrun " + " ".join(cmd[3:]), flush=True)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env) as proc:
+        for chunk in iter(lambda: proc.stdout.read1(4096), b""):
+            sys.stdout.write(chunk.decode(errors="replace"))
+            sys.stdout.flush()
+    if proc.returncode:
+        raise RuntimeError(f"torchrun with {nproc} processes failed (exit code {proc.returncode}); its output "
+                           f"above names the failing rank. Spec: {spec_path}")
 
 
 def run_spec(path: str | Path, folds: list[int] | None = None, device: str = "auto", timeout_s: float = 600,

@@ -79,17 +79,18 @@ def test_dfer_notebook_on_generated_demo(tmp_path):
     assert r["face_detection"]["frames"] == r["cache"]["report"]["num_source"] > 0
     with h5py.File(r["cache"]["path"]) as f:
         assert f["images"].shape[1:] == (64, 64, 1)
-    # Rerun: extraction, boxes, cache and the finished training run are reused; same results.
-    again = _run("DFER_GCViT", tmp_path)
-    assert again["cache"]["fingerprint"] == r["cache"]["fingerprint"]
-    assert again["metrics"]["per_fold"] == r["metrics"]["per_fold"]
-    # The run spec it wrote drives `python -m helpers train`, which reuses the finished fold.
+    # Rerun, training "with torchrun" (nproc=2): extraction, boxes, cache and the finished fold
+    # are reused by the two processes and by the kernel; same results, nothing trained again.
     (spec,) = (tmp_path / "DFER_GCViT" / "runs").glob("*/run.json")
     last = spec.parent / "fold_1" / "last.pth"
     written = last.stat().st_mtime_ns
-    cli = H.run_spec(spec, progress=False)
+    again = _run("DFER_GCViT", tmp_path, nproc=2)
+    assert again["cache"]["fingerprint"] == r["cache"]["fingerprint"]
+    assert again["metrics"]["per_fold"] == r["metrics"]["per_fold"]
+    assert last.stat().st_mtime_ns == written
+    cli = json.loads((spec.parent / "train_results.json").read_text())  # what the 2 processes reported
+    assert cli["world_size"] == 2
     assert [f["test"]["accuracy"] for f in cli["folds"]] == [m["accuracy"] for m in r["metrics"]["per_fold"]]
-    assert last.stat().st_mtime_ns == written  # nothing was trained again
 
 
 GREFEL_FILES = ("class_distribution.png", "samples.png", "training_curve.png", "confusion_matrix.png",
