@@ -141,6 +141,17 @@ def gather_predictions(indices: np.ndarray, y_true: np.ndarray, probs: np.ndarra
     return y, p, float(sum(part[3] for part in parts))
 
 
+def broadcast_buffers(module: torch.nn.Module) -> None:
+    """Give every rank rank 0's buffers (BatchNorm running statistics), as saved in checkpoints.
+
+    During training each rank updates its running statistics with its own batches; before
+    an evaluation they must be rank 0's, or the ranks would evaluate different models.
+    """
+    if is_distributed():
+        for buf in module.buffers():
+            dist.broadcast(buf.data, src=0)
+
+
 def all_reduce_sum(values: list[float], device) -> list[float]:
     """Element-wise sum of ``values`` over ranks (float64; a no-op in one process)."""
     if not is_distributed():

@@ -408,7 +408,9 @@ def fit(model: nn.Module, train_loader, val_loader, out_dir: str | Path, *, num_
         tr = train_one_epoch(model, train_loader, optimizer, scheduler, loss_fn, device, epoch, num_epochs,
                              scaler, amp_dtype, clip_grad, progress)
         train_s = time.time() - te
-        va = evaluate(model, val_loader, device, loss_fn, amp_dtype)  # the same figures on every rank
+        # the unwrapped model with rank 0's buffers: what best_model.pth will hold; the same figures on every rank
+        distributed.broadcast_buffers(core)
+        va = evaluate(core, val_loader, device, loss_fn, amp_dtype)
         row = {"epoch": epoch + 1, "train_loss": tr["loss"], "train_acc": tr["acc"], "val_loss": va["loss"],
                "val_acc": va["acc"], "lr": optimizer.param_groups[0]["lr"], "epoch_s": time.time() - te,
                "train_s": train_s, "train_samples": tr["samples"], "world_size": world}

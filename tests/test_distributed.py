@@ -28,10 +28,12 @@ def demo_split(demo_kmu_zip, tmp_path_factory):
     classes = sorted(report["counts"])
     cache = H.build_hdf5_cache(index, tmp / "c.h5", classes, 32, progress=False)
     meta, _ = H.read_cache_meta(cache)
-    # 4 subjects: train on 1 (+1 for validation), test on 2; odd sizes exercise uneven shares
+    # 4 subjects: train on 1 (+1 for validation), test on 2; sizes chosen so that the ranks get
+    # unequal shares: 29 training images, 3 validation batches of 8 (2 + 1), 5 test batches (3 + 2)
     folds = H.make_folds(meta, "subject", num_folds=2, val_fraction=0.25, seed=0)[:1]
-    folds[0]["train"] = folds[0]["train"][:-1]
-    folds[0]["val"] = folds[0]["val"][:-3]
+    folds[0]["train"] = folds[0]["train"][:29]
+    folds[0]["val"] = folds[0]["val"][:19]
+    folds[0]["test"] = folds[0]["test"][:37]
     return cache, classes, folds
 
 
@@ -98,7 +100,15 @@ def test_checkpoint_gives_the_reported_figures_in_one_process(ddp_run):
         assert single["confusion_matrix"] == fold[part]["confusion_matrix"]
         assert single["accuracy"] == pytest.approx(fold[part]["accuracy"], abs=1e-12)
         assert single["ece"] == pytest.approx(fold[part]["ece"], abs=1e-6)  # the probabilities agree too
-    assert fold["val"]["accuracy"] == pytest.approx(history[fold["best"]["epoch"] - 1]["val_acc"], abs=1e-12)
+    # fit's own validation under torchrun (history) = one process on the checkpoint it saved, to the loss
+    best = history[fold["best"]["epoch"] - 1]
+    model, _, _ = H.build_classifier(spec["config"], len(spec["class_names"]))
+    model.load_state_dict(H.load_checkpoint(spec_path.parent / "fold_1" / "best_model.pth")["model"])
+    eval_tf = H.build_transform("eval", 32, **{k: model.data_config()[k] for k in ("mean", "std")}, channels=1)
+    loader = H.make_loader(H.H5Dataset(spec["cache_path"], spec["folds"][0]["val"], eval_tf), 8, shuffle=False)
+    single = H.evaluate(model, loader, "cpu", H.cross_entropy_loss())
+    assert single["acc"] == pytest.approx(best["val_acc"], abs=1e-12) == fold["val"]["accuracy"]
+    assert single["loss"] == pytest.approx(best["val_loss"], rel=1e-5)
     # The notebook's path on the same spec: the finished fold is loaded, not trained again.
     run = H.train_fold(spec, 0, "cpu", progress=False)
     assert run["epochs_run"] == 2 and run["best"] == fold["best"]
