@@ -65,6 +65,16 @@ def demo_kmu_zip(tmp_path_factory) -> Path:
     return H.make_demo_kmufed(tmp_path_factory.mktemp("demo") / "kmu-demo.zip", num_subjects=4, frames_per_class=5)
 
 
+@pytest.fixture(scope="session")
+def demo_cache(demo_kmu_zip, tmp_path_factory):
+    """The generated KMU-FED demo as a 32-px HDF5 cache (whole frames): ``(path, class_names)``."""
+    tmp = tmp_path_factory.mktemp("engine")
+    root = H.extract_archive(demo_kmu_zip, tmp / "ex", verbose=False)
+    index, report = H.discover_dataset(root, verbose=False)
+    classes = sorted(report["counts"])
+    return H.build_hdf5_cache(index, tmp / "c.h5", classes, 32, progress=False), classes
+
+
 def write_image(path: Path, size=(32, 24), mode="L", value=128) -> Path:
     """A small solid image of the given PIL mode."""
     path.parent.mkdir(parents=True, exist_ok=True)

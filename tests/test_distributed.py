@@ -21,12 +21,8 @@ CONFIG = dict(model_name="gcvit_xxtiny", weights="none", allow_random_init=False
 
 
 @pytest.fixture(scope="module")
-def demo_split(demo_kmu_zip, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("ddp")
-    root = H.extract_archive(demo_kmu_zip, tmp / "ex", verbose=False)
-    index, report = H.discover_dataset(root, verbose=False)
-    classes = sorted(report["counts"])
-    cache = H.build_hdf5_cache(index, tmp / "c.h5", classes, 32, progress=False)
+def demo_split(demo_cache):
+    cache, classes = demo_cache
     meta, _ = H.read_cache_meta(cache)
     # 4 subjects: train on 1 (+1 for validation), test on 2; sizes chosen so that the ranks get
     # unequal shares: 29 training images, 3 validation batches of 8 (2 + 1), 5 test batches (3 + 2)

@@ -21,15 +21,6 @@ class TinyNet(nn.Module):
         return self.body(x)
 
 
-@pytest.fixture(scope="module")
-def demo_cache(demo_kmu_zip, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("engine")
-    root = H.extract_archive(demo_kmu_zip, tmp / "ex", verbose=False)
-    index, report = H.discover_dataset(root, verbose=False)
-    classes = sorted(report["counts"])
-    return H.build_hdf5_cache(index, tmp / "c.h5", classes, 32, progress=False), classes
-
-
 def _loaders(cache, workers=0):
     meta, _ = H.read_cache_meta(cache)
     idx = np.arange(len(meta))
