@@ -1,11 +1,11 @@
 """``python -m helpers train`` under torchrun, instrumented for tests/test_distributed.py.
 
-    torchrun --standalone --nproc_per_node 2 tests/ddp_worker.py --audit DIR [--fail-rank R] -- <train args>
+    torchrun --standalone --nproc_per_node 2 tests/ddp_worker.py --audit DIR [--fail-rank R --fail-after N] -- <args>
 
 Each rank records in ``DIR/rank{R}.json`` every file it opened for writing or renamed (a
 Python audit hook, so nothing can write unseen) and the sample indices its samplers gave
-it. With ``--fail-rank R``, rank R's training data turns to NaN from its second batch on,
-a corrupt batch that must end every rank, not hang them.
+it. With ``--fail-rank R``, rank R's training images turn to NaN after its first
+``--fail-after`` ones: a corrupt batch that must end every rank, not hang them.
 """
 
 import argparse
@@ -24,6 +24,7 @@ from helpers.__main__ import main  # noqa: E402
 parser = argparse.ArgumentParser()
 parser.add_argument("--audit", required=True)
 parser.add_argument("--fail-rank", type=int)
+parser.add_argument("--fail-after", type=int, default=8)
 args, train_args = parser.parse_known_args()
 rank = int(os.environ["RANK"])
 record = {"writes": [], "train_indices": {}, "eval_indices": []}
@@ -68,7 +69,7 @@ if args.fail_rank == rank:
         x, y = getitem(self, i)
         if self.transform is not None and "HorizontalFlip" in repr(self.transform):  # training data only
             calls[0] += 1
-            if calls[0] > 8:
+            if calls[0] > args.fail_after:
                 x = torch.full_like(x, float("nan"))
         return x, y
 

@@ -110,13 +110,26 @@ def test_checkpoint_gives_the_reported_figures_in_one_process(ddp_run):
     assert run["epochs_run"] == 2 and run["best"] == fold["best"]
 
 
-def test_a_failing_rank_ends_every_rank(demo_split, tmp_path):
+def test_a_failing_rank_ends_every_rank_and_the_run_resumes(demo_split, ddp_run, tmp_path):
     spec = _spec(demo_split, tmp_path / "run")
-    proc = _torchrun(spec, tmp_path / "audit", "--fail-rank", "1", timeout=180)  # a hang fails the test here
+    # rank 1 sees 14 training images an epoch: a corrupt batch in epoch 2, after a checkpoint
+    proc = _torchrun(spec, tmp_path / "audit", "--fail-rank", "1", "--fail-after", "14",
+                     timeout=180)  # a hang fails the test here
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0
-    assert "FloatingPointError" in out and "loss is nan" in out
+    assert "FloatingPointError" in out and "loss is nan at epoch 2" in out
     assert not (tmp_path / "run" / "train_results.json").exists()
+    interrupted = H.load_checkpoint(tmp_path / "run" / "fold_1" / "last.pth")
+    assert interrupted["epoch"] == 1
+    # Rerun: resumes after epoch 1 and ends where the uninterrupted 2-process run ended.
+    proc = _torchrun(spec, tmp_path / "audit2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    resumed = json.loads((tmp_path / "run" / "fold_1" / "history.json").read_text())
+    assert resumed[0] == interrupted["history"][0]  # epoch 1 was kept (its timing included), not redone
+    whole = json.loads((ddp_run[0].parent / "fold_1" / "history.json").read_text())
+    for a, b in zip(resumed, whole, strict=True):
+        assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-5)
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
 
 
 def test_sharded_batches_are_the_single_process_batches():
