@@ -112,8 +112,9 @@ def test_checkpoint_gives_the_reported_figures_in_one_process(ddp_run):
 
 def test_a_failing_rank_ends_every_rank_and_the_run_resumes(demo_split, ddp_run, tmp_path):
     spec = _spec(demo_split, tmp_path / "run")
-    # rank 1 sees 14 training images an epoch: a corrupt batch in epoch 2, after a checkpoint
-    proc = _torchrun(spec, tmp_path / "audit", "--fail-rank", "1", "--fail-after", "14",
+    # rank 1 loads 8 training images an epoch (one full batch of its 14): its 9th, the first of
+    # epoch 2, is corrupt, after epoch 1's checkpoint
+    proc = _torchrun(spec, tmp_path / "audit", "--fail-rank", "1", "--fail-after", "8",
                      timeout=180)  # a hang fails the test here
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0
