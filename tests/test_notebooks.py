@@ -115,7 +115,7 @@ def check_grefel_results(r, out):
     frames = pd.read_csv(out / "export" / "frames.csv")
     assert len(frames) == json.loads((out / "export" / "video_summary.json").read_text())["frames"] == 30
     faces = frames["face_found"] == 1
-    np.testing.assert_allclose(frames.loc[faces, [f"p_{c}" for c in H.FERPLUS_CLASSES]].sum(1), 1, atol=1e-4)
+    np.testing.assert_allclose(frames.loc[faces, [f"p_{c}" for c in H.FERPLUS_CLASSES]].sum(axis=1), 1, atol=1e-4)
     with h5py.File(r["cache"]["path"]) as f:
         assert f["landmarks"].shape == (f["images"].shape[0], 68, 2)
         assert f["votes"].shape == (f["images"].shape[0], 10)
