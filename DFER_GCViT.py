@@ -242,8 +242,7 @@ if weights_info["source"].startswith("none"):
 
 # %%
 norm = model.data_config()
-train_tf = H.build_transform("seed", config["image_size"], norm["mean"], norm["std"], channels=config["channels"])
-eval_tf = H.build_transform("eval", config["image_size"], norm["mean"], norm["std"], channels=config["channels"])
+train_tf, eval_tf = H.classifier_transforms(config, norm)  # what each fold's training uses
 amp_dtype = H.resolve_amp(config["amp"], device)
 print(f"device {device}, AMP {amp_dtype}, protocol {config['protocol']} ({len(folds)} folds), "
       f"{config['num_epochs']} epochs x batch {config['batch_size']}, AdamW lr {config['lr']} wd {config['weight_decay']}, "

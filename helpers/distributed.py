@@ -68,8 +68,9 @@ def init_distributed(device: str = "auto", timeout_s: float = 600) -> torch.devi
         return select_device(device)
     if dist.is_initialized():
         raise RuntimeError("the process group is already initialised")
-    kind = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                        "cpu" if device == "auto" else device).type
+    if device == "auto":  # MPS has no distributed backend: CUDA, else CPU
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    kind = torch.device(device).type
     if kind == "mps":
         raise ValueError("torch.distributed has no MPS backend: train on CPU (gloo) or CUDA (nccl)")
     local = int(os.environ.get("LOCAL_RANK", 0))

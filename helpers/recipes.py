@@ -89,7 +89,8 @@ def _fold_dir(spec: dict, fold: int) -> Path:
     return Path(spec["run_dir"]) / f"fold_{fold + 1}"
 
 
-def _transforms(config: dict, norm: dict):
+def classifier_transforms(config: dict, norm: dict):
+    """The recipe's ``(train, eval)`` albumentations pipelines for ``config`` and the backbone's ``norm``."""
     size, ch = config["image_size"], config["channels"]
     return (build_transform("seed", size, norm["mean"], norm["std"], channels=ch),
             build_transform("eval", size, norm["mean"], norm["std"], channels=ch))
@@ -107,7 +108,7 @@ def train_fold(spec: dict, fold: int, device, progress: bool = True) -> dict:
     seed_everything(config["seed"])  # every fold starts from the same initial weights
     model, weights_info, counts = build_classifier(config, len(class_names))
     norm = model.data_config()
-    train_tf, eval_tf = _transforms(config, norm)
+    train_tf, eval_tf = classifier_transforms(config, norm)
     train_ds = H5Dataset(spec["cache_path"], f["train"], train_tf, in_memory=True)
     weights = class_weights_from_labels(train_ds.labels, len(class_names)) if config["class_weighted"] else None
     loss_fn = cross_entropy_loss(config["label_smoothing"], weights)
@@ -134,7 +135,7 @@ def evaluate_fold(spec: dict, fold: int, checkpoint: str | Path, part: str, devi
     config, class_names = spec["config"], spec["class_names"]
     model, _, _ = build_classifier({**config, "weights": "none"}, len(class_names))  # weights come from the checkpoint
     model.load_state_dict(load_checkpoint(checkpoint)["model"])
-    _, eval_tf = _transforms(config, model.data_config())
+    _, eval_tf = classifier_transforms(config, model.data_config())
     loader = make_loader(H5Dataset(spec["cache_path"], spec["folds"][fold][part], eval_tf), config["batch_size"],
                          shuffle=False, device=device)
     out = evaluate(model.to(device), loader, device, amp_dtype=resolve_amp(config["amp"], device))
@@ -199,7 +200,7 @@ def run_spec(path: str | Path, folds: list[int] | None = None, device: str = "au
             print(f"--- fold {k}/{len(spec['folds'])} ---")
         t0 = time.time()
         run = train_fold(spec, k - 1, dev, progress)
-        trained = [r for r in run["history"] if "train_s" in r and r.get("world_size") == world]
+        trained = [r for r in run["history"] if r.get("world_size") == world]
         per_fold.append({
             "fold": k, "best": run["best"], "epochs_run": run["epochs_run"], "stopped_early": run["stopped_early"],
             "val": evaluate_fold(spec, k - 1, run["best_path"], "val", dev),

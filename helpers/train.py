@@ -366,7 +366,7 @@ def fit(model: nn.Module, train_loader, val_loader, out_dir: str | Path, *, num_
     amp_dtype = resolve_amp(amp, device)
     scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
     higher = monitor.endswith("acc")
-    history, best, start, waited = [], None, 0, 0
+    history, best, start, waited, trained_by = [], None, 0, 0, world
     last_path, best_path = out_dir / "last.pth", out_dir / "best_model.pth"
     config = _plain(config or {})
     run_key = run_key or config_fingerprint(config)
@@ -382,26 +382,27 @@ def fit(model: nn.Module, train_loader, val_loader, out_dir: str | Path, *, num_
         if scaler is not None and ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
         history, best, start, waited = ckpt["history"], ckpt["best"], ckpt["epoch"], ckpt["waited"]
-        stopped = bool(history) and history[-1].get("stopped_early", False)
-        # the schedule's length and the data order depend on the number of processes
-        if start < num_epochs and not stopped and ckpt.get("world_size", 1) != world:
-            raise ValueError(f"{last_path} was trained by {ckpt.get('world_size', 1)} process(es) and this run has "
-                             f"{world}: the schedule and data order would change mid-run. Resume it with "
-                             f"{ckpt.get('world_size', 1)} process(es), or start afresh (resume=False).")
+        trained_by = ckpt.get("world_size", 1)
         if progress:
             print(f"Resuming from {last_path} after epoch {start}")
+    stopped = bool(history) and history[-1].get("stopped_early", False)
+    # the schedule's length and the data order depend on the number of processes
+    if start < num_epochs and not stopped and trained_by != world:
+        raise ValueError(f"{last_path} was trained by {trained_by} process(es) and this run has {world}: the "
+                         f"schedule and data order would change mid-run. Resume it with {trained_by} "
+                         "process(es), or start afresh (resume=False).")
     core = model  # what checkpoints hold: never the DDP wrapper, so they load in one process
     if distributed.is_distributed():
         model = nn.parallel.DistributedDataParallel(core, device_ids=[device.index] if device.type == "cuda" else None,
                                                     find_unused_parameters=find_unused_parameters)
     t0 = time.time()
-    stopped = bool(history) and history[-1].get("stopped_early", False)
     for epoch in range(start, num_epochs):
         if stopped:
             break
         # Everything random in this epoch derives from (seed, epoch, rank): resume replays it exactly.
-        torch.manual_seed((seed * 1000 + epoch) * world + rank)
-        _reseed_transform(train_loader.dataset, (seed * 1000 + epoch) * world + rank)
+        epoch_seed = (seed * 1000 + epoch) * world + rank  # one process: seed * 1000 + epoch, as before DDP
+        torch.manual_seed(epoch_seed)
+        _reseed_transform(train_loader.dataset, epoch_seed)
         if hasattr(train_loader.sampler, "set_epoch"):
             train_loader.sampler.set_epoch(epoch)
         te = time.time()
