@@ -141,6 +141,9 @@ print(json.dumps(config, indent=1))
 # `archive.zip` (the Kaggle download's name) or any archive with "kmu" in its name in the
 # working directory, or `data_path`. Without one, a generated demo dataset in the same
 # layout is used, and the results say so. Extraction refuses unsafe paths and is atomic.
+# Other datasets work too: class folders (CK+, AffectNet-style), with or without split
+# folders, and FERPlus (e.g. to train a GCViT on FER+ whose weights then initialise a
+# KMU-FED run: `weights = "<that run>/DFER_GCViT/best_model.pth"`; the head is reset).
 
 # %%
 source, data_kind = H.locate_dataset(workdir, config["data_path"], ("archive.zip", "*kmu*"), "KMU-FED",
@@ -151,10 +154,11 @@ data_root = H.extract_archive(source, workdir / "extracted")
 # ## Explore
 # Layout, class mapping, per-class and per-subject counts, duplicates and a sample grid.
 # KMU-FED has no split: frames come in short sequences per subject, so honest test
-# numbers need subject-independent splits (see Protocols).
+# numbers need subject-independent splits (see Protocols). FERPlus keeps its own
+# train/valid/test splits and its vote-majority labels (unknown/not-a-face left out).
 
 # %%
-index, report = H.discover_dataset(data_root)
+index, report = H.index_dataset(data_root)
 if config["max_images"] and len(index) > config["max_images"]:
     # Stratified subset for quick runs: the same share of every class.
     frac = config["max_images"] / len(index)
@@ -164,7 +168,7 @@ if config["max_images"] and len(index) > config["max_images"]:
 class_names = sorted(index["label"].unique())
 H.write_annotations(index, out_dir)
 H.plot_class_distribution(index["label"].value_counts().to_dict(), save_path=out_dir / "class_distribution.png")
-pd.crosstab(index["subject"], index["label"], margins=True)
+pd.crosstab(index["subject"] if report["num_subjects"] else index["split"], index["label"], margins=True)
 
 # %%
 samples = index.groupby("label").head(6)
@@ -177,19 +181,25 @@ H.plot_sample_grid([H.load_image(p, 1) for p in samples["path"]], list(samples["
 # dlib's HOG detector finds it (boxes cached by content hash, so reruns are instant), the
 # shared `crop_face` cuts a square with a margin, and the crops are stored in one HDF5 file
 # that training reads far faster than the JPEGs. Frames without a face follow `no_face`.
+# Datasets of face crops already (FERPlus) skip detection, and the results say so.
 
 # %%
-if config["face_crop"]:
+face_crop = config["face_crop"] and not report["pre_cropped"]
+if face_crop:
     index = H.detect_faces(index, workdir / "cache" / "kmu_faces.csv")
     face_stats = {"frames": len(index), "found": int(index["face_found"].sum()),
                   "rate": float(index["face_found"].mean())}
     print(f"Faces found in {face_stats['found']}/{face_stats['frames']} frames ({face_stats['rate']:.1%}); "
           f"the others follow no_face={config['no_face']!r}")
 else:
-    face_stats = {"frames": len(index), "found": None, "rate": None, "note": "face_crop disabled"}
-cache_name = f"kmu_{data_kind.split()[-1]}_{len(index)}img_{config['image_size']}px_{config['channels']}ch.h5"
+    note = "images are face crops already" if config["face_crop"] else "face_crop disabled"
+    face_stats = {"frames": len(index), "found": None, "rate": None, "note": note}
+    print(f"No face detection: {note}")
+dataset_tag = "ferplus" if report["layout"].startswith("FERPlus") else "kmu"
+cache_name = (f"{dataset_tag}_{data_kind.split()[-1]}_{len(index)}img_"
+              f"{config['image_size']}px_{config['channels']}ch.h5")
 cache_path = H.build_hdf5_cache(index, workdir / "cache" / cache_name, class_names, config["image_size"],
-                                channels=config["channels"], face_crop=config["face_crop"],
+                                channels=config["channels"], face_crop=face_crop,
                                 margin=config["face_margin"], no_face=config["no_face"])
 meta, cache_attrs = H.read_cache_meta(cache_path)
 crops = H.H5Dataset(cache_path)
@@ -324,7 +334,7 @@ H.plot_training_curves(fold_runs[0]["history"], save_path=out_dir / "training_cu
 cross = None
 if config["cross_data_path"]:
     cross_root = H.extract_archive(config["cross_data_path"], workdir / "extracted")
-    cross_index, _ = H.discover_dataset(cross_root, verbose=False)
+    cross_index, _ = H.index_dataset(cross_root, verbose=False)
     shared_classes = [c for c in class_names if c in set(cross_index["label"])]
     print("class mapping (ours <- theirs):", {c: c for c in shared_classes},
           "| not shared:", sorted(set(cross_index["label"]) ^ set(shared_classes)))
@@ -377,7 +387,8 @@ results = {
     "model": {"name": config["model_name"], "parameters": param_counts, "weights": weights_info,
               "best_fold": best_fold + 1, "best_epochs": [r["best"] for r in fold_runs]},
     "wall_time_s": {"train_per_fold": [r["wall_s"] for r in fold_runs], "train_total": sum(r["wall_s"] for r in fold_runs)},
-    "dataset": {k: report[k] for k in ("layout", "num_images", "counts", "num_subjects", "duplicates", "skipped")},
+    "dataset": {k: report[k] for k in ("layout", "num_images", "counts", "splits", "num_subjects", "duplicates",
+                                       "skipped", "pre_cropped")},
     "face_detection": face_stats, "cache": {"path": str(cache_path), **cache_attrs},
     "device": str(device), "environment": H.environment_info(),
 }

@@ -22,9 +22,9 @@ Notebooks import this package; it never reads notebook globals.
 
 from .setup import config_fingerprint, environment_info, resolve_config, save_json, select_device
 from .data import (CLASS_ALIASES, FERPLUS_CLASSES, FERPLUS_COLUMNS, VOTE_COLUMNS, DatasetError,
-                   discover_dataset, extract_archive, file_sha256, find_archive, find_ferplus_root, locate_dataset,
-                   load_image, normalise_class, prepare_ferplus, print_report, read_ferplus, render_fer2013_csv,
-                   write_annotations)
+                   discover_dataset, extract_archive, file_sha256, find_archive, find_ferplus_root, index_dataset,
+                   locate_dataset, load_image, normalise_class, prepare_ferplus, print_report, read_ferplus,
+                   render_fer2013_csv, write_annotations)
 from .demo import make_demo_ferplus, make_demo_kmufed
 from .faces import FaceDetector, LandmarkDetector, crop_face, detect_faces, dlib_model_path
 from .cache import H5Dataset, build_hdf5_cache, cache_fingerprint, read_cache_meta

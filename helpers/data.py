@@ -551,6 +551,41 @@ def read_ferplus(root: str | Path, verbose: bool = True) -> tuple[pd.DataFrame, 
     return index, report
 
 
+def index_dataset(root: str | Path, verbose: bool = True) -> tuple[pd.DataFrame, dict]:
+    """Index a classification dataset of any accepted layout, FERPlus included.
+
+    A FERPlus tree (``FER2013{Train,Valid,Test}`` + ``label.csv``) is read with
+    :func:`read_ferplus`: images whose majority vote is unknown or not-a-face are left out,
+    the vote winners become the canonical class names (happiness -> happy, ...), and the
+    archive's splits are kept (``protocol="given"`` uses them). Anything else goes through
+    :func:`discover_dataset`.
+
+    Returns:
+        ``(index, report)`` as from :func:`discover_dataset`; the report also says
+        ``pre_cropped``: True when the images are face crops already (FERPlus), so face
+        detection has nothing to do.
+    """
+    if find_ferplus_root(root) is None:
+        index, report = discover_dataset(root, verbose=verbose)
+        return index, {**report, "pre_cropped": False}
+    index, fer = read_ferplus(root, verbose=verbose)
+    index = index[index["label"] != ""].reset_index(drop=True)
+    index["label"] = index["label"].map(normalise_class)
+    counts = {c: int(n) for c, n in sorted(Counter(index["label"]).items())}
+    report = {
+        "root": fer["root"], "layout": fer["layout"], "num_images": len(index),
+        "class_mapping": {normalise_class(c): [c] for c in FERPLUS_CLASSES if normalise_class(c) in counts},
+        "counts": counts, "splits": {s: int(n) for s, n in Counter(index["split"]).items()},
+        "num_subjects": 0, "excluded_unknown_or_nf": fer["excluded_unknown_or_nf"],
+        "duplicates": [(r.rel_path, r.duplicate_of) for r in index.itertuples() if r.duplicate_of],
+        "empty_classes": [], "skipped": fer["skipped"], "pre_cropped": True,
+    }
+    if verbose:
+        print(f"FERPlus as a classification set: {len(index)} images with an emotion majority, "
+              f"classes {report['class_mapping']}")
+    return index, report
+
+
 # FER2013's emotion codes (fer2013.csv) and their FER+ names.
 FER2013_EMOTIONS = ["anger", "disgust", "fear", "happiness", "sadness", "surprise", "neutral"]
 USAGE_TO_FOLDER = {"training": "FER2013Train", "publictest": "FER2013Valid", "privatetest": "FER2013Test"}

@@ -102,3 +102,28 @@ def test_write_annotations_per_split(tmp_path):
     assert sorted(f.name for f in files) == ["annotations.csv", "train_annotations.csv", "val_annotations.csv"]
     train = pd.read_csv(tmp_path / "out" / "train_annotations.csv")
     assert list(train["split"]) == ["train"] and {"subject", "sha1", "width"} <= set(train.columns)
+
+
+def test_index_dataset_reads_ferplus_as_a_classification_set(tmp_path):
+    root = H.extract_archive(H.make_demo_ferplus(tmp_path / "fp.zip"), tmp_path / "x", verbose=False)
+    raw, _ = H.read_ferplus(root, verbose=False)
+    index, report = H.index_dataset(root, verbose=False)
+    assert report["pre_cropped"] and report["layout"].startswith("FERPlus")
+    # Unknown/not-a-face majorities are left out; the vote winners get the canonical names.
+    assert len(index) == (raw["label"] != "").sum() == report["num_images"]
+    assert report["excluded_unknown_or_nf"] == (raw["label"] == "").sum() > 0
+    kept = raw[raw["label"] != ""]
+    assert list(index["label"]) == [H.normalise_class(c) for c in kept["label"]]
+    assert set(index["label"]) <= set(H.CLASS_ALIASES.values()) and "happiness" not in report["counts"]
+    assert report["class_mapping"]["happy"] == ["happiness"]
+    assert report["splits"] == {s: int(n) for s, n in kept["split"].value_counts().items()}
+    assert sum(report["counts"].values()) == len(index)
+
+
+def test_index_dataset_is_discover_dataset_for_other_layouts(tmp_path):
+    root = H.extract_archive(H.make_demo_kmufed(tmp_path / "k.zip", num_subjects=2, frames_per_class=2),
+                             tmp_path / "x", verbose=False)
+    index, report = H.index_dataset(root, verbose=False)
+    expected, expected_report = H.discover_dataset(root, verbose=False)
+    pd.testing.assert_frame_equal(index, expected)
+    assert report == {**expected_report, "pre_cropped": False}

@@ -45,7 +45,7 @@ DFER_FILES = ("class_distribution.png", "samples.png", "face_crops.png", "annota
               "confusion_matrix.png", "performance_summary.png", "training_curve.png", "final_results.json")
 
 
-def check_dfer_results(r, out):
+def check_dfer_results(r, out, weights="none"):
     """What every DFER_GCViT run must have written, whatever the data."""
     for f in DFER_FILES:
         assert (out / f).stat().st_size > 0, f
@@ -58,7 +58,7 @@ def check_dfer_results(r, out):
             assert 0.0 <= m[k] <= 1.0, k
     agg = r["metrics"]["mean_std"]["accuracy"]
     assert agg["mean"] == pytest.approx(sum(m["accuracy"] for m in folds) / len(folds))
-    assert r["model"]["parameters"]["total"] > 1e6 and r["model"]["weights"]["source"] == "none"
+    assert r["model"]["parameters"]["total"] > 1e6 and r["model"]["weights"]["source"] == weights
     assert r["wall_time_s"]["train_total"] > 0 and r["environment"]["torch"]
     assert r["cache"]["fingerprint"] and "rate" in r["face_detection"]
     best = torch.load(out / "best_model.pth", weights_only=True)
@@ -91,6 +91,27 @@ def test_dfer_notebook_on_generated_demo(tmp_path):
     cli = json.loads((spec.parent / "train_results.json").read_text())  # what the 2 processes reported
     assert cli["world_size"] == 2
     assert [f["test"]["accuracy"] for f in cli["folds"]] == [m["accuracy"] for m in r["metrics"]["per_fold"]]
+
+
+def test_dfer_notebook_trains_on_ferplus_and_its_weights_start_a_kmu_run(tmp_path):
+    # FER+ through DFER_GCViT: its own splits, crops as they are; then that GCViT initialises
+    # a run on (demo) KMU-FED, whose 6-class head replaces the 8-class one.
+    fer_zip = H.make_demo_ferplus(tmp_path / "data" / "FERPlus.zip")
+    fer = _run("DFER_GCViT", tmp_path / "fer", data_path=str(fer_zip), protocol="given")
+    check_dfer_results(fer, tmp_path / "fer" / "DFER_GCViT")
+    assert fer["dataset"]["layout"].startswith("FERPlus") and fer["dataset"]["pre_cropped"]
+    assert fer["face_detection"]["note"] == "images are face crops already"
+    assert fer["cache"]["preprocess"]["face_crop"] is False
+    assert len(fer["dataset"]["counts"]) == 8 and "contempt" in fer["dataset"]["counts"]
+    (sizes,) = fer["protocol"]["sizes"]
+    meta = H.read_cache_meta(fer["cache"]["path"])[0]
+    assert sizes == {p: int((meta["split"] == p).sum()) for p in ("train", "val", "test")}
+    pretrained = tmp_path / "fer" / "DFER_GCViT" / "best_model.pth"
+    kmu = _run("DFER_GCViT", tmp_path / "kmu", weights=str(pretrained))
+    check_dfer_results(kmu, tmp_path / "kmu" / "DFER_GCViT", weights=str(pretrained))
+    info = kmu["model"]["weights"]
+    assert info["head_reset"] and not info["unexpected_keys"]
+    assert all(k.startswith("head.") for k in info["missing_keys"]) and len(info["missing_keys"]) == 2
 
 
 GREFEL_FILES = ("class_distribution.png", "samples.png", "training_curve.png", "confusion_matrix.png",
