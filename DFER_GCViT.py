@@ -236,7 +236,7 @@ for k, f in enumerate(folds):
 
 # %%
 def build_model():
-    return H.build_classifier(config, len(class_names))  # the same builder the training job uses
+    return H.build_classifier(config, class_names)  # the same builder the training job uses
 
 
 model, weights_info, param_counts = build_model()

@@ -94,7 +94,8 @@ def count_parameters(model: nn.Module) -> dict:
 
 
 def create_classifier(variant: str, num_classes: int, img_size: int, weights: str = "none",
-                      allow_random_init: bool = False, dropout: float = 0.3, hidden: int = 256) -> tuple[TimmClassifier, dict]:
+                      allow_random_init: bool = False, dropout: float = 0.3, hidden: int = 256,
+                      class_names: list[str] | None = None) -> tuple[TimmClassifier, dict]:
     """Build a :class:`TimmClassifier` and load its weights from the requested source.
 
     Args:
@@ -104,10 +105,11 @@ def create_classifier(variant: str, num_classes: int, img_size: int, weights: st
         weights: ``"hub"`` (timm download), ``"none"`` (random init) or a path to a local
             checkpoint: a timm/backbone state dict, or a checkpoint written by this pipeline
             (e.g. trained on FER+); its classification layer is reset when the class
-            count differs.
+            count differs, or when the checkpoint's class names are not ``class_names``.
         allow_random_init: if hub weights cannot be fetched, continue from random weights
             (recorded in the returned info) instead of stopping.
         dropout, hidden: head settings.
+        class_names: the new head's classes, in order (to compare with a pipeline checkpoint's).
 
     Returns:
         ``(model, info)``; info records the weights source actually used, missing and
@@ -138,34 +140,41 @@ def create_classifier(variant: str, num_classes: int, img_size: int, weights: st
     path = Path(weights)
     if not path.is_file():
         raise WeightsUnavailableError(f"{path}: weights file not found (weights must be 'hub', 'none' or a file)")
-    state = load_state_dict_file(path)
-    info.update(load_weights(model, state))
-    info["source"] = str(path)
+    state, source_classes = _read_weights_file(path)
+    reset = class_names is not None and source_classes is not None and list(source_classes) != list(class_names)
+    info.update(load_weights(model, state, reset_head=reset))
+    info.update(source=str(path), source_class_names=source_classes)
     return model, info
 
 
 def load_state_dict_file(path: str | Path) -> dict:
     """A state dict from a ``.pth``/``.pt``/``.bin`` (safely, ``weights_only``) or ``.safetensors`` file."""
+    return _read_weights_file(path)[0]
+
+
+def _read_weights_file(path: str | Path) -> tuple[dict, list[str] | None]:
+    """(state dict, the class names a pipeline checkpoint records, else None)."""
     path = Path(path)
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        return load_file(str(path))
+        return load_file(str(path)), None
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001
         raise WeightsUnavailableError(f"{path}: not a readable PyTorch checkpoint ({e})") from e
     for key in ("model", "state_dict", "model_state"):
         if isinstance(ckpt, dict) and isinstance(ckpt.get(key), dict):
-            return ckpt[key]
-    return ckpt
+            return ckpt[key], ckpt.get("class_names")
+    return ckpt, None
 
 
-def load_weights(model: TimmClassifier, state: dict) -> dict:
+def load_weights(model: TimmClassifier, state: dict, reset_head: bool = False) -> dict:
     """Load a backbone or full-model state dict, dropping a last layer of the wrong size.
 
     Keys of a bare timm model (``stem.``, ``stages.``) are mapped under ``backbone.``; timm's
-    own classifier (``head.fc``) is ignored, as our head replaces it.
+    own classifier (``head.fc``) is ignored, as our head replaces it. ``reset_head`` drops the
+    file's last layer even when its size fits (other classes, or another order).
 
     Returns:
         missing_keys, unexpected_keys and whether the head was reset.
@@ -174,8 +183,12 @@ def load_weights(model: TimmClassifier, state: dict) -> dict:
     if not any(k.startswith("backbone.") for k in state):
         state = {f"backbone.{k}": v for k, v in state.items() if not k.startswith(("head.fc", "fc.", "classifier."))}
     head_reset = False
+    last = f"head.{len(model.head) - 1}."
     for k in list(state):
-        if k in own and state[k].shape != own[k].shape:
+        if reset_head and k.startswith(last):
+            del state[k]
+            head_reset = True
+        elif k in own and state[k].shape != own[k].shape:
             if k.startswith("head."):
                 del state[k]  # the classification layer of another dataset: start it afresh
                 head_reset = True

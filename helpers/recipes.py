@@ -35,15 +35,15 @@ CONFIG_KEYS = ("model_name", "weights", "allow_random_init", "image_size", "chan
                "class_weighted", "clip_grad", "amp", "early_stopping", "num_workers", "seed")
 
 
-def build_classifier(config: dict, num_classes: int):
-    """The notebook's model: timm backbone + head, weights and fine-tuning strategy from ``config``.
+def build_classifier(config: dict, class_names: list[str]):
+    """The notebook's model: timm backbone + head for ``class_names``, weights and fine-tuning strategy from ``config``.
 
     Returns:
         ``(model, weights_info, parameter_counts)``.
     """
-    model, weights_info = create_classifier(config["model_name"], num_classes, config["image_size"],
+    model, weights_info = create_classifier(config["model_name"], len(class_names), config["image_size"],
                                             weights=config["weights"], dropout=config["dropout"],
-                                            allow_random_init=config["allow_random_init"])
+                                            allow_random_init=config["allow_random_init"], class_names=class_names)
     counts = set_finetune_strategy(model, config["finetune"], config["frozen_stages"])
     return model, weights_info, counts
 
@@ -106,7 +106,7 @@ def train_fold(spec: dict, fold: int, device, progress: bool = True) -> dict:
     """
     config, class_names, f = spec["config"], spec["class_names"], spec["folds"][fold]
     seed_everything(config["seed"])  # every fold starts from the same initial weights
-    model, weights_info, counts = build_classifier(config, len(class_names))
+    model, weights_info, counts = build_classifier(config, class_names)
     norm = model.data_config()
     train_tf, eval_tf = classifier_transforms(config, norm)
     train_ds = H5Dataset(spec["cache_path"], f["train"], train_tf, in_memory=True)
@@ -133,7 +133,7 @@ def evaluate_fold(spec: dict, fold: int, checkpoint: str | Path, part: str, devi
     Under torchrun every rank evaluates a share and all get the whole part's metrics.
     """
     config, class_names = spec["config"], spec["class_names"]
-    model, _, _ = build_classifier({**config, "weights": "none"}, len(class_names))  # weights come from the checkpoint
+    model, _, _ = build_classifier({**config, "weights": "none"}, class_names)  # weights come from the checkpoint
     model.load_state_dict(load_checkpoint(checkpoint)["model"])
     _, eval_tf = classifier_transforms(config, model.data_config())
     loader = make_loader(H5Dataset(spec["cache_path"], spec["folds"][fold][part], eval_tf), config["batch_size"],

@@ -98,7 +98,7 @@ def test_checkpoint_gives_the_reported_figures_in_one_process(ddp_run):
         assert single["ece"] == pytest.approx(fold[part]["ece"], abs=1e-6)  # the probabilities agree too
     # fit's own validation under torchrun (history) = one process on the checkpoint it saved, to the loss
     best = history[fold["best"]["epoch"] - 1]
-    model, _, _ = H.build_classifier(spec["config"], len(spec["class_names"]))
+    model, _, _ = H.build_classifier(spec["config"], spec["class_names"])
     model.load_state_dict(H.load_checkpoint(spec_path.parent / "fold_1" / "best_model.pth")["model"])
     eval_tf = H.build_transform("eval", 32, **{k: model.data_config()[k] for k in ("mean", "std")}, channels=1)
     loader = H.make_loader(H.H5Dataset(spec["cache_path"], spec["folds"][0]["val"], eval_tf), 8, shuffle=False)

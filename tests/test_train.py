@@ -173,6 +173,15 @@ def test_local_weights_backbone_file_and_pipeline_checkpoint_with_head_reset(tmp
     model, info = H.create_classifier("gcvit_xxtiny", 6, 64, weights=str(tmp_path / "ferplus.pth"))
     assert info["head_reset"] and info["missing_keys"] == ["head.4.weight", "head.4.bias"]
     torch.testing.assert_close(model.head[0].weight, donor.head[0].weight)
+    assert info["source_class_names"] == list("abcdefgh")
+    # Same class count, other classes (or order): the last layer is reset all the same.
+    model, info = H.create_classifier("gcvit_xxtiny", 8, 64, weights=str(tmp_path / "ferplus.pth"),
+                                      class_names=list("abcdefgx"))
+    assert info["head_reset"] and info["missing_keys"] == ["head.4.weight", "head.4.bias"]
+    model, info = H.create_classifier("gcvit_xxtiny", 8, 64, weights=str(tmp_path / "ferplus.pth"),
+                                      class_names=list("abcdefgh"))
+    assert not info["head_reset"] and not info["missing_keys"]
+    torch.testing.assert_close(model.head[4].weight, donor.head[4].weight)
     with pytest.raises(H.WeightsUnavailableError, match="shape"):  # trained at another size
         H.create_classifier("gcvit_xxtiny", 6, 96, weights=str(tmp_path / "timm.pth"))
     with pytest.raises(H.WeightsUnavailableError, match="not found"):
