@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 from sklearn.metrics import accuracy_score, classification_report, confusion_matrix, precision_recall_fscore_support
 
@@ -19,7 +21,9 @@ def compute_metrics(y_true: np.ndarray, y_pred: np.ndarray, class_names: list[st
 
     Returns:
         accuracy, macro/weighted precision, recall and F1, per-class report, confusion
-        matrix (rows = true, columns = predicted) and the number of samples.
+        matrix (rows = true, columns = predicted), the number of samples and the number of
+        distinct classes predicted. Warns when a model predicts a single class for data that
+        holds several (a collapsed model: its accuracy is that class's share, nothing more).
     """
     y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
     labels = list(range(len(class_names)))
@@ -31,6 +35,11 @@ def compute_metrics(y_true: np.ndarray, y_pred: np.ndarray, class_names: list[st
                                    output_dict=True, zero_division=0)
     out["per_class"] = {c: {k: float(v) for k, v in report[c].items()} for c in class_names}
     out["confusion_matrix"] = confusion_matrix(y_true, y_pred, labels=labels).tolist()
+    out["predicted_classes"] = int(np.unique(y_pred).size)
+    if out["predicted_classes"] == 1 and np.unique(y_true).size > 1:
+        warnings.warn(f"the model predicts {class_names[int(y_pred[0])]!r} for all {len(y_pred)} samples: it has "
+                      f"collapsed to one class, so its accuracy ({out['accuracy']:.4f}) is that class's share. "
+                      "Train longer or with a lower learning rate.", stacklevel=2)
     if probs is not None:
         probs = np.asarray(probs, dtype=np.float64)
         out["ece"] = expected_calibration_error(probs, y_true)

@@ -1,5 +1,7 @@
 """Face crop policies and box cache, augmentation with landmarks, metrics."""
 
+import warnings
+
 import numpy as np
 import pytest
 
@@ -89,6 +91,17 @@ def test_compute_metrics_values():
     assert m["precision_macro"] == pytest.approx((0.5 + 2 / 3 + 1) / 3)
     assert m["per_class"]["b"]["f1-score"] == pytest.approx(0.8)
     assert sum(map(sum, m["confusion_matrix"])) == m["num_samples"] == 6
+    assert m["predicted_classes"] == 3
+
+
+def test_compute_metrics_flags_a_model_that_predicts_one_class():
+    y_true = np.array([0, 0, 0, 1, 2])
+    with pytest.warns(UserWarning, match="predicts 'a' for all 5 samples"):
+        m = H.compute_metrics(y_true, np.zeros(5, int), ["a", "b", "c"])
+    assert m["predicted_classes"] == 1 and m["accuracy"] == pytest.approx(0.6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # one class in the data, one predicted: nothing to flag
+        assert H.compute_metrics(np.zeros(3, int), np.zeros(3, int), ["a", "b"])["predicted_classes"] == 1
 
 
 def test_expected_calibration_error():
@@ -97,7 +110,8 @@ def test_expected_calibration_error():
     assert H.expected_calibration_error(perfect, y) == pytest.approx(0.0)
     overconfident = np.array([[0.9, 0.1]] * 4)  # says 90 %, right half the time
     assert H.expected_calibration_error(overconfident, y) == pytest.approx(0.4)
-    m = H.compute_metrics(y, overconfident.argmax(1), ["a", "b"], probs=overconfident)
+    with pytest.warns(UserWarning, match="collapsed to one class"):
+        m = H.compute_metrics(y, overconfident.argmax(1), ["a", "b"], probs=overconfident)
     assert m["ece"] == pytest.approx(0.4) and m["nll"] > 0
 
 
