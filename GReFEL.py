@@ -467,7 +467,8 @@ loss_fn = grefel_loss(model, config["lambda_cls"], config["lambda_anchor"], conf
                       config["anchor_margin"], weights)
 print(f"GReFEL {param_counts['total']:,} parameters; train {len(idx['train'])}, val {len(idx['val'])}, "
       f"test {len(idx['test'])}; device {device}")
-run_key = H.config_fingerprint(config, exclude=("workdir", "video_source", "video_frames", "ema"))
+run_key = H.config_fingerprint(config, exclude=("workdir", "video_source", "video_frames", "ema"),
+                               contents={"data": cache_attrs["fingerprint"]})  # new data: a new run
 run_dir = out_dir / "runs" / f"{config['profile']}_{config['image_size']}px_d{config['embed_dim']}_{run_key}"
 run = H.fit(model, train_loader, val_loader, run_dir, num_epochs=config["num_epochs"], lr=config["lr"],
             weight_decay=config["weight_decay"], device=device, loss_fn=loss_fn, seed=config["seed"],

@@ -28,16 +28,21 @@ def resolve_config(profile: str, profiles: dict[str, dict], overrides: dict) -> 
     return config
 
 
-def config_fingerprint(config: dict, exclude: tuple[str, ...] = ()) -> str:
+def config_fingerprint(config: dict, exclude: tuple[str, ...] = (), contents: dict | None = None) -> str:
     """Short hash of the settings that shape a result (e.g. to name a run folder).
 
     Args:
         config: the notebook's config dict.
         exclude: keys that do not change the result (export options, plotting, ...).
+        contents: what some settings only point at, hashed too, so that a new file at the same
+            path starts a new run instead of resuming (or reusing) the old one: e.g. the data
+            cache's fingerprint and a weights file's SHA-256.
     """
     import hashlib
 
     kept = {k: v for k, v in sorted(config.items()) if k not in exclude}
+    if contents:
+        kept["contents"] = contents
     return hashlib.sha1(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:8]
 
 

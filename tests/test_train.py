@@ -263,3 +263,7 @@ def test_resume_refuses_a_checkpoint_written_with_other_settings(demo_cache, tmp
     assert run["epochs_run"] == 2
     assert H.config_fingerprint({"a": 1, "b": 2}, exclude=("b",)) == H.config_fingerprint({"a": 1, "b": 3}, exclude=("b",))
     assert H.config_fingerprint({"a": 1}) != H.config_fingerprint({"a": 2})
+    # same settings, another weights file (or data) behind them: another run
+    same = {"weights": "w.pth"}
+    assert H.config_fingerprint(same, contents={"weights": "aa"}) != H.config_fingerprint(same, contents={"weights": "bb"})
+    assert H.config_fingerprint(same, contents={"weights": "aa"}) == H.config_fingerprint(same, contents={"weights": "aa"})
