@@ -272,11 +272,9 @@ print("train transform:", train_tf)
 # %%
 # One folder per training setting: rerunning with the same settings resumes, new settings start afresh
 # (new data, or a new weights file at the same path, count as new settings).
-weights_file = Path(str(config["weights"]))
 run_key = H.config_fingerprint(config, exclude=("workdir", "max_folds", "nproc", "export", "video_source",
                                                 "video_frames", "ema", "cross_data_path"),
-                               contents={"data": cache_attrs["fingerprint"],
-                                         "weights": H.file_sha256(weights_file) if weights_file.is_file() else None})
+                               contents={"data": cache_attrs["fingerprint"], "weights": weights_info.get("sha256")})
 run_dir = out_dir / "runs" / f"{config['protocol']}_{config['model_name']}_{config['image_size']}px_{run_key}"
 spec_path = H.write_run_spec(run_dir / "run.json", config=config, cache_path=cache_path, class_names=class_names,
                              folds=folds, run_dir=run_dir, run_key=run_key)

@@ -13,6 +13,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .data import file_sha256
+
 WEIGHT_SOURCES = ("hub", "none")  # or a path to a local checkpoint
 
 
@@ -112,8 +114,8 @@ def create_classifier(variant: str, num_classes: int, img_size: int, weights: st
         class_names: the new head's classes, in order (to compare with a pipeline checkpoint's).
 
     Returns:
-        ``(model, info)``; info records the weights source actually used, missing and
-        unexpected keys, and any fallback.
+        ``(model, info)``; info records the weights source actually used (and a file's
+        SHA-256), missing and unexpected keys, and any fallback.
 
     Raises:
         WeightsUnavailableError: hub weights requested, unreachable, and no fallback allowed.
@@ -143,7 +145,7 @@ def create_classifier(variant: str, num_classes: int, img_size: int, weights: st
     state, source_classes = _read_weights_file(path)
     reset = class_names is not None and source_classes is not None and list(source_classes) != list(class_names)
     info.update(load_weights(model, state, reset_head=reset))
-    info.update(source=str(path), source_class_names=source_classes)
+    info.update(source=str(path), sha256=file_sha256(path), source_class_names=source_classes)
     return model, info
 
 

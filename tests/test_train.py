@@ -164,7 +164,7 @@ def test_local_weights_backbone_file_and_pipeline_checkpoint_with_head_reset(tmp
     backbone = timm.create_model("gcvit_xxtiny", num_classes=1000, img_size=64)
     torch.save(backbone.state_dict(), tmp_path / "timm.pth")
     model, info = H.create_classifier("gcvit_xxtiny", 6, 64, weights=str(tmp_path / "timm.pth"))
-    assert info["source"] == str(tmp_path / "timm.pth")
+    assert info["source"] == str(tmp_path / "timm.pth") and info["sha256"] == H.file_sha256(tmp_path / "timm.pth")
     assert not [k for k in info["missing_keys"] if k.startswith("backbone.")]
     torch.testing.assert_close(model.backbone.stem.conv1.weight, backbone.stem.conv1.weight)
     # A pipeline checkpoint trained on 8 classes (FER+) reused for 6: backbone kept, last layer reset.
