@@ -5,6 +5,8 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -26,6 +28,7 @@
 # Imports, library versions and the device: CUDA, then Apple MPS, then CPU.
 
 # %%
+import copy
 import json
 import time
 from pathlib import Path
@@ -411,7 +414,7 @@ if config["export"]:
     export_dir = out_dir / "export"
     export_meta = H.export_metadata(class_names, cache_attrs["preprocess"], norm["mean"], norm["std"],
                                     model=config["model_name"], protocol=config["protocol"])
-    model = model.cpu().eval()
+    cpu_model = copy.deepcopy(model).cpu().eval()  # the trained model stays where it is, for predict()
     example = torch.zeros(1, 3, config["image_size"], config["image_size"])
     files = {"onnx": H.export_onnx(model, export_dir / "model.onnx", (example,), export_meta),
              "torchscript": H.export_torchscript(model, export_dir / "model.torchscript.pt", (example,), export_meta)}
@@ -419,7 +422,7 @@ if config["export"]:
     val_ds = H.H5Dataset(cache_path, folds[best_fold]["val"], eval_tf)
     x = torch.stack([val_ds[i][0] for i in range(len(val_ds))]).numpy()
     y = val_ds.labels
-    backends = {"pytorch": H.Backend("torch", model), "torchscript": H.Backend("torchscript", files["torchscript"]),
+    backends = {"pytorch": H.Backend("torch", cpu_model), "torchscript": H.Backend("torchscript", files["torchscript"]),
                 "onnx": H.Backend("onnx", files["onnx"]), "onnx_int8": H.Backend("onnx", files["onnx_int8"])}
     ref = backends["pytorch"](x)
     export_report = {"files": {k: str(v) for k, v in files.items()}, "validation_images": int(len(y)), "formats": {}}

@@ -5,6 +5,8 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -24,6 +26,7 @@
 # ## Setup
 
 # %%
+import copy
 import json
 from pathlib import Path
 
@@ -52,11 +55,15 @@ image_size = None              # px, side of the cached crops (FER+ images are 4
 max_per_split = None           # int: first N images of each split for quick runs | None: all
 soft_labels = None             # True: train on the vote distributions | False: majority labels
 # model
-embed_dim = None               # ViT width
+backbone = None                # timm CNN whose three stages make the feature pyramid, e.g. "resnet18", "resnet50"
+backbone_args = None           # dict of extra timm.create_model arguments (e.g. {"channels": [...], "stem_width": 32})
+weights = None                 # CNN weights: "hub" (timm's ImageNet download) | "none" (from scratch) | a file path
+components = None              # "full" (GReFEL) | ablation rows: "backbone" | "pyramid" | "geometry"
+embed_dim = None               # token width after the 1x1 projections
 num_heads = None               # attention heads
-depth = None                   # ViT layers
-patch_sizes = None             # three patch sizes in px (28/14/7 at 224 px), each dividing image_size
-window = None                  # cross-attention window, in grid cells
+depth = None                   # fusion-transformer layers
+patch_sizes = None             # the pyramid's grid sizes, finest first (28/14/7 at 112 px for a ResNet)
+window = None                  # cross-attention window, in grid cells (divides every grid size)
 num_anchors_per_class = None   # K anchors per class
 dropout = None                 # ViT and head dropout
 # optim
@@ -65,6 +72,9 @@ batch_size = None              # images per step (reliability attention runs ove
 lr = None                      # peak learning rate (AdamW)
 weight_decay = None            # AdamW decoupled weight decay
 warmup_epochs = None           # linear warm-up, epochs
+label_smoothing = None         # in [0, 1): smoothing of the NLL targets
+augment_erasing = None         # probability of random erasing (occlusions: hands, glasses) in training
+tta_flip = None                # True: average the test prediction of each image and its mirror image
 lambda_cls = None              # weight of the classification NLL
 lambda_anchor = None           # weight of the anchor separation loss
 lambda_center = None           # weight of the centre loss
@@ -85,37 +95,46 @@ ema = None                     # smoothing of probabilities over frames, in [0, 
 
 # %%
 COMMON = dict(video_source=None, video_frames=30, ema=0.6, max_per_split=None, soft_labels=False, dropout=0.1,
+              backbone_args=None, components="full", label_smoothing=0.1, augment_erasing=0.25, tta_flip=True,
               lambda_cls=1.0, lambda_anchor=1.0, lambda_center=1.0, anchor_margin=2.0, class_weighted=False,
               balanced_sampling=False, clip_grad=1.0, amp="auto", early_stopping=None)
 PROFILES = {
-    # minutes on 2 CPU cores: 200 images per split, a tiny model, two epochs; checks the plumbing
-    "smoke": {**COMMON, "image_size": 48, "max_per_split": 200, "embed_dim": 64, "num_heads": 4, "depth": 2,
-              "patch_sizes": [12, 6, 3], "window": 4, "num_anchors_per_class": 3, "num_epochs": 2, "batch_size": 32,
-              "lr": 1e-3, "weight_decay": 0.01, "warmup_epochs": 0, "num_workers": 0},
-    # full FER+ at its native 48 px on a 2-core CPU in about 1.5 hours: a narrow, shallow model
-    "cpu": {**COMMON, "image_size": 48, "embed_dim": 128, "num_heads": 4, "depth": 4, "patch_sizes": [16, 8, 4],
-            "window": 3, "num_anchors_per_class": 5, "num_epochs": 20, "batch_size": 128, "lr": 1e-3,
-            "weight_decay": 0.05, "warmup_epochs": 1, "num_workers": 2},
-    "gpu": {**COMMON, "image_size": 112, "embed_dim": 384, "num_heads": 6, "depth": 6, "patch_sizes": [16, 8, 4],
-            "window": 7, "num_anchors_per_class": 10, "num_epochs": 60, "batch_size": 64, "lr": 3e-4,
-            "weight_decay": 0.01, "warmup_epochs": 2, "num_workers": 4},
-    # the seed README's settings
-    "paper": {**COMMON, "image_size": 224, "embed_dim": 512, "num_heads": 8, "depth": 6, "patch_sizes": [28, 14, 7],
-              "window": 4, "num_anchors_per_class": 10, "num_epochs": 100, "batch_size": 32, "lr": 3e-4,
-              "weight_decay": 0.01, "warmup_epochs": 5, "num_workers": 4},
+    # minutes on 2 CPU cores: 200 images per split, a tiny ResNet, two epochs; checks the plumbing
+    "smoke": {**COMMON, "image_size": 48, "max_per_split": 200, "backbone": "resnet18", "weights": "none",
+              "backbone_args": {"channels": [16, 32, 64, 128], "stem_width": 16}, "embed_dim": 64, "num_heads": 4,
+              "depth": 1, "patch_sizes": [12, 6, 3], "window": 3, "num_anchors_per_class": 3, "num_epochs": 2,
+              "batch_size": 32, "lr": 1e-3, "weight_decay": 0.01, "warmup_epochs": 0, "num_workers": 0},
+    # full FER+ on a 2-core CPU in under 2 hours: faces upsampled 48 -> 96 px (a ResNet's stride-4 stem would
+    # leave 12x12 cells of a 48-px face), a half-width ResNet-18 from scratch, pyramid 24/12/6
+    "cpu": {**COMMON, "image_size": 96, "backbone": "resnet18", "weights": "none",
+            "backbone_args": {"channels": [32, 64, 128, 256], "stem_width": 32}, "embed_dim": 128, "num_heads": 4,
+            "depth": 2, "patch_sizes": [24, 12, 6], "window": 6, "num_anchors_per_class": 5, "num_epochs": 30,
+            "batch_size": 128, "lr": 2e-3, "weight_decay": 0.05, "warmup_epochs": 1, "num_workers": 2},
+    # one GPU: ImageNet ResNet-18 at 112 px, the seed's 28/14/7 pyramid
+    "gpu": {**COMMON, "image_size": 112, "backbone": "resnet18", "weights": "hub", "embed_dim": 384, "num_heads": 6,
+            "depth": 4, "patch_sizes": [28, 14, 7], "window": 7, "num_anchors_per_class": 10, "num_epochs": 60,
+            "batch_size": 64, "lr": 3e-4, "weight_decay": 0.01, "warmup_epochs": 2, "num_workers": 4},
+    # the seed README's settings (224 px, 28/14/7, 512-d, 6 layers, 8 heads, 10 anchors per class); ResNet-50's
+    # strides 8/16/32 give the 28/14/7 grids at 224 px
+    "paper": {**COMMON, "image_size": 224, "backbone": "resnet50", "weights": "hub", "embed_dim": 512,
+              "num_heads": 8, "depth": 6, "patch_sizes": [28, 14, 7], "window": 7, "num_anchors_per_class": 10,
+              "num_epochs": 100, "batch_size": 32, "lr": 3e-4, "weight_decay": 0.01, "warmup_epochs": 5,
+              "num_workers": 4},
 }
 config = H.resolve_config(profile, PROFILES, dict(
     workdir=workdir, data_path=data_path, seed=seed, image_size=image_size,
-    max_per_split=max_per_split, soft_labels=soft_labels, embed_dim=embed_dim, num_heads=num_heads, depth=depth,
+    max_per_split=max_per_split, soft_labels=soft_labels, backbone=backbone, backbone_args=backbone_args,
+    weights=weights, components=components, label_smoothing=label_smoothing, augment_erasing=augment_erasing,
+    tta_flip=tta_flip, embed_dim=embed_dim, num_heads=num_heads, depth=depth,
     patch_sizes=patch_sizes, window=window, num_anchors_per_class=num_anchors_per_class, dropout=dropout,
     num_epochs=num_epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup_epochs=warmup_epochs,
     lambda_cls=lambda_cls, lambda_anchor=lambda_anchor, lambda_center=lambda_center, anchor_margin=anchor_margin,
     class_weighted=class_weighted, balanced_sampling=balanced_sampling, clip_grad=clip_grad, amp=amp,
     early_stopping=early_stopping, num_workers=num_workers, video_source=video_source, video_frames=video_frames,
     ema=ema))
-for p in config["patch_sizes"]:  # fail here, not inside the model, on an impossible geometry
-    if config["image_size"] % p:
-        raise ValueError(f"patch size {p} does not divide image_size {config['image_size']}")
+# fail here, before the data work, on an unknown backbone or a pyramid the input size cannot give
+H.create_feature_pyramid(config["backbone"], config["image_size"], config["patch_sizes"],
+                         backbone_args=config["backbone_args"])
 workdir = Path(config["workdir"])
 out_dir = workdir / "GReFEL"
 out_dir.mkdir(parents=True, exist_ok=True)
@@ -184,15 +203,19 @@ meta.groupby("split").size()
 # GReFEL follows ARBEx (Wasi et al., 2023; GReFEL is its later name), built on POSTER++'s
 # window cross-attention. What this implementation follows, and where it departs:
 #
-# - **Multi-scale features**: three patch embeddings of the image (the seed's patch sizes
-#   28/14/7 at 224 px, scaled with the input size), as POSTER++ takes three scales.
-# - **Geometry tokens instead of a landmark CNN**: POSTER++ and ARBEx take landmark features
+# - **Multi-scale features from a CNN**, as POSTER++ and ARBEx take them: three stages of a
+#   timm CNN (`backbone`, `features_only`; IR-50 in the papers, a ResNet here), each projected
+#   by a 1x1 convolution to `embed_dim`. `patch_sizes` keeps the seed's name and now means the
+#   **grid sizes** of the pyramid, finest first: 28/14/7 are the seed's IR-50 maps at 112 px
+#   (a ResNet's strides 4/8/16), 24/12/6 those of a 96-px input. The stages are chosen by
+#   these sizes; sizes the backbone cannot give stop with the sizes it can.
+# - **Geometry queries instead of a landmark CNN**: POSTER++ and ARBEx take landmark features
 #   from a pretrained MobileFaceNet whose weights cannot be had offline. Here the 68 explicit
 #   landmark coordinates are rendered as Gaussian heat-maps on each scale's grid and
 #   projected to tokens: they are the queries of a window cross-attention whose keys and
-#   values are the image tokens of the same window (POSTER++'s design).
-# - **ViT over the concatenated scales** (each scale pooled to the coarsest grid, as POSTER++
-#   downsamples before its fusion transformer), a class token, and an MLP head that gives the
+#   values are the CNN tokens of the same window (POSTER++'s design).
+# - **Fusion transformer over the scales** (each scale pooled to the coarsest grid, as
+#   POSTER++ downsamples before its fusion), a class token, and an MLP head that gives the
 #   embedding `e` and the logits.
 # - **Reliability balancing** exactly as in the ARBEx code (formulas below), with learnable
 #   anchors `A[C, K, D]` and attention over the batch's embeddings.
@@ -200,6 +223,11 @@ meta.groupby("split").size()
 #   forever and swamp the classification loss), so this uses a squared hinge on the distance
 #   between anchors of different classes, `mean(relu(margin - ||a_i - a_j||)^2)`: it is zero
 #   once classes are `margin` apart and bounded below by 0.
+#
+# `components` builds the ablation's rows, each adding one thing to the one before:
+# `"backbone"` (the CNN's last stage, pooled, and the MLP head), `"pyramid"` (+ the three
+# scales and the fusion transformer), `"geometry"` (+ the landmark queries) and `"full"`
+# (+ anchors and reliability balancing: GReFEL).
 #
 # The model cells (and the evaluator's) are tagged `grefel-model` so tests can execute them
 # on their own.
@@ -209,6 +237,8 @@ import math
 
 import torch.nn.functional as F
 from torch import nn
+
+COMPONENTS = ("backbone", "pyramid", "geometry", "full")  # the ablation's rows, in order
 
 
 def landmark_heatmap_tokens(landmarks: torch.Tensor, grid: int, sigma: float) -> torch.Tensor:
@@ -244,40 +274,61 @@ class WindowCrossAttention(nn.Module):
 
 
 class MultiScaleFeatureExtractor(nn.Module):
-    """Three-scale patch tokens fused with landmark geometry, then a ViT; returns the class token."""
+    """A timm CNN's three stages, queried by landmark geometry and fused by a transformer -> (B, D).
 
-    def __init__(self, img_size: int, in_chans: int, embed_dim: int, num_heads: int, depth: int,
-                 patch_sizes: list[int], num_landmarks: int = 68, window: int = 4, dropout: float = 0.1):
+    Args:
+        backbone: timm CNN name; ``backbone_args`` go to ``timm.create_model`` (e.g. widths).
+        img_size, in_chans: input.
+        embed_dim, num_heads, depth: width of the tokens, attention heads, fusion layers.
+        grid_sizes: the pyramid's grid sides, finest first (they pick the CNN's stages).
+        window: cross-attention window, in grid cells (must tile every grid).
+        components: ``"backbone"``, ``"pyramid"``, ``"geometry"`` or ``"full"`` (see above).
+        weights: ``"hub"``, ``"none"`` or a weights file for the CNN.
+    """
+
+    def __init__(self, backbone: str, img_size: int, in_chans: int, embed_dim: int, num_heads: int, depth: int,
+                 grid_sizes: list[int], num_landmarks: int = 68, window: int = 4, dropout: float = 0.1,
+                 components: str = "full", weights: str = "none", backbone_args: dict | None = None):
         super().__init__()
-        for p in patch_sizes:
-            if img_size % p:
-                raise ValueError(f"patch size {p} does not divide image size {img_size}")
-        self.grids = [img_size // p for p in patch_sizes]
+        if components not in COMPONENTS:
+            raise ValueError(f"components must be one of {COMPONENTS}, not {components!r}")
+        self.grids = list(grid_sizes)
+        self.cnn, self.backbone_info = H.create_feature_pyramid(backbone, img_size, self.grids, in_chans, weights,
+                                                                backbone_args)
         for g in self.grids:
             if g % min(window, g):
-                raise ValueError(f"window {window} does not tile a {g}x{g} grid")
+                raise ValueError(f"window {window} does not tile a {g}x{g} grid; use a divisor of {self.grids}")
         self.out_grid = min(self.grids)
         if any(g % self.out_grid for g in self.grids):
-            raise ValueError(f"grids {self.grids} must be multiples of the coarsest; choose patch sizes like 4p, 2p, p")
-        self.patch_embeds = nn.ModuleList(nn.Conv2d(in_chans, embed_dim, p, stride=p) for p in patch_sizes)
+            raise ValueError(f"grids {self.grids} must be multiples of the coarsest, e.g. 4g, 2g, g")
+        self.fusion, self.geometry = components != "backbone", components in ("geometry", "full")
+        chans = self.backbone_info["channels"]
+        self.proj = nn.ModuleList(nn.Conv2d(c, embed_dim, 1) for c in chans)  # 1x1: each stage to embed_dim
+        self.norm = nn.LayerNorm(embed_dim)
+        if not self.fusion:
+            return
         self.pos = nn.ParameterList(nn.Parameter(torch.zeros(1, g * g, embed_dim)) for g in self.grids)
-        self.geo_proj = nn.ModuleList(nn.Linear(num_landmarks, embed_dim) for _ in self.grids)
-        self.cross = nn.ModuleList(WindowCrossAttention(embed_dim, num_heads, window) for _ in self.grids)
+        if self.geometry:
+            self.geo_proj = nn.ModuleList(nn.Linear(num_landmarks, embed_dim) for _ in self.grids)
+            self.cross = nn.ModuleList(WindowCrossAttention(embed_dim, num_heads, window) for _ in self.grids)
         self.scale_embed = nn.Parameter(torch.zeros(len(self.grids), 1, embed_dim))
         self.cls = nn.Parameter(torch.zeros(1, 1, embed_dim))
         layer = nn.TransformerEncoderLayer(embed_dim, num_heads, 4 * embed_dim, dropout, activation="gelu",
                                            batch_first=True, norm_first=True)
         self.vit = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
-        self.norm = nn.LayerNorm(embed_dim)
         for p in [*self.pos, self.scale_embed, self.cls]:
             nn.init.trunc_normal_(p, std=0.02)
 
     def forward(self, images: torch.Tensor, landmarks: torch.Tensor) -> torch.Tensor:
+        maps = self.cnn(images)                                                    # [(B, C_i, g_i, g_i)]
+        if not self.fusion:  # the plain CNN: last stage, average-pooled
+            return self.norm(self.proj[-1](maps[-1]).mean((2, 3)))
         tokens = []
-        for i, (embed, grid) in enumerate(zip(self.patch_embeds, self.grids)):
-            x = embed(images).flatten(2).transpose(1, 2) + self.pos[i]               # (B, G*G, D)
-            geo = self.geo_proj[i](landmark_heatmap_tokens(landmarks, grid, sigma=1.0 / grid)) + self.pos[i]
-            x = self.cross[i](x, geo, grid)
+        for i, (fmap, grid) in enumerate(zip(maps, self.grids)):
+            x = self.proj[i](fmap).flatten(2).transpose(1, 2) + self.pos[i]        # (B, G*G, D)
+            if self.geometry:
+                geo = self.geo_proj[i](landmark_heatmap_tokens(landmarks, grid, sigma=1.0 / grid)) + self.pos[i]
+                x = self.cross[i](x, geo, grid)
             if grid != self.out_grid:  # pool finer scales to the coarsest grid before fusion
                 x = x.transpose(1, 2).reshape(len(x), -1, grid, grid)
                 x = F.avg_pool2d(x, grid // self.out_grid).flatten(2).transpose(1, 2)  # static kernel: exportable
@@ -291,7 +342,8 @@ class MultiScaleFeatureExtractor(nn.Module):
 # over all `C*K` anchors summed over `k`; the attention correction `a` is multi-head
 # attention over the batch's embeddings projected to `C*K` and summed over `k`;
 # `corr = (s c(s) + a c(a)) / (c(s) + c(a))`, `p~ = c(p) p + (1 - c(p)) corr`, and the output
-# `final = (1 - tau) p + tau p~`, where the trust `tau` ramps from 0 to 1 over training.
+# `final = (1 - tau) p + tau p~`, where the trust `tau` ramps linearly from 0 to 1 over the first
+# half of training and stays at 1 for the second (`set_progress`).
 
 # %% tags=["grefel-model"]
 def confidence(probs: torch.Tensor) -> torch.Tensor:
@@ -341,34 +393,44 @@ class ReliabilityBalancing(nn.Module):
 
 
 class GReFELModel(nn.Module):
-    """GReFEL: multi-scale geometry-aware ViT + reliability balancing. Call as ``model(images, landmarks)``.
+    """GReFEL: a CNN pyramid queried by landmark geometry + reliability balancing. Call as ``model(images, landmarks)``.
 
     Args:
         num_classes: emotions (8 for FER+).
-        embed_dim, num_heads, depth: ViT width, heads and layers.
-        patch_sizes: the three patch sizes (28/14/7 at 224 px; scale them with img_size).
+        embed_dim, num_heads, depth: token width, heads and fusion-transformer layers.
+        patch_sizes: the pyramid's grid sizes, finest first (28/14/7: a ResNet's strides 4/8/16 at 112 px;
+            the seed's name, kept for its API).
         num_anchors_per_class: K.
         img_size, in_chans: input.
         window: cross-attention window, in grid cells.
         temperature, delta: softmax temperatures of p and of the anchor distances.
-        dropout: ViT and head dropout.
+        dropout: fusion-transformer and head dropout.
+        backbone, backbone_args, weights: the timm CNN, its extra arguments and its weights
+            (``"hub"``, ``"none"`` or a file).
+        components: ``"full"`` (GReFEL) or an ablation row: ``"backbone"``, ``"pyramid"``, ``"geometry"``.
     """
 
     def __init__(self, num_classes: int = 8, embed_dim: int = 512, num_heads: int = 8, depth: int = 6,
-                 patch_sizes: list[int] = (28, 14, 7), num_anchors_per_class: int = 10, img_size: int = 224,
-                 in_chans: int = 3, window: int = 4, temperature: float = 1.0, delta: float = 1.0,
-                 dropout: float = 0.1):
+                 patch_sizes: list[int] = (28, 14, 7), num_anchors_per_class: int = 10, img_size: int = 112,
+                 in_chans: int = 3, window: int = 7, temperature: float = 1.0, delta: float = 1.0,
+                 dropout: float = 0.1, backbone: str = "resnet50", backbone_args: dict | None = None,
+                 weights: str = "none", components: str = "full"):
         super().__init__()
-        self.features = MultiScaleFeatureExtractor(img_size, in_chans, embed_dim, num_heads, depth, list(patch_sizes),
-                                                   window=window, dropout=dropout)
+        self.features = MultiScaleFeatureExtractor(backbone, img_size, in_chans, embed_dim, num_heads, depth,
+                                                   list(patch_sizes), window=window, dropout=dropout,
+                                                   components=components, weights=weights,
+                                                   backbone_args=backbone_args)
         self.embed = nn.Sequential(nn.Linear(embed_dim, embed_dim), nn.GELU(), nn.Dropout(dropout))
         self.classifier = nn.Linear(embed_dim, num_classes)
-        self.balance = ReliabilityBalancing(num_classes, num_anchors_per_class, embed_dim, num_heads, temperature, delta)
+        self.temperature = temperature
+        self.balance = (ReliabilityBalancing(num_classes, num_anchors_per_class, embed_dim, num_heads, temperature,
+                                             delta) if components == "full" else None)
         self.register_buffer("trust", torch.zeros(()))  # tau, saved with the weights
 
     def set_progress(self, progress: float) -> None:
-        """Ramp the trust tau from 0 to 1 over the first half of training (the engine calls this)."""
-        self.trust.fill_(min(1.0, 2.0 * progress))
+        """Ramp the trust tau linearly from 0 to 1 over the first half of training, then hold it at 1
+        (the engine calls this before every step; without reliability balancing tau stays 0)."""
+        self.trust.fill_(min(1.0, 2.0 * progress) if self.balance is not None else 0.0)
 
     def forward_features(self, images: torch.Tensor, landmarks: torch.Tensor) -> torch.Tensor:
         """-> (B, D) embeddings e."""
@@ -376,6 +438,10 @@ class GReFELModel(nn.Module):
 
     def forward_head(self, e: torch.Tensor, tau: torch.Tensor | None = None) -> dict:
         logits = self.classifier(e)
+        if self.balance is None:  # ablation rows without reliability balancing: final = p
+            p = (logits.float() / self.temperature).softmax(-1)
+            return {"logits": logits, "embeddings": e, "trust": self.trust, "probs": p, "final_probs": p,
+                    "confidence": confidence(p)}
         out = self.balance(logits, e, self.trust if tau is None else tau)
         return {"logits": logits, "embeddings": e, "trust": self.trust, **out}
 
@@ -383,7 +449,7 @@ class GReFELModel(nn.Module):
         return self.forward_head(self.forward_features(images, landmarks))
 
 
-def create_dummy_data(batch_size: int = 4, img_size: int = 224, num_classes: int = 8):
+def create_dummy_data(batch_size: int = 4, img_size: int = 112, num_classes: int = 8):
     """Random images, landmarks in [0, 1] and labels, for a quick start."""
     return (torch.randn(batch_size, 3, img_size, img_size), torch.rand(batch_size, 68, 2),
             torch.randint(0, num_classes, (batch_size,)))
@@ -406,18 +472,25 @@ def anchor_separation_loss(anchors: torch.Tensor, margin: float) -> torch.Tensor
 
 
 def grefel_loss(model: GReFELModel, lambda_cls: float = 1.0, lambda_anchor: float = 1.0,
-                lambda_center: float = 1.0, margin: float = 2.0, class_weights: torch.Tensor | None = None):
-    """The pluggable loss for H.fit: ``loss_fn(outputs, y, progress)``."""
+                lambda_center: float = 1.0, margin: float = 2.0, class_weights: torch.Tensor | None = None,
+                label_smoothing: float = 0.0):
+    """The pluggable loss for H.fit: ``loss_fn(outputs, y, progress)``.
+
+    ``y`` is (B,) class indices or (B, C) vote distributions (soft labels). The NLL is a
+    weighted mean, ``sum_i w_i l_i / sum_i w_i`` with ``w_i`` the weight of sample i's
+    (majority) class, as ``F.nll_loss(weight=...)`` computes it, for hard and soft labels alike.
+    """
     def loss_fn(out, y, progress):
-        log_final = out["final_probs"].clamp_min(1e-8).log()
-        w = class_weights.to(log_final.device) if class_weights is not None else None
-        if y.ndim == 1:
-            cls = F.nll_loss(log_final, y, weight=w)
-            hard = y
-        else:  # soft labels
-            per = -(y * log_final).sum(-1)
-            cls = (per * (w[y.argmax(-1)] if w is not None else 1)).mean()
-            hard = y.argmax(-1)
+        log_final = out["final_probs"].clamp_min(1e-8).log()                       # (B, C)
+        c = log_final.shape[-1]
+        target = F.one_hot(y, c).to(log_final.dtype) if y.ndim == 1 else y.to(log_final.dtype)
+        hard = target.argmax(-1)
+        target = (1 - label_smoothing) * target + label_smoothing / c
+        per = -(target * log_final).sum(-1)                                         # (B,)
+        w = class_weights.to(per.device)[hard] if class_weights is not None else torch.ones_like(per)
+        cls = (w * per).sum() / w.sum()
+        if "anchor_distances" not in out:  # no reliability balancing: no anchors to train
+            return lambda_cls * cls
         dist = out["anchor_distances"]                                              # (B, C, K)
         nearest = dist[torch.arange(len(hard)), hard].min(-1).values                # own class, nearest anchor
         center = (out["confidence"].detach() * nearest).mean()
@@ -436,18 +509,26 @@ def grefel_loss(model: GReFELModel, lambda_cls: float = 1.0, lambda_anchor: floa
 # rotation); the landmarks follow every geometric transform, flips included.
 
 # %% tags=["grefel-model"]
-def build_grefel(cfg: dict, num_classes: int) -> GReFELModel:
-    """The model a config describes (used for training and to rebuild it from a checkpoint)."""
+def build_grefel(cfg: dict, num_classes: int, weights: str = "none") -> GReFELModel:
+    """The model a config describes (used for training and to rebuild it from a checkpoint).
+
+    ``weights`` are the CNN's starting weights (``cfg["weights"]`` when training; "none" when a
+    checkpoint's state dict follows).
+    """
     return GReFELModel(num_classes=num_classes, embed_dim=cfg["embed_dim"], num_heads=cfg["num_heads"],
                        depth=cfg["depth"], patch_sizes=cfg["patch_sizes"],
                        num_anchors_per_class=cfg["num_anchors_per_class"], img_size=cfg["image_size"],
-                       window=cfg["window"], dropout=cfg["dropout"])
+                       window=cfg["window"], dropout=cfg["dropout"], backbone=cfg["backbone"],
+                       backbone_args=cfg["backbone_args"], weights=weights, components=cfg["components"])
 
 # %%
 split_of = meta["split"].to_numpy()
 idx = {s: np.flatnonzero(split_of == s) for s in ("train", "val", "test")}
-norm = {"mean": (0.5,) * 3, "std": (0.5,) * 3}  # from scratch: no pretrained statistics to match
-train_tf = H.build_transform("grefel", config["image_size"], norm["mean"], norm["std"], channels=1, keypoints=True)
+# ImageNet statistics for pretrained CNNs; from scratch there are none to match
+norm = ({"mean": H.IMAGENET_MEAN, "std": H.IMAGENET_STD} if config["weights"] != "none"
+        else {"mean": (0.5,) * 3, "std": (0.5,) * 3})
+train_tf = H.build_transform("grefel", config["image_size"], norm["mean"], norm["std"], channels=1, keypoints=True,
+                             erasing=config["augment_erasing"])
 eval_tf = H.build_transform("eval", config["image_size"], norm["mean"], norm["std"], channels=1, keypoints=True)
 train_ds = H.H5Dataset(cache_path, idx["train"], train_tf, in_memory=True, landmarks=True,
                        soft_labels=config["soft_labels"])
@@ -460,16 +541,19 @@ train_loader = H.make_loader(train_ds, config["batch_size"], shuffle=True, num_w
 val_loader = H.make_loader(H.H5Dataset(cache_path, idx["val"], eval_tf, in_memory=True, landmarks=True),
                            config["batch_size"], shuffle=False, device=device)
 H.seed_everything(config["seed"])
-model = build_grefel(config, len(class_names))
+model = build_grefel(config, len(class_names), weights=config["weights"])
 param_counts = H.count_parameters(model)
-weights = H.class_weights_from_labels(train_ds.labels, len(class_names)) if config["class_weighted"] else None
+class_w = H.class_weights_from_labels(train_ds.labels, len(class_names)) if config["class_weighted"] else None
 loss_fn = grefel_loss(model, config["lambda_cls"], config["lambda_anchor"], config["lambda_center"],
-                      config["anchor_margin"], weights)
-print(f"GReFEL {param_counts['total']:,} parameters; train {len(idx['train'])}, val {len(idx['val'])}, "
+                      config["anchor_margin"], class_w, config["label_smoothing"])
+backbone_info = model.features.backbone_info  # stages, channels, weights source (and a file's SHA-256)
+print(f"GReFEL ({config['components']}) {param_counts['total']:,} parameters; train {len(idx['train'])}, val {len(idx['val'])}, "
       f"test {len(idx['test'])}; device {device}")
-run_key = H.config_fingerprint(config, exclude=("workdir", "video_source", "video_frames", "ema"),
-                               contents={"data": cache_attrs["fingerprint"]})  # new data: a new run
-run_dir = out_dir / "runs" / f"{config['profile']}_{config['image_size']}px_d{config['embed_dim']}_{run_key}"
+run_key = H.config_fingerprint(config, exclude=("workdir", "video_source", "video_frames", "ema", "tta_flip"),
+                               contents={"data": cache_attrs["fingerprint"],  # new data or weights: a new run
+                                         "weights": backbone_info.get("sha256")})
+run_dir = out_dir / "runs" / (f"{config['profile']}_{config['components']}_{config['image_size']}px_"
+                              f"d{config['embed_dim']}_{run_key}")
 run = H.fit(model, train_loader, val_loader, run_dir, num_epochs=config["num_epochs"], lr=config["lr"],
             weight_decay=config["weight_decay"], device=device, loss_fn=loss_fn, seed=config["seed"],
             warmup_epochs=config["warmup_epochs"], clip_grad=config["clip_grad"], amp=config["amp"],
@@ -488,6 +572,12 @@ H.plot_training_curves(run["history"], save_path=out_dir / "training_curve.png")
 # fitted on the validation split.
 
 # %% tags=["grefel-model"]
+def mirror_landmarks(landmarks: torch.Tensor) -> torch.Tensor:
+    """(B, 68, 2) landmarks in [0, 1] of an image -> those of its mirror image (x -> 1 - x, left <-> right)."""
+    flipped = landmarks[:, torch.as_tensor(H.FLIP_PERMUTATION_68, device=landmarks.device)]
+    return torch.stack([1 - flipped[..., 0], flipped[..., 1]], -1)
+
+
 class GReFELEvaluator:
     """Predict and analyse with a trained GReFEL checkpoint.
 
@@ -532,15 +622,24 @@ class GReFELEvaluator:
                 "face_box": None if box is None else [float(v) for v in box]}
 
     @torch.no_grad()
-    def outputs(self, loader) -> dict:
-        """Stacked numpy outputs over a loader: y, probs (p), final (balanced), confidence."""
+    def outputs(self, loader, tta_flip: bool = False) -> dict:
+        """Stacked numpy outputs over a loader: y, probs (p), final (balanced), confidence, and the
+        anchor and attention corrections when the model has reliability balancing.
+
+        Args:
+            tta_flip: average each output with that of the mirror image (landmarks mirrored and
+                their left/right indices swapped, as in training).
+        """
         self.model.eval()
         keep = ("probs", "final_probs", "confidence", "anchor_probs", "attention_probs")
-        acc = {k: [] for k in keep + ("y",)}
+        acc = {"y": []}
         for x, lm, y in loader:
-            out = self.model(x.to(self.device), lm.to(self.device))
-            for k in keep:
-                acc[k].append(out[k].float().cpu())
+            x, lm = x.to(self.device), lm.to(self.device)
+            out = self.model(x, lm)
+            mirrored = self.model(x.flip(-1), mirror_landmarks(lm)) if tta_flip else None
+            for k in (k for k in keep if k in out):
+                v = out[k].float() if mirrored is None else (out[k].float() + mirrored[k].float()) / 2
+                acc.setdefault(k, []).append(v.cpu())
             acc["y"].append((y if y.ndim == 1 else y.argmax(-1)).cpu())
         return {k: torch.cat(v).numpy() for k, v in acc.items()}
 
@@ -554,6 +653,10 @@ class GReFELEvaluator:
         """What the correction changes: share of changed predictions, accuracy with and without."""
         o = o or self.outputs(loader)
         raw, final = o["probs"].argmax(1), o["final_probs"].argmax(1)
+        if "anchor_probs" not in o:  # an ablation row without reliability balancing
+            acc = float((raw == o["y"]).mean())
+            return {"share_changed": 0.0, "accuracy_without": acc, "accuracy_with": acc, "changed_fixed": 0,
+                    "changed_broken": 0, "accuracy_anchor_only": None, "accuracy_attention_only": None}
         changed = raw != final
         return {"share_changed": float(changed.mean()), "accuracy_without": float((raw == o["y"]).mean()),
                 "accuracy_with": float((final == o["y"]).mean()),
@@ -571,23 +674,26 @@ class GReFELEvaluator:
         return {"mean_confidence_correct": float(conf[correct].mean()) if correct.any() else None,
                 "mean_confidence_wrong": float(conf[~correct].mean()) if (~correct).any() else None}
 
-    def fit_temperature(self, val_loader) -> float:
-        """Fit and keep the temperature that minimises the validation NLL."""
-        o = self.outputs(val_loader)
+    def fit_temperature(self, val_loader, tta_flip: bool = False) -> float:
+        """Fit and keep the temperature that minimises the validation NLL (of the outputs used for testing)."""
+        o = self.outputs(val_loader, tta_flip)
         self.temperature = H.fit_temperature(np.log(np.clip(o["final_probs"], 1e-8, None)), o["y"])
         return self.temperature
 
 # %%
 evaluator = GReFELEvaluator(run["best_path"], device)
 test_loader = H.make_loader(H.H5Dataset(cache_path, idx["test"], eval_tf, landmarks=True), 128, False)
-test_out = evaluator.outputs(test_loader)
+test_out_single = evaluator.outputs(test_loader)  # one view: what the export and video run
+test_out = evaluator.outputs(test_loader, tta_flip=True) if config["tta_flip"] else test_out_single
+accuracy_single_view = float((test_out_single["final_probs"].argmax(1) == test_out_single["y"]).mean())
 metrics_uncalibrated = evaluator.evaluate(test_loader, test_out)
-temperature = evaluator.fit_temperature(val_loader)
+temperature = evaluator.fit_temperature(val_loader, config["tta_flip"])
 metrics = evaluator.evaluate(test_loader, test_out)
 reliability = evaluator.analyze_reliability_balancing(test_loader, test_out)
 confidence_stats = evaluator.analyze_confidence_distribution(test_loader, test_out,
                                                              save_path=out_dir / "confidence_distribution.png")
-print(f"test accuracy {metrics['accuracy']:.4f} (8 classes, majority vote), macro F1 {metrics['f1_macro']:.4f}; "
+print(f"test accuracy {metrics['accuracy']:.4f} (8 classes, majority vote{', flip TTA' if config['tta_flip'] else ''}; "
+      f"one view {accuracy_single_view:.4f}), macro F1 {metrics['f1_macro']:.4f}; "
       f"without reliability balancing {reliability['accuracy_without']:.4f}; "
       f"{reliability['share_changed']:.1%} of predictions changed by it")
 print(f"ECE {metrics_uncalibrated['ece']:.4f} -> {metrics['ece']:.4f} after temperature scaling (T = {temperature:.3f})")
@@ -619,9 +725,11 @@ results = {
                 "counts": {s: {c: int(v) for c, v in row.items()} for s, row in counts.iterrows()},
                 "used": {s: int(len(v)) for s, v in idx.items()}},
     "metrics": {"test": metrics, "test_uncalibrated": metrics_uncalibrated, "reliability_balancing": reliability,
+                "tta_flip": config["tta_flip"], "accuracy_single_view": accuracy_single_view,
                 "confidence": confidence_stats, "temperature": temperature,
                 "ece_before_scaling": metrics_uncalibrated["ece"], "ece_after_scaling": metrics["ece"]},
-    "model": {"parameters": param_counts, "best": run["best"], "epochs_run": run["epochs_run"]},
+    "model": {"components": config["components"], "backbone": backbone_info, "parameters": param_counts,
+              "best": run["best"], "epochs_run": run["epochs_run"]},
     "wall_time_s": {"train": run["wall_s"]},
     "landmarks": {"detector": "dlib shape_predictor_68_face_landmarks (fixed box on the crop)",
                   "ok": int(landmark_ok.sum()), "failed": int((~landmark_ok).sum())},
@@ -642,16 +750,16 @@ print("Wrote", out_dir / "final_results.json", "and", out_dir / "best_model.pth"
 # with PyTorch is checked on test images.
 
 # %%
-model = evaluator.model.cpu().eval()
+cpu_model = copy.deepcopy(evaluator.model).cpu().eval()  # the evaluator keeps its device
 export_dir = out_dir / "export"
 export_meta = H.export_metadata(class_names, cache_attrs["preprocess"], norm["mean"], norm["std"],
                                 inputs={"image": "(B, 3, S, S) normalised", "landmarks": "(B, 68, 2) in [0, 1]"},
                                 outputs=["final_probs"], temperature=temperature)
 x, lm, _ = next(iter(H.make_loader(H.H5Dataset(cache_path, idx["test"][:16], eval_tf, landmarks=True), 16, False)))
-files = {"onnx": H.export_onnx(model, export_dir / "grefel.onnx", (x[:1], lm[:1]), export_meta,
+files = {"onnx": H.export_onnx(evaluator.model, export_dir / "grefel.onnx", (x[:1], lm[:1]), export_meta,
                                input_names=("image", "landmarks"), output_names=("final_probs",)),
-         "torchscript": H.export_torchscript(model, export_dir / "grefel.torchscript.pt", (x[:1], lm[:1]), export_meta)}
-ref = H.Backend("torch", model)(x[:1].numpy(), lm[:1].numpy())
+         "torchscript": H.export_torchscript(evaluator.model, export_dir / "grefel.torchscript.pt", (x[:1], lm[:1]), export_meta)}
+ref = H.Backend("torch", cpu_model)(x[:1].numpy(), lm[:1].numpy())
 export_report = {k: float(np.abs(H.Backend(k, v)(x[:1].numpy(), lm[:1].numpy()) - ref).max()) for k, v in files.items()}
 print("max |difference| from PyTorch, batch 1:", export_report)
 assert max(export_report.values()) <= 1e-4

@@ -30,7 +30,7 @@ from .faces import FaceDetector, LandmarkDetector, crop_face, detect_faces, dlib
 from .cache import H5Dataset, build_hdf5_cache, cache_fingerprint, read_cache_meta
 from .splits import PROTOCOLS, make_folds
 from .augment import FLIP_PERMUTATION_68, IMAGENET_MEAN, IMAGENET_STD, KeypointCompose, build_transform
-from .models import (TimmClassifier, WeightsUnavailableError, count_parameters, create_classifier,
+from .models import (TimmClassifier, WeightsUnavailableError, count_parameters, create_classifier, create_feature_pyramid,
                      load_weights, set_finetune_strategy, validate_gcvit_size)
 from .distributed import (ShardedBatchSampler, barrier, get_rank, get_world_size, init_distributed, is_distributed,
                           is_main, shutdown)
@@ -64,7 +64,7 @@ __all__ = [
     # augment
     "IMAGENET_MEAN", "IMAGENET_STD", "FLIP_PERMUTATION_68", "KeypointCompose", "build_transform",
     # models
-    "TimmClassifier", "WeightsUnavailableError", "create_classifier", "load_weights", "validate_gcvit_size",
+    "TimmClassifier", "WeightsUnavailableError", "create_classifier", "create_feature_pyramid", "load_weights", "validate_gcvit_size",
     "count_parameters", "set_finetune_strategy",
     # train
     "seed_everything", "make_loader", "build_optimizer", "build_scheduler", "cross_entropy_loss",

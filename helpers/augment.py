@@ -62,7 +62,7 @@ class KeypointCompose:
 
 
 def build_transform(kind: str, image_size: int, mean: tuple = IMAGENET_MEAN, std: tuple = IMAGENET_STD,
-                    channels: int = 3, keypoints: bool = False):
+                    channels: int = 3, keypoints: bool = False, erasing: float = 0.0):
     """An albumentations pipeline ending in normalisation and a C x H x W tensor.
 
     Args:
@@ -75,6 +75,8 @@ def build_transform(kind: str, image_size: int, mean: tuple = IMAGENET_MEAN, std
         channels: channels of the cached images (1 or 3); 1-channel images are repeated to
             3 when ``mean`` has three entries, so ImageNet-style models accept them.
         keypoints: return a :class:`KeypointCompose` that also moves landmarks (pixels).
+        erasing: probability of random erasing (``A.Erasing``: a black rectangle of 2-33% of the
+            image, like an occluding hand) in the training recipes; landmarks are kept.
 
     Returns:
         A callable ``t(image=...)`` (and ``keypoints=...``) returning a dict.
@@ -94,6 +96,8 @@ def build_transform(kind: str, image_size: int, mean: tuple = IMAGENET_MEAN, std
         geometric = [A.Resize(size, size)]
     else:
         raise ValueError(f"kind must be 'seed', 'grefel' or 'eval', not {kind!r}")
+    if erasing and kind != "eval":
+        geometric.append(A.Erasing(p=erasing))
     tail = []
     if channels == 1 and len(mean) == 3:
         tail.append(A.ToRGB(p=1.0))

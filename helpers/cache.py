@@ -27,13 +27,18 @@ CACHE_VERSION = 1
 META_COLUMNS = ["split", "subject", "group", "rel_path", "sha1", "duplicate_of"]
 
 
-def cache_fingerprint(index: pd.DataFrame, params: dict) -> str:
-    """Hash of the source files (path, size, content hash), labels, boxes and parameters.
+def cache_fingerprint(index: pd.DataFrame, params: dict, extra_columns: tuple[str, ...] = ()) -> str:
+    """Hash of everything that gives a cached row its meaning: the source files (path, size,
+    content hash), labels, splits, subjects, groups, duplicate flags, face boxes, the extra
+    column groups stored with the images (e.g. FER+'s ``votes_*``) and the parameters
+    (preprocessing, landmark model and settings).
 
     Content hashes rather than mtimes: re-extracting an unchanged archive resets mtimes but
     must not force a rebuild; a changed file changes its hash and does.
     """
-    cols = [c for c in ["rel_path", "size_bytes", "sha1", "label", "split", *BOX_COLUMNS] if c in index]
+    extras = [c for name in extra_columns for c in index.columns if c.startswith(name + "_")]
+    cols = [c for c in ["rel_path", "size_bytes", "sha1", "label", "split", "subject", "group", "duplicate_of",
+                        *BOX_COLUMNS, *extras] if c in index]
     rows = ["|".join(f"{v:.2f}" if isinstance(v, float) else str(v) for v in row)
             for row in index[cols].itertuples(index=False)]
     h = hashlib.sha256()
@@ -91,8 +96,9 @@ def build_hdf5_cache(index: pd.DataFrame, out_path: str | Path, class_names: lis
     has_boxes = face_crop and all(c in index for c in BOX_COLUMNS)
     params = {"image_size": image_size, "channels": channels, "face_crop": has_boxes, "margin": margin,
               "square": square, "no_face": no_face, "class_names": list(class_names),
-              "extra_columns": list(extra_columns), "landmarks": landmarker is not None}
-    fingerprint = cache_fingerprint(index, params)
+              "extra_columns": list(extra_columns),
+              "landmarks": None if landmarker is None else getattr(landmarker, "settings", repr(landmarker))}
+    fingerprint = cache_fingerprint(index, params, tuple(extra_columns))
     if out_path.exists():
         try:
             with h5py.File(out_path, "r") as f:

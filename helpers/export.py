@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+import os
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -95,11 +98,22 @@ def export_metadata(class_names: list[str], preprocess: dict, mean: tuple, std: 
 
 
 def _atomic(path: Path, write) -> Path:
+    """``write(tmp)`` to a name of this process's own, then rename: concurrent writers never share a
+    temporary file, and a failed write leaves neither a partial file nor the temporary one."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    tmp.replace(path)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        write(tmp)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
+
+
+def _export_copy(model: torch.nn.Module) -> ProbabilityModel:
+    """An fp32, CPU, eval-mode copy of the model, wrapped: exporting never moves, casts or switches
+    the caller's model (which a Predictor or evaluator on CUDA may still be using)."""
+    return ProbabilityModel(copy.deepcopy(model).float().cpu()).eval()
 
 
 def export_onnx(model: torch.nn.Module, path: str | Path, example_inputs: tuple[torch.Tensor, ...],
@@ -111,7 +125,7 @@ def export_onnx(model: torch.nn.Module, path: str | Path, example_inputs: tuple[
     mean/std and class names, so a consumer needs nothing else.
 
     Args:
-        model: the trained model (eval mode is set).
+        model: the trained model, on any device (a CPU fp32 eval copy is exported; the model is unchanged).
         path: ``.onnx`` file (written atomically).
         example_inputs: one batch of inputs in the order the model takes them.
         metadata: from :func:`export_metadata`.
@@ -122,7 +136,8 @@ def export_onnx(model: torch.nn.Module, path: str | Path, example_inputs: tuple[
 
     import onnx
 
-    wrapped = ProbabilityModel(model).eval()
+    wrapped = _export_copy(model)
+    example_inputs = tuple(x.float().cpu() for x in example_inputs)
     axes = {n: {0: "batch"} for n in (*input_names, *output_names)}
     path = Path(path)
 
@@ -143,7 +158,8 @@ def export_torchscript(model: torch.nn.Module, path: str | Path, example_inputs:
     """Trace ``ProbabilityModel(model)`` to TorchScript; metadata travels as ``meta.json`` extra file."""
     import json
 
-    wrapped = ProbabilityModel(model).eval()
+    wrapped = _export_copy(model)
+    example_inputs = tuple(x.float().cpu() for x in example_inputs)
     with torch.no_grad():
         traced = torch.jit.trace(wrapped, tuple(example_inputs), check_trace=False)
     return _atomic(Path(path), lambda tmp: torch.jit.save(traced, str(tmp),

@@ -229,6 +229,7 @@ class LandmarkDetector:
         import dlib
 
         self.inset, self.min_spread = inset, min_spread
+        self.settings = {"model": "dlib shape_predictor_68_face_landmarks", "inset": inset, "min_spread": min_spread}
         self._dlib = dlib
         self._predictor = dlib.shape_predictor(str(dlib_model_path("shape_predictor_68_face_landmarks.dat")))
 

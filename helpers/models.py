@@ -231,3 +231,106 @@ def set_finetune_strategy(model: TimmClassifier, strategy: str = "full", frozen_
     elif strategy != "full":
         raise ValueError(f"strategy must be 'full', 'head' or 'partial', not {strategy!r}")
     return count_parameters(model)
+
+
+def create_feature_pyramid(backbone: str, img_size: int, grid_sizes: list[int], in_chans: int = 3,
+                           weights: str = "none", backbone_args: dict | None = None) -> tuple[nn.Module, dict]:
+    """Stages of a timm CNN whose feature maps have the requested grid sizes (a feature pyramid).
+
+    ``timm.create_model(backbone, features_only=True, out_indices=...)``, where the stages are
+    chosen by the side of their output at ``img_size``: e.g. resnet18 at 112 px has stages of
+    56/28/14/7/4 cells (strides 2..32), so ``grid_sizes=[28, 14, 7]`` takes stages 2-4.
+
+    Args:
+        backbone: a timm model that supports ``features_only`` (ResNets, ConvNeXts, RegNets, ...).
+        img_size: input side in pixels.
+        grid_sizes: wanted sides of the feature maps, finest first.
+        in_chans: input channels.
+        weights: ``"hub"`` (timm's download), ``"none"`` (random init) or a path to a file of
+            that model's weights (loaded by timm: classifier and unused stages dropped, first
+            conv adapted to ``in_chans``).
+        backbone_args: extra ``timm.create_model`` arguments (e.g. ``channels``, ``stem_width``).
+
+    Returns:
+        ``(pyramid, info)``: the module returns a list of (B, C_i, g_i, g_i) maps; info records
+        the stages, their channels and grid sizes, and the weights source (a file's SHA-256).
+
+    Raises:
+        ValueError: an unknown backbone, one without ``features_only``, or grid sizes that the
+            backbone does not produce at ``img_size`` (the message lists the sizes that work).
+        WeightsUnavailableError: hub weights unreachable or a weights file missing or unreadable.
+    """
+    import timm
+
+    kwargs = dict(backbone_args or {})
+    if not timm.is_model(backbone):
+        close = timm.list_models(f"*{backbone.split('_')[0][:6]}*")[:12]
+        raise ValueError(f"timm has no model {backbone!r}; similar names: {close}")
+    try:
+        probe = timm.create_model(backbone, features_only=True, in_chans=in_chans, **kwargs)
+    except Exception as e:  # noqa: BLE001 - timm raises several types for models without feature extraction
+        raise ValueError(f"{backbone}: cannot be used as a feature pyramid (features_only): {e}") from e
+    with torch.no_grad():
+        probe.eval()
+        sides = [f.shape[-1] for f in probe(torch.zeros(1, in_chans, img_size, img_size))]
+    reductions = probe.feature_info.reduction()
+    wanted = list(grid_sizes)
+    if any(g not in sides for g in wanted) or wanted != sorted(wanted, reverse=True):
+        hints = sorted({r * g for g in wanted for r in reductions  # padded convolutions round sides up
+                        if all(any(-(-r * g // rr) == gg for rr in reductions) for gg in wanted)})
+        raise ValueError(f"{backbone} at {img_size} px gives feature maps of {sides} cells (strides {reductions}); "
+                         f"grid sizes {wanted} (finest first) are not among them. Choose grid sizes from {sides}, "
+                         f"or an image size that gives {wanted}: {hints or 'none with these strides'}")
+    out_indices = tuple(sides.index(g) for g in wanted)
+    info = {"backbone": backbone, "backbone_args": kwargs, "out_indices": list(out_indices), "grid_sizes": wanted,
+            "requested": weights, "source": weights}
+    if weights == "hub":
+        try:
+            model = timm.create_model(backbone, features_only=True, out_indices=out_indices, in_chans=in_chans,
+                                      pretrained=True, **kwargs)
+        except Exception as e:  # noqa: BLE001 - any download/cache failure lands here
+            raise WeightsUnavailableError(
+                f"could not fetch timm's pretrained {backbone} weights: {type(e).__name__}: {str(e)[:300]}. Without "
+                "internet, download them elsewhere (timm caches them under ~/.cache/huggingface), pass the file as "
+                "weights='/path/to/file', or use weights='none' to train from scratch.") from e
+        print(f"{backbone}: timm's pretrained weights")
+    else:
+        model = timm.create_model(backbone, features_only=True, out_indices=out_indices, in_chans=in_chans, **kwargs)
+    if weights not in ("hub", "none"):
+        path = Path(weights)
+        if not path.is_file():
+            raise WeightsUnavailableError(f"{path}: weights file not found (weights must be 'hub', 'none' or a file)")
+        info.update(source=str(path), sha256=file_sha256(path), **load_matching_weights(model, path))
+    info["channels"] = model.feature_info.channels()
+    return model, info
+
+
+def load_matching_weights(model: nn.Module, path: str | Path, min_share: float = 0.9) -> dict:
+    """Load the entries of a weights file whose names and shapes match the model's, loudly.
+
+    A ``module.`` prefix (DistributedDataParallel's) is removed; entries the model does not
+    have (a classifier, stages past the pyramid) are skipped and counted.
+
+    Args:
+        model: e.g. a timm feature pyramid.
+        path: a state dict file (``.pth``, ``.safetensors``, or a pipeline checkpoint).
+        min_share: refuse the file when fewer than this share of the model's entries match.
+
+    Raises:
+        WeightsUnavailableError: the file is unreadable or matches too few entries (the wrong
+            architecture or width): nothing is loaded then.
+    """
+    state = {k.removeprefix("module."): v for k, v in _read_weights_file(path)[0].items()}
+    own = model.state_dict()
+    matched = {k: v for k, v in state.items() if k in own and tuple(v.shape) == tuple(own[k].shape)}
+    missing = [k for k in own if k not in matched]
+    unexpected = [k for k in state if k not in matched]
+    if len(matched) < min_share * len(own):
+        raise WeightsUnavailableError(
+            f"{path}: only {len(matched)} of the model's {len(own)} weights match the file by name and shape "
+            f"(file: {list(state)[:3]}..., model: {list(own)[:3]}...); is it the same architecture and width?")
+    model.load_state_dict(matched, strict=False)
+    print(f"Loaded {len(matched)}/{len(own)} weights from {path}; {len(missing)} missing, "
+          f"{len(unexpected)} in the file unused")
+    return {"loaded_keys": len(matched), "missing_keys": missing, "unexpected_keys": unexpected[:50],
+            "num_unexpected_keys": len(unexpected)}

@@ -114,3 +114,29 @@ def test_labels_outside_class_names_are_refused(demo_index, tmp_path):
     index, classes = demo_index
     with pytest.raises(H.DatasetError, match="not in class_names"):
         H.build_hdf5_cache(index, tmp_path / "c.h5", classes[:2], 32, progress=False)
+
+
+@pytest.mark.parametrize("column", ["subject", "group", "split", "label", "duplicate_of", "votes_neutral"])
+def test_fingerprint_covers_every_column_that_gives_a_row_its_meaning(demo_index, column):
+    """A changed subject id (the subject-disjoint folds), group, split, label, duplicate flag or vote
+    (the soft labels) must give another fingerprint, so a stale cache is never reused."""
+    index, _ = demo_index
+    index = index.assign(votes_neutral=np.arange(len(index), dtype=float), votes_happiness=0.0)
+    params = {"image_size": 32}
+    base = H.cache_fingerprint(index, params, ("votes",))
+    changed = index.copy()
+    values = changed[column].tolist()
+    changed[column] = [values[1]] + values[1:] if values[0] != values[1] else [f"{values[0]}x"] + values[1:]
+    if column == "votes_neutral":
+        changed[column] = index[column] + (np.arange(len(index)) == 0)
+    assert H.cache_fingerprint(changed, params, ("votes",)) != base
+    assert H.cache_fingerprint(index, params, ("votes",)) == base  # and it is deterministic
+
+
+def test_fingerprint_covers_the_landmark_model_settings(demo_index, tmp_path):
+    index, classes = demo_index
+    index = index.iloc[:6]
+    path = H.build_hdf5_cache(index, tmp_path / "c.h5", classes, 32, landmarker=H.LandmarkDetector(), progress=False)
+    fp = H.read_cache_meta(path)[1]["fingerprint"]
+    H.build_hdf5_cache(index, path, classes, 32, landmarker=H.LandmarkDetector(inset=0.12), progress=False)
+    assert H.read_cache_meta(path)[1]["fingerprint"] != fp

@@ -120,3 +120,24 @@ def test_video_detection_every_k_frames_reuses_the_box(model, kmu_faces, tmp_pat
     assert table.loc[1, "box_x"] == table.loc[0, "box_x"]
     with pytest.raises(ValueError):
         H.run_video(src, H.Backend("torch", model), list("abcdef"), PRE, *NORM, detect_every=0)
+
+
+def test_export_leaves_the_callers_model_as_it_was(tmp_path):
+    """A Predictor on CUDA keeps using the notebook's model after Export: exporting must not move, cast
+    or switch it (seen on CUDA: the export moved the live model to the CPU). Observed here through
+    dtype and train/eval mode, which a CPU machine can show."""
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(),
+                            torch.nn.LazyLinear(3))
+    m(torch.zeros(2, 3, 8, 8))
+    m = m.double().train()
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    meta = H.export_metadata(list("abc"), {**PRE, "image_size": 8}, *NORM)
+    x = torch.rand(1, 3, 8, 8, dtype=torch.float64)
+    onnx_file = H.export_onnx(m, tmp_path / "m.onnx", (x,), meta)
+    H.export_torchscript(m, tmp_path / "m.pt", (x,), meta)
+    assert m.training and all(p.dtype == torch.float64 for p in m.parameters())
+    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())  # BatchNorm statistics untouched
+    ref = H.Backend("torch", m.float().eval())(x.float().numpy())
+    np.testing.assert_allclose(H.Backend("onnx", onnx_file)(x.float().numpy()), ref, atol=1e-5)
+    assert not list(tmp_path.glob("*.tmp"))  # no temporary files left behind

@@ -25,15 +25,19 @@ def g():
     return ns
 
 
+TINY_CNN = {"channels": [8, 16, 32, 64], "stem_width": 8}
 SMALL = dict(num_classes=8, embed_dim=32, num_heads=4, depth=1, patch_sizes=[12, 6, 3], num_anchors_per_class=3,
-             img_size=48)
+             img_size=48, window=3, backbone="resnet18", backbone_args=TINY_CNN)
+SMALL_CONFIG = {"embed_dim": 32, "num_heads": 4, "depth": 1, "patch_sizes": [12, 6, 3], "num_anchors_per_class": 3,
+                "image_size": 48, "window": 3, "dropout": 0.1, "backbone": "resnet18", "backbone_args": TINY_CNN,
+                "components": "full"}
 
 
 def test_seed_api_shapes_and_probabilities(g):
     model = g["GReFELModel"](num_classes=8, embed_dim=64, num_heads=8, depth=1, patch_sizes=[28, 14, 7],
                              num_anchors_per_class=10)
     images, landmarks, labels = g["create_dummy_data"](3)
-    assert images.shape == (3, 3, 224, 224) and landmarks.shape == (3, 68, 2) and labels.shape == (3,)
+    assert images.shape == (3, 3, 112, 112) and landmarks.shape == (3, 68, 2) and labels.shape == (3,)
     model.trust.fill_(0.5)
     out = model(images, landmarks)
     for k in ("logits", "probs", "anchor_probs", "attention_probs", "final_probs"):
@@ -74,7 +78,8 @@ def test_gradients_reach_anchors_and_attention_correction(g):
     loss = g["grefel_loss"](model)(model(images, landmarks), labels, 1.0)
     loss.backward()
     for name in ("balance.anchors.anchors", "balance.attn_proj.weight", "balance.batch_attn.in_proj_weight",
-                 "features.cross.0.attn.in_proj_weight", "features.geo_proj.2.weight"):
+                 "features.cross.0.attn.in_proj_weight", "features.geo_proj.2.weight", "features.proj.0.weight",
+                 "features.cnn.conv1.weight", "features.cnn.layer3.0.bn2.weight"):  # timm zero-inits bn2
         grad = dict(model.named_parameters())[name].grad
         assert grad is not None and grad.abs().sum() > 0, name
 
@@ -90,23 +95,154 @@ def test_anchor_loss_is_bounded_below_unlike_arbex(g):
     assert arbex < -1e4 and g["anchor_separation_loss"](far * 10, 2.0) >= 0
 
 
-def test_soft_labels_and_class_weights_in_the_loss(g):
+def _outputs(final_probs, **extra):
+    """A model-output dict with the given final probabilities (no anchors: classification loss only)."""
+    return {"final_probs": torch.as_tensor(final_probs, dtype=torch.float32), **extra}
+
+
+def test_weighted_nll_by_value_for_hard_and_soft_labels(g):
+    final = torch.tensor([[0.7, 0.2, 0.1], [0.1, 0.6, 0.3], [0.2, 0.2, 0.6], [0.5, 0.25, 0.25]])
+    y = torch.tensor([0, 1, 2, 1])
+    w = torch.tensor([1.0, 3.0, 0.5])
+    nll = -torch.log(final[torch.arange(4), y])                      # per-sample NLL, by hand
+    expected = (w[y] * nll).sum() / w[y].sum()                        # F.nll_loss(weight=...)'s weighted mean
+    loss = g["grefel_loss"](None, class_weights=w)
+    torch.testing.assert_close(loss(_outputs(final), y, 0.0), expected)
+    torch.testing.assert_close(loss(_outputs(final), torch.nn.functional.one_hot(y, 3).float(), 0.0), expected)
+    torch.testing.assert_close(expected, torch.nn.functional.nll_loss(final.log(), y, weight=w))
+    # soft targets: the cross-entropy with the vote distribution, weighted by the majority class
+    soft = torch.tensor([[0.6, 0.4, 0.0], [0.0, 0.9, 0.1], [0.2, 0.0, 0.8], [0.3, 0.7, 0.0]])
+    per = -(soft * final.log()).sum(-1)
+    torch.testing.assert_close(loss(_outputs(final), soft, 0.0), (w[y] * per).sum() / w[y].sum())
+    # label smoothing 0.3 over 3 classes: target 0.8 on the label, 0.1 elsewhere
+    smooth = torch.full((4, 3), 0.1)
+    smooth[torch.arange(4), y] = 0.8
+    torch.testing.assert_close(g["grefel_loss"](None, label_smoothing=0.3)(_outputs(final), y, 0.0),
+                               (-(smooth * final.log()).sum(-1)).mean())
+
+
+def test_center_and_anchor_terms_by_value(g):
     torch.manual_seed(0)
+    model = g["GReFELModel"](**{**SMALL, "num_classes": 2, "num_anchors_per_class": 2, "embed_dim": 4, "num_heads": 2})
+    anchors = torch.tensor([[[0.0, 0, 0, 0], [3, 0, 0, 0]], [[0, 4, 0, 0], [0, 0, 0, 1]]])  # (C=2, K=2, D=4)
+    model.balance.anchors.anchors.data.copy_(anchors)
+    e = torch.tensor([[1.0, 0, 0, 0], [0, 0, 0, 3]])
+    dist = model.balance.anchors.distances(e)
+    torch.testing.assert_close(dist, torch.tensor([[[1.0, 2.0], [17**0.5, 2**0.5]], [[3.0, 18**0.5], [5.0, 2.0]]]))
+    out = {"final_probs": torch.tensor([[0.9, 0.1], [0.5, 0.5]]), "anchor_distances": dist,
+           "confidence": torch.tensor([0.8, 0.2]), "trust": torch.tensor(0.5)}
+    y = torch.tensor([0, 1])
+    cls = -(torch.log(torch.tensor(0.9)) + torch.log(torch.tensor(0.5))) / 2
+    center = (0.8 * 1.0 + 0.2 * 2.0) / 2                              # own class, nearest anchor, x confidence
+    pair = torch.cdist(anchors.reshape(4, 4), anchors.reshape(4, 4))
+    hinge = [max(0.0, 5.0 - pair[i, j].item()) ** 2 for i in (0, 1) for j in (2, 3)]  # class 0 vs class 1
+    anchor = sum(hinge) / 4 * 2 / 2                                   # each pair counted twice in the mean
+    expected = cls + 0.5 * (2.0 * anchor + 3.0 * center)
+    loss = g["grefel_loss"](model, lambda_anchor=2.0, lambda_center=3.0, margin=5.0)(out, y, 0.5)
+    torch.testing.assert_close(loss, expected.float())
+
+
+def test_reliability_balancing_by_value(g):
+    """Every ARBEx term on a case where a swapped confidence or mix would give another result."""
+    rb = g["ReliabilityBalancing"](num_classes=3, num_anchors=1, dim=2, num_heads=1, delta=0.5)
+    rb.anchors.anchors.data.copy_(torch.tensor([[[0.0, 0.0]], [[2.0, 0.0]], [[0.0, 2.0]]]))
+    torch.nn.init.zeros_(rb.attn_proj.weight)
+    torch.nn.init.zeros_(rb.attn_proj.bias)                            # attention correction: uniform, c(a) = 0
+    e = torch.tensor([[0.2, 0.1], [1.8, 0.3]])
+    logits = torch.tensor([[2.0, 0.5, -1.0], [0.0, 0.3, 0.1]])
+    out = rb(logits, e, torch.tensor(0.75))
+    # by hand, independently of the module
+    p = torch.softmax(logits, -1)
+    d = torch.cdist(e, torch.tensor([[0.0, 0.0], [2.0, 0.0], [0.0, 2.0]]))
+    s = torch.softmax(-d / 0.5, -1)
+    a = torch.full((2, 3), 1 / 3)
+
+    def conf(q):
+        return 1 + (q * q.log()).sum(-1) / math.log(3)
+
+    cs, ca, cp = conf(s), torch.zeros(2), conf(p)
+    corr = (s * cs[:, None] + a * ca[:, None]) / (cs + ca)[:, None]
+    p_tilde = cp[:, None] * p + (1 - cp[:, None]) * corr
+    for k, v in {"probs": p, "anchor_probs": s, "attention_probs": a, "corrected_probs": p_tilde,
+                 "final_probs": 0.25 * p + 0.75 * p_tilde, "confidence": cp}.items():
+        torch.testing.assert_close(out[k], v, msg=k)
+    # the case is asymmetric: the confident sample trusts its own prediction more
+    assert cp[0] > 0.3 > cp[1] and cs.min() > 0.2
+    torch.testing.assert_close(corr, s)                                 # c(a) = 0: the anchors alone correct
+
+
+def test_trust_ramps_over_the_first_half_and_only_with_reliability_balancing(g):
     model = g["GReFELModel"](**SMALL)
+    for progress, tau in ((0.0, 0.0), (0.1, 0.2), (0.25, 0.5), (0.5, 1.0), (0.9, 1.0)):
+        model.set_progress(progress)
+        assert model.trust.item() == pytest.approx(tau)
+    plain = g["GReFELModel"](**{**SMALL, "components": "geometry"})
+    plain.set_progress(0.9)
+    assert plain.trust.item() == 0.0 and plain.balance is None
+
+
+@pytest.mark.parametrize("components", ["backbone", "pyramid", "geometry"])
+def test_ablation_rows_output_plain_softmax_and_train_without_anchors(g, components):
+    torch.manual_seed(0)
+    model = g["GReFELModel"](**{**SMALL, "components": components})
     images, landmarks, labels = g["create_dummy_data"](4, 48)
     out = model(images, landmarks)
-    soft = torch.nn.functional.one_hot(labels, 8).float()
-    hard_loss = g["grefel_loss"](model)(out, labels, 0.0)
-    torch.testing.assert_close(g["grefel_loss"](model)(out, soft, 0.0), hard_loss)
-    weighted = g["grefel_loss"](model, class_weights=torch.ones(8) * 2)(out, labels, 0.0)
-    torch.testing.assert_close(weighted, hard_loss)  # NLL with uniform weights is a weighted mean: unchanged
-    assert math.isfinite(hard_loss.item())
+    torch.testing.assert_close(out["final_probs"], out["logits"].softmax(-1))
+    assert "anchor_distances" not in out
+    g["grefel_loss"](model)(out, labels, 1.0).backward()
+    params = dict(model.named_parameters())
+    assert params["features.cnn.conv1.weight"].grad.abs().sum() > 0
+    assert ("features.cross.0.attn.in_proj_weight" in params) == (components == "geometry")
+    assert ("features.vit.layers.0.linear1.weight" in params) == (components != "backbone")
+    # landmarks matter exactly when the geometry queries are on
+    model.eval()
+    with torch.no_grad():
+        same = torch.allclose(model(images, landmarks)["final_probs"], model(images, torch.rand_like(landmarks))["final_probs"])
+    assert same == (components != "geometry")
+
+
+def test_pyramid_stages_are_chosen_by_grid_size_and_bad_sizes_say_what_works(g):
+    model = g["GReFELModel"](**SMALL)
+    assert model.features.backbone_info["out_indices"] == [1, 2, 3]     # ResNet strides 4/8/16 at 48 px
+    maps = model.features.cnn(torch.zeros(1, 3, 48, 48))
+    assert [m.shape[-1] for m in maps] == [12, 6, 3]
+    with pytest.raises(ValueError, match=r"grid sizes \[14, 7, 4\].*\[24, 12, 6, 3, 2\].*56"):
+        g["GReFELModel"](**{**SMALL, "patch_sizes": [14, 7, 4]})
+    with pytest.raises(ValueError, match="timm has no model 'resnet1'"):
+        g["GReFELModel"](**{**SMALL, "backbone": "resnet1"})
+    with pytest.raises(ValueError, match="window 4 does not tile"):
+        g["GReFELModel"](**{**SMALL, "window": 4})
+
+
+def test_backbone_weights_from_a_file_load_and_are_recorded(g, tmp_path):
+    import timm
+
+    donor = timm.create_model("resnet18", num_classes=5, **TINY_CNN)
+    torch.save(donor.state_dict(), tmp_path / "r18.pth")
+    model = g["GReFELModel"](**SMALL, weights=str(tmp_path / "r18.pth"))
+    torch.testing.assert_close(model.features.cnn.layer2[0].conv1.weight, donor.layer2[0].conv1.weight)
+    assert model.features.backbone_info["sha256"] == H.file_sha256(tmp_path / "r18.pth")
+    with pytest.raises(H.WeightsUnavailableError, match="not found"):
+        g["GReFELModel"](**SMALL, weights=str(tmp_path / "missing.pth"))
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(H.WeightsUnavailableError, match="junk.pth"):
+        g["GReFELModel"](**SMALL, weights=str(tmp_path / "junk.pth"))
+
+
+def test_mirror_landmarks_matches_a_flipped_transform(g):
+    rng = np.random.default_rng(0)
+    pts = rng.uniform(5, 40, (68, 2)).astype(np.float32)
+    img = rng.integers(0, 255, (48, 48, 1), dtype=np.uint8)
+    flip = H.KeypointCompose([__import__("albumentations").HorizontalFlip(p=1.0)])
+    flipped = flip(image=img, keypoints=pts)["keypoints"] / 48
+    mirrored = g["mirror_landmarks"](torch.as_tensor(pts / 48)[None])[0].numpy()
+    np.testing.assert_allclose(mirrored, flipped, atol=1.5 / 48)    # the same points, up to the pixel convention
+    assert np.abs(mirrored - pts / 48).max() > 0.1
 
 
 def test_checkpoint_round_trips_through_the_evaluator(g, tmp_path):
     torch.manual_seed(0)
-    config = {"embed_dim": 32, "num_heads": 4, "depth": 1, "patch_sizes": [12, 6, 3], "num_anchors_per_class": 3,
-              "image_size": 48, "window": 4, "dropout": 0.1}
+    config = dict(SMALL_CONFIG)
     model = g["build_grefel"](config, 8)
     model.set_progress(1.0)
     norm = {"mean": (0.5,) * 3, "std": (0.5,) * 3}
@@ -133,8 +269,7 @@ def test_checkpoint_round_trips_through_the_evaluator(g, tmp_path):
 
 
 def test_evaluator_on_a_larger_photo_finds_the_face(g, tmp_path, demo_kmu_zip):
-    config = {"embed_dim": 32, "num_heads": 4, "depth": 1, "patch_sizes": [12, 6, 3], "num_anchors_per_class": 3,
-              "image_size": 48, "window": 4, "dropout": 0.1}
+    config = dict(SMALL_CONFIG)
     H.save_checkpoint(tmp_path / "m.pth", model=g["build_grefel"](config, 8).state_dict(), config=config,
                       class_names=list(H.FERPLUS_CLASSES), norm={"mean": (0.5,) * 3, "std": (0.5,) * 3})
     root = H.extract_archive(demo_kmu_zip, tmp_path / "ex", verbose=False)
