@@ -24,6 +24,19 @@ def test_kmu_fed_index(kmu_index):
     assert (index["width"] == 1600).all() and (index["height"] == 1200).all()
 
 
+@pytest.mark.parametrize("protocol", ["kfold", "subject"])
+def test_kmu_fed_duplicate_pair_never_straddles_a_split(kmu_index, protocol):
+    """The six 1_AN_mr / 01_AN_mr copies: README promises that no duplicate sits on both sides."""
+    index, _ = kmu_index
+    meta = index.assign(sha1=index["sha1"])
+    copies = index.groupby("sha1").filter(lambda g: len(g) > 1)
+    assert len(copies) == 12
+    for f in H.make_folds(meta, protocol, num_folds=4 if protocol == "subject" else 10):
+        side = {i: p for p in ("train", "val", "test") for i in f[p]}
+        for _, pair in copies.groupby("sha1"):
+            assert len({side[i] for i in pair.index}) == 1, pair["rel_path"].tolist()
+
+
 def test_kmu_fed_faces_found_in_at_least_95_percent(kmu_faces):
     rate = kmu_faces["face_found"].mean()
     assert rate >= 0.95, f"face detection rate {rate:.1%}"

@@ -254,6 +254,39 @@ def test_given_protocol_uses_archive_splits_or_a_random_split():
         H.make_folds(meta.assign(subject=""), "subject")
 
 
+def test_subject_folds_keep_a_duplicate_filed_under_two_subjects_on_one_side():
+    meta = _meta()
+    meta.loc[1, "subject"] = "1"  # image 1 is a copy of image 0 (subject 0) filed under subject 1
+    for f in H.make_folds(meta, "subject", num_folds=3):
+        sides = [set(f[p]) for p in ("train", "val", "test")]
+        assert sum({0, 1} & s != set() for s in sides) == 1, "the duplicate pair straddles a split"
+    # without such a link the folds are those of the subjects alone (ids numbered the same way)
+    plain = _meta(dup=False)
+    a = H.make_folds(plain, "subject", num_folds=3)
+    groups = pd.factorize(plain["subject"])[0]
+    from sklearn.model_selection import StratifiedGroupKFold
+    ref = StratifiedGroupKFold(n_splits=3, shuffle=True, random_state=42).split(np.arange(len(plain)), plain["label"], groups)
+    for f, (_, test) in zip(a, ref):
+        np.testing.assert_array_equal(f["test"], test)
+
+
+@pytest.mark.parametrize("policy", ["warn", "error", "drop"])
+def test_given_splits_report_refuse_or_drop_copies_of_training_images(policy):
+    meta = _meta(dup=False)
+    meta["split"] = np.where(np.arange(len(meta)) % 4 == 0, "test", np.where(np.arange(len(meta)) % 4 == 1, "val", "train"))
+    meta.loc[4, "sha1"] = meta.loc[2, "sha1"]   # a test image that is a copy of a training image
+    meta.loc[5, "sha1"] = meta.loc[3, "sha1"]   # a val image, likewise
+    if policy == "error":
+        with pytest.raises(ValueError, match="2 images of the given val/test splits are byte-identical"):
+            H.make_folds(meta, "given", cross_split_duplicates=policy)
+        return
+    with pytest.warns(UserWarning, match="byte-identical"):
+        (fold,) = H.make_folds(meta, "given", cross_split_duplicates=policy)
+    assert fold["cross_split_duplicates"] == {"val": 1, "test": 1}
+    assert (4 in fold["test"] and 5 in fold["val"]) == (policy == "warn")
+    assert (4 not in fold["test"] and 5 not in fold["val"]) == (policy == "drop")
+
+
 def test_resume_refuses_a_checkpoint_written_with_other_settings(demo_cache, tmp_path):
     cache, classes = demo_cache
     _fit(cache, classes, tmp_path, num_epochs=1, config={"lr": 1e-2})
