@@ -544,6 +544,9 @@ def read_ferplus(root: str | Path, verbose: bool = True) -> tuple[pd.DataFrame, 
         "counts": {s: {c: int(v) for c, v in row.items()} for s, row in counts.iterrows()},
         "skipped": skipped,
     }
+    if skipped:  # counted in the report and said, never dropped silently
+        warnings.warn(f"FERPlus: {len(skipped)} images listed in label.csv are missing and were skipped "
+                      f"(e.g. {[p for p, _ in skipped[:3]]}); see report['skipped']", stacklevel=2)
     if verbose:
         print(f"FERPlus under {base}: {report['splits']}; "
               f"{report['excluded_unknown_or_nf']} unknown/NF-majority images excluded")

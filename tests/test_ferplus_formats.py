@@ -3,6 +3,7 @@
 import csv
 import io
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -100,3 +101,13 @@ def test_bad_csvs_are_named(tmp_path):
     (tmp_path / "z.csv").write_text("emotion,pixels,Usage\nbored,1 2 3 4,Training\n")
     with pytest.raises(H.DatasetError, match="z.csv: row 2: unknown emotion"):
         H.render_fer2013_csv(tmp_path / "z.csv", tmp_path / "out")
+
+
+def test_rows_whose_png_is_missing_are_counted_and_said(tmp_path):
+    root = H.prepare_ferplus(H.make_demo_ferplus(tmp_path / "ferplus-demo.zip"), tmp_path / "ex", verbose=False)
+    full, _ = H.read_ferplus(root, verbose=False)
+    gone = full["path"].iloc[3]
+    Path(gone).unlink()
+    with pytest.warns(UserWarning, match=r"1 images listed in label.csv are missing"):
+        index, report = H.read_ferplus(root, verbose=False)
+    assert len(index) == len(full) - 1 and report["skipped"] == [(gone, "listed in label.csv but missing")]
