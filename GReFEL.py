@@ -104,11 +104,11 @@ PROFILES = {
               "backbone_args": {"channels": [16, 32, 64, 128], "stem_width": 16}, "embed_dim": 64, "num_heads": 4,
               "depth": 1, "patch_sizes": [12, 6, 3], "window": 3, "num_anchors_per_class": 3, "num_epochs": 2,
               "batch_size": 32, "lr": 1e-3, "weight_decay": 0.01, "warmup_epochs": 0, "num_workers": 0},
-    # full FER+ on a 2-core CPU in under 2 hours: faces upsampled 48 -> 96 px (a ResNet's stride-4 stem would
-    # leave 12x12 cells of a 48-px face), a half-width ResNet-18 from scratch, pyramid 24/12/6
-    "cpu": {**COMMON, "image_size": 96, "backbone": "resnet18", "weights": "none",
-            "backbone_args": {"channels": [32, 64, 128, 256], "stem_width": 32}, "embed_dim": 128, "num_heads": 4,
-            "depth": 2, "patch_sizes": [24, 12, 6], "window": 6, "num_anchors_per_class": 5, "num_epochs": 30,
+    # full FER+ on a 2-core CPU in under 2 hours: faces upsampled 48 -> 64 px, a ResNet-18 from scratch, pyramid
+    # 16/8/4 (its strides 4/8/16); a pilot (3 epochs, backbone + linear head) chose this over a half-width ResNet-18
+    # at 96 px (FER2013Valid 69.7% vs 68.3%); 96-d tokens keep an epoch near 4 minutes
+    "cpu": {**COMMON, "image_size": 64, "backbone": "resnet18", "weights": "none", "embed_dim": 96, "num_heads": 4,
+            "depth": 2, "patch_sizes": [16, 8, 4], "window": 4, "num_anchors_per_class": 5, "num_epochs": 24,
             "batch_size": 128, "lr": 2e-3, "weight_decay": 0.05, "warmup_epochs": 1, "num_workers": 2},
     # one GPU: ImageNet ResNet-18 at 112 px, the seed's 28/14/7 pyramid
     "gpu": {**COMMON, "image_size": 112, "backbone": "resnet18", "weights": "hub", "embed_dim": 384, "num_heads": 6,
