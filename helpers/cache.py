@@ -20,6 +20,7 @@ import h5py
 import numpy as np
 import pandas as pd
 
+from .setup import output_lock, temp_path
 from .data import DatasetError, load_image
 from .faces import BOX_COLUMNS, NO_FACE_POLICIES, crop_face
 
@@ -56,7 +57,8 @@ def build_hdf5_cache(index: pd.DataFrame, out_path: str | Path, class_names: lis
     """Crop, resize and store every image of an index in one HDF5 file, or reuse it.
 
     The build streams ``chunk_size`` images at a time (memory stays bounded whatever the
-    dataset size) into ``<out_path>.partial``, renamed to ``out_path`` only when complete.
+    dataset size) into ``<out_path>.partial-<pid>-<random>``, renamed to ``out_path`` only when complete
+    (an inter-process lock on ``out_path`` lets one run build it while others wait, then reuse it).
     An existing file with the same fingerprint is reused. Unreadable images are skipped
     with a warning and listed in the build report (``attrs["report"]``).
 
@@ -98,92 +100,98 @@ def build_hdf5_cache(index: pd.DataFrame, out_path: str | Path, class_names: lis
               "square": square, "no_face": no_face, "class_names": list(class_names),
               "extra_columns": list(extra_columns),
               "landmarks": None if landmarker is None else getattr(landmarker, "settings", repr(landmarker))}
-    fingerprint = cache_fingerprint(index, params, tuple(extra_columns))
-    if out_path.exists():
+    with output_lock(out_path, "HDF5 cache"):
+        fingerprint = cache_fingerprint(index, params, tuple(extra_columns))
+        if out_path.exists():
+            try:
+                with h5py.File(out_path, "r") as f:
+                    if f.attrs.get("fingerprint") == fingerprint:
+                        if progress:
+                            print(f"Reusing cache {out_path} ({f['labels'].shape[0]} images, fingerprint matches)")
+                        return out_path
+            except OSError:
+                pass  # unreadable: rebuild
+            if progress:
+                print(f"Cache {out_path} is out of date: rebuilding")
+
+        n, s, c = len(index), image_size, channels
+        tmp = temp_path(out_path, "partial")
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+        for stale in out_path.parent.glob(out_path.name + ".partial-*"):  # left by killed builds; we hold the lock
+            stale.unlink()
+        class_to_id = {name: i for i, name in enumerate(class_names)}
+        rows = index.reset_index(drop=True)
+        boxes = rows[BOX_COLUMNS].to_numpy(np.float64) if has_boxes else np.full((n, 4), np.nan)
+        extras = {name: rows[[col for col in rows.columns if col.startswith(name + "_")]].to_numpy(np.float32)
+                  for name in extra_columns}
+        skipped, kept, no_face_count = [], [], 0
+        lm_points, lm_ok = [], []
+
+        def prepare(i: int) -> np.ndarray | None | str:
+            try:
+                image = load_image(rows.at[i, "path"], channels)
+            except DatasetError as e:
+                return str(e)
+            # Without detection the whole image is fitted, as the "full" policy does.
+            return crop_face(image, tuple(boxes[i]) if has_boxes else None, s, margin=margin, square=square,
+                             no_face=no_face if has_boxes else "full")
+
         try:
-            with h5py.File(out_path, "r") as f:
-                if f.attrs.get("fingerprint") == fingerprint:
-                    if progress:
-                        print(f"Reusing cache {out_path} ({f['labels'].shape[0]} images, fingerprint matches)")
-                    return out_path
-        except OSError:
-            pass  # unreadable: rebuild
+            with h5py.File(tmp, "w") as f:
+                images = f.create_dataset("images", shape=(n, s, s, c), maxshape=(None, s, s, c), dtype="uint8",
+                                          chunks=(1, s, s, c))
+                written = 0
+                bar = tqdm(total=n, desc=f"cache {out_path.name}", disable=not progress)
+                with ThreadPoolExecutor(max(1, num_threads)) as pool:
+                    for start in range(0, n, chunk_size):
+                        ids = range(start, min(n, start + chunk_size))
+                        batch = []
+                        for i, result in zip(ids, pool.map(prepare, ids)):
+                            if isinstance(result, str):
+                                warnings.warn(f"skipping unreadable image: {result}")
+                                skipped.append((rows.at[i, "path"], result))
+                                continue
+                            if has_boxes and not np.isfinite(boxes[i, 0]):
+                                no_face_count += 1
+                                if result is None:
+                                    skipped.append((rows.at[i, "path"], "no face found (policy: drop)"))
+                                    continue
+                            batch.append(result.reshape(s, s, c))
+                            kept.append(i)
+                            if landmarker is not None:
+                                pts, ok = landmarker(result)
+                                lm_points.append(np.asarray(pts, np.float32) / s)
+                                lm_ok.append(bool(ok))
+                        if batch:
+                            images[written:written + len(batch)] = np.stack(batch)
+                            written += len(batch)
+                        bar.update(len(ids))
+                        if on_chunk is not None:
+                            on_chunk(written)
+                bar.close()
+                images.resize(written, axis=0)
+                kept_rows = rows.iloc[kept]
+                f.create_dataset("labels", data=np.array([class_to_id[x] for x in kept_rows["label"]], np.int64))
+                for col in META_COLUMNS:
+                    values = kept_rows[col].fillna("").astype(str).tolist() if col in kept_rows else [""] * written
+                    f.create_dataset(col, data=np.array(values, dtype=object), dtype=h5py.string_dtype())
+                f.create_dataset("face_box", data=boxes[kept].astype(np.float32))
+                for name, values in extras.items():
+                    f.create_dataset(name, data=values[kept])
+                if landmarker is not None:
+                    f.create_dataset("landmarks", data=np.stack(lm_points) if lm_points else np.zeros((0, 68, 2), np.float32))
+                    f.create_dataset("landmarks_ok", data=np.array(lm_ok, bool))
+                report = {"num_source": n, "num_cached": written, "skipped": skipped,
+                          "no_face": no_face_count, "no_face_policy": no_face if has_boxes else "n/a (no detection)"}
+                f.attrs.update({"fingerprint": fingerprint, "version": CACHE_VERSION, "class_names": json.dumps(class_names),
+                                "preprocess": json.dumps(params), "report": json.dumps(report)})
+            os.replace(tmp, out_path)
+        except BaseException:  # a full disk, a bad image policy, Ctrl-C: no partial file stays behind
+            tmp.unlink(missing_ok=True)
+            raise
         if progress:
-            print(f"Cache {out_path} is out of date: rebuilding")
-
-    n, s, c = len(index), image_size, channels
-    tmp = out_path.with_name(out_path.name + ".partial")
-    tmp.parent.mkdir(parents=True, exist_ok=True)
-    tmp.unlink(missing_ok=True)
-    class_to_id = {name: i for i, name in enumerate(class_names)}
-    rows = index.reset_index(drop=True)
-    boxes = rows[BOX_COLUMNS].to_numpy(np.float64) if has_boxes else np.full((n, 4), np.nan)
-    extras = {name: rows[[col for col in rows.columns if col.startswith(name + "_")]].to_numpy(np.float32)
-              for name in extra_columns}
-    skipped, kept, no_face_count = [], [], 0
-    lm_points, lm_ok = [], []
-
-    def prepare(i: int) -> np.ndarray | None | str:
-        try:
-            image = load_image(rows.at[i, "path"], channels)
-        except DatasetError as e:
-            return str(e)
-        # Without detection the whole image is fitted, as the "full" policy does.
-        return crop_face(image, tuple(boxes[i]) if has_boxes else None, s, margin=margin, square=square,
-                         no_face=no_face if has_boxes else "full")
-
-    with h5py.File(tmp, "w") as f:
-        images = f.create_dataset("images", shape=(n, s, s, c), maxshape=(None, s, s, c), dtype="uint8",
-                                  chunks=(1, s, s, c))
-        written = 0
-        bar = tqdm(total=n, desc=f"cache {out_path.name}", disable=not progress)
-        with ThreadPoolExecutor(max(1, num_threads)) as pool:
-            for start in range(0, n, chunk_size):
-                ids = range(start, min(n, start + chunk_size))
-                batch = []
-                for i, result in zip(ids, pool.map(prepare, ids)):
-                    if isinstance(result, str):
-                        warnings.warn(f"skipping unreadable image: {result}")
-                        skipped.append((rows.at[i, "path"], result))
-                        continue
-                    if has_boxes and not np.isfinite(boxes[i, 0]):
-                        no_face_count += 1
-                        if result is None:
-                            skipped.append((rows.at[i, "path"], "no face found (policy: drop)"))
-                            continue
-                    batch.append(result.reshape(s, s, c))
-                    kept.append(i)
-                    if landmarker is not None:
-                        pts, ok = landmarker(result)
-                        lm_points.append(np.asarray(pts, np.float32) / s)
-                        lm_ok.append(bool(ok))
-                if batch:
-                    images[written:written + len(batch)] = np.stack(batch)
-                    written += len(batch)
-                bar.update(len(ids))
-                if on_chunk is not None:
-                    on_chunk(written)
-        bar.close()
-        images.resize(written, axis=0)
-        kept_rows = rows.iloc[kept]
-        f.create_dataset("labels", data=np.array([class_to_id[x] for x in kept_rows["label"]], np.int64))
-        for col in META_COLUMNS:
-            values = kept_rows[col].fillna("").astype(str).tolist() if col in kept_rows else [""] * written
-            f.create_dataset(col, data=np.array(values, dtype=object), dtype=h5py.string_dtype())
-        f.create_dataset("face_box", data=boxes[kept].astype(np.float32))
-        for name, values in extras.items():
-            f.create_dataset(name, data=values[kept])
-        if landmarker is not None:
-            f.create_dataset("landmarks", data=np.stack(lm_points) if lm_points else np.zeros((0, 68, 2), np.float32))
-            f.create_dataset("landmarks_ok", data=np.array(lm_ok, bool))
-        report = {"num_source": n, "num_cached": written, "skipped": skipped,
-                  "no_face": no_face_count, "no_face_policy": no_face if has_boxes else "n/a (no detection)"}
-        f.attrs.update({"fingerprint": fingerprint, "version": CACHE_VERSION, "class_names": json.dumps(class_names),
-                        "preprocess": json.dumps(params), "report": json.dumps(report)})
-    os.replace(tmp, out_path)
-    if progress:
-        print(f"Cached {written}/{n} images to {out_path} ({len(skipped)} skipped, {no_face_count} without a face)")
-    return out_path
+            print(f"Cached {written}/{n} images to {out_path} ({len(skipped)} skipped, {no_face_count} without a face)")
+        return out_path
 
 
 def read_cache_meta(path: str | Path) -> tuple[pd.DataFrame, dict]:

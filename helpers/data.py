@@ -27,6 +27,8 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageOps
 
+from .setup import atomic_write, output_lock
+
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp", ".pgm"}
 ARCHIVE_SUFFIXES = (".zip", ".tar.gz", ".tgz", ".tar")
 
@@ -203,43 +205,44 @@ def extract_archive(archive: str | Path, out_dir: str | Path, verbose: bool = Tr
         raise DatasetError(f"{archive}: no such archive")
     out_dir = Path(out_dir)
     target = out_dir / _archive_stem(archive)
-    marker = target / ".extracted.json"
-    st = archive.stat()
-    fingerprint = {"archive": archive.name, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
-    if marker.exists():
-        old = json.loads(marker.read_text())
-        same_stat = all(old.get(k) == v for k, v in fingerprint.items())
-        # Size and mtime usually settle it; a touched but identical archive is caught by the hash.
-        if same_stat or (old.get("size") == st.st_size and old.get("sha256") == file_sha256(archive)):
-            if verbose:
-                print(f"Reusing extraction {target} (archive unchanged)")
-            return target
-    fingerprint["sha256"] = file_sha256(archive)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir / f"{target.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        if archive.name.lower().endswith(".zip"):
-            _extract_zip(archive, tmp)
-        elif archive.name.lower().endswith((".tar.gz", ".tgz", ".tar")):
-            _extract_tar(archive, tmp)
-        else:
-            raise DatasetError(f"{archive}: unsupported archive type (use .zip, .tar.gz, .tgz or .tar)")
-        (tmp / ".extracted.json").write_text(json.dumps(fingerprint, indent=1))
-    except BaseException:
+    with output_lock(target, f"extracting {archive.name}"):
+        marker = target / ".extracted.json"
+        st = archive.stat()
+        fingerprint = {"archive": archive.name, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+        if marker.exists():
+            old = json.loads(marker.read_text())
+            same_stat = all(old.get(k) == v for k, v in fingerprint.items())
+            # Size and mtime usually settle it; a touched but identical archive is caught by the hash.
+            if same_stat or (old.get("size") == st.st_size and old.get("sha256") == file_sha256(archive)):
+                if verbose:
+                    print(f"Reusing extraction {target} (archive unchanged)")
+                return target
+        fingerprint["sha256"] = file_sha256(archive)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        tmp = out_dir / f"{target.name}.partial-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if target.exists():  # replace a stale extraction only now that the new one is complete
-        stale = out_dir / f"{target.name}.stale-{os.getpid()}"
-        target.rename(stale)
-        tmp.rename(target)
-        shutil.rmtree(stale, ignore_errors=True)
-    else:
-        tmp.rename(target)
-    if verbose:
-        print(f"Extracted {archive.name} -> {target}")
-    return target
+        tmp.mkdir()
+        try:
+            if archive.name.lower().endswith(".zip"):
+                _extract_zip(archive, tmp)
+            elif archive.name.lower().endswith((".tar.gz", ".tgz", ".tar")):
+                _extract_tar(archive, tmp)
+            else:
+                raise DatasetError(f"{archive}: unsupported archive type (use .zip, .tar.gz, .tgz or .tar)")
+            (tmp / ".extracted.json").write_text(json.dumps(fingerprint, indent=1))
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        if target.exists():  # replace a stale extraction only now that the new one is complete
+            stale = out_dir / f"{target.name}.stale-{os.getpid()}"
+            target.rename(stale)
+            tmp.rename(target)
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            tmp.rename(target)
+        if verbose:
+            print(f"Extracted {archive.name} -> {target}")
+        return target
 
 
 # ----------------------------------------------------------------------------- images
@@ -465,11 +468,7 @@ def write_annotations(index: pd.DataFrame, out_dir: str | Path) -> list[Path]:
         (f"{s}_annotations.csv", index[index["split"] == s]) for s in ("train", "val", "test")
         if (index["split"] == s).any()]
     for name, frame in frames:
-        path = out_dir / name
-        tmp = path.with_suffix(".csv.tmp")
-        frame.to_csv(tmp, index=False)
-        os.replace(tmp, path)
-        written.append(path)
+        written.append(atomic_write(out_dir / name, lambda tmp, frame=frame: frame.to_csv(tmp, index=False)))
     return written
 
 
@@ -633,73 +632,74 @@ def render_fer2013_csv(csv_path: str | Path, out_dir: str | Path, votes_csv: str
     sources = [csv_path] + ([Path(votes_csv)] if votes_csv else [])
     fingerprint = {str(p.name): [p.stat().st_size, p.stat().st_mtime_ns] for p in sources}
     target = Path(out_dir) / f"{csv_path.stem}-rendered"
-    marker = target / ".rendered.json"
-    if marker.exists() and json.loads(marker.read_text()) == fingerprint:
-        if verbose:
-            print(f"Reusing rendered {target}")
-        return target
-    try:
-        table = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
-    except (pd.errors.ParserError, ValueError, UnicodeDecodeError) as e:
-        raise DatasetError(f"{csv_path}: cannot parse as CSV ({e})") from e
-    table.columns = [c.strip().lower() for c in table.columns]
-    missing = {"emotion", "usage"} - set(table.columns)
-    if missing or not ({"pixels", "image"} & set(table.columns)):
-        raise DatasetError(f"{csv_path}: needs columns emotion, pixels (or image), Usage; found {list(table.columns)}")
-    if votes_csv:
-        votes = pd.read_csv(votes_csv, dtype=str, keep_default_na=False)
-        if len(votes) != len(table):
-            raise DatasetError(f"{votes_csv}: {len(votes)} rows but {csv_path.name} has {len(table)}; "
-                               "fer2013new.csv must be row-aligned with fer2013.csv")
-        names = votes["Image name"].str.strip()
-        vote_values = votes[FERPLUS_COLUMNS].astype(int).to_numpy()
-    else:
-        names = pd.Series([f"fer{i:07d}.png" for i in range(len(table))])
-        vote_values = None
-    tmp = target.with_name(target.name + f".partial-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    rows_by_folder: dict[str, list] = {f: [] for f in USAGE_TO_FOLDER.values()}
-    try:
-        for i, row in enumerate(table.itertuples(index=False)):
-            name = names.iat[i]
-            if not name:  # FERPlus dropped this row
-                continue
-            folder = USAGE_TO_FOLDER.get(row.usage.strip().lower())
-            if folder is None:
-                raise DatasetError(f"{csv_path}: row {i + 2}: unknown Usage {row.usage!r}")
-            if "pixels" in table.columns and row.pixels.strip():
-                px = np.array(row.pixels.split(), dtype=np.uint8)
-                side = int(round(math.sqrt(px.size)))
-                if side * side != px.size:
-                    raise DatasetError(f"{csv_path}: row {i + 2}: {px.size} pixels is not a square image")
-                image = px.reshape(side, side)
-            else:
-                image = load_image(csv_path.parent / row.image, channels=1)
-            if vote_values is not None:
-                v = vote_values[i]
-            else:
-                try:
-                    v = np.eye(10, dtype=int)[FERPLUS_COLUMNS.index(_fer_name(row.emotion))] * 10
-                except ValueError as e:
-                    raise DatasetError(f"{csv_path}: row {i + 2}: {e}") from e
-            (tmp / folder).mkdir(parents=True, exist_ok=True)
-            Image.fromarray(image).save(tmp / folder / name)
-            h, w = image.shape
-            rows_by_folder[folder].append([name, f"(0, 0, {w}, {h})", *map(int, v)])
-        for folder, rows in rows_by_folder.items():
-            if rows:
-                pd.DataFrame(rows).to_csv(tmp / folder / "label.csv", header=False, index=False)
-        (tmp / ".rendered.json").write_text(json.dumps(fingerprint))
-        if target.exists():
-            shutil.rmtree(target)
-        tmp.rename(target)
-    except BaseException:
+    with output_lock(target, f"rendering {csv_path.name}"):
+        marker = target / ".rendered.json"
+        if marker.exists() and json.loads(marker.read_text()) == fingerprint:
+            if verbose:
+                print(f"Reusing rendered {target}")
+            return target
+        try:
+            table = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
+        except (pd.errors.ParserError, ValueError, UnicodeDecodeError) as e:
+            raise DatasetError(f"{csv_path}: cannot parse as CSV ({e})") from e
+        table.columns = [c.strip().lower() for c in table.columns]
+        missing = {"emotion", "usage"} - set(table.columns)
+        if missing or not ({"pixels", "image"} & set(table.columns)):
+            raise DatasetError(f"{csv_path}: needs columns emotion, pixels (or image), Usage; found {list(table.columns)}")
+        if votes_csv:
+            votes = pd.read_csv(votes_csv, dtype=str, keep_default_na=False)
+            if len(votes) != len(table):
+                raise DatasetError(f"{votes_csv}: {len(votes)} rows but {csv_path.name} has {len(table)}; "
+                                   "fer2013new.csv must be row-aligned with fer2013.csv")
+            names = votes["Image name"].str.strip()
+            vote_values = votes[FERPLUS_COLUMNS].astype(int).to_numpy()
+        else:
+            names = pd.Series([f"fer{i:07d}.png" for i in range(len(table))])
+            vote_values = None
+        tmp = target.with_name(target.name + f".partial-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if verbose:
-        print(f"Rendered {csv_path.name} -> {target}: " +
-              ", ".join(f"{f} {len(r)}" for f, r in rows_by_folder.items()))
-    return target
+        rows_by_folder: dict[str, list] = {f: [] for f in USAGE_TO_FOLDER.values()}
+        try:
+            for i, row in enumerate(table.itertuples(index=False)):
+                name = names.iat[i]
+                if not name:  # FERPlus dropped this row
+                    continue
+                folder = USAGE_TO_FOLDER.get(row.usage.strip().lower())
+                if folder is None:
+                    raise DatasetError(f"{csv_path}: row {i + 2}: unknown Usage {row.usage!r}")
+                if "pixels" in table.columns and row.pixels.strip():
+                    px = np.array(row.pixels.split(), dtype=np.uint8)
+                    side = int(round(math.sqrt(px.size)))
+                    if side * side != px.size:
+                        raise DatasetError(f"{csv_path}: row {i + 2}: {px.size} pixels is not a square image")
+                    image = px.reshape(side, side)
+                else:
+                    image = load_image(csv_path.parent / row.image, channels=1)
+                if vote_values is not None:
+                    v = vote_values[i]
+                else:
+                    try:
+                        v = np.eye(10, dtype=int)[FERPLUS_COLUMNS.index(_fer_name(row.emotion))] * 10
+                    except ValueError as e:
+                        raise DatasetError(f"{csv_path}: row {i + 2}: {e}") from e
+                (tmp / folder).mkdir(parents=True, exist_ok=True)
+                Image.fromarray(image).save(tmp / folder / name)
+                h, w = image.shape
+                rows_by_folder[folder].append([name, f"(0, 0, {w}, {h})", *map(int, v)])
+            for folder, rows in rows_by_folder.items():
+                if rows:
+                    pd.DataFrame(rows).to_csv(tmp / folder / "label.csv", header=False, index=False)
+            (tmp / ".rendered.json").write_text(json.dumps(fingerprint))
+            if target.exists():
+                shutil.rmtree(target)
+            tmp.rename(target)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        if verbose:
+            print(f"Rendered {csv_path.name} -> {target}: " +
+                  ", ".join(f"{f} {len(r)}" for f, r in rows_by_folder.items()))
+        return target
 
 
 def prepare_ferplus(source: str | Path, out_dir: str | Path, verbose: bool = True) -> Path:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import copy
-import os
-import uuid
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +11,7 @@ import torch
 from .augment import build_transform
 from .data import load_image
 from .faces import FaceDetector, crop_face
+from .setup import atomic_write
 
 
 class Predictor:
@@ -97,19 +96,6 @@ def export_metadata(class_names: list[str], preprocess: dict, mean: tuple, std: 
             "preprocess": preprocess, "output": "class probabilities (softmax)", **extra}
 
 
-def _atomic(path: Path, write) -> Path:
-    """``write(tmp)`` to a name of this process's own, then rename: concurrent writers never share a
-    temporary file, and a failed write leaves neither a partial file nor the temporary one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        write(tmp)
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
-
-
 def _export_copy(model: torch.nn.Module) -> ProbabilityModel:
     """An fp32, CPU, eval-mode copy of the model, wrapped: exporting never moves, casts or switches
     the caller's model (which a Predictor or evaluator on CUDA may still be using)."""
@@ -150,7 +136,7 @@ def export_onnx(model: torch.nn.Module, path: str | Path, example_inputs: tuple[
         entry.key, entry.value = "fer_metadata", json.dumps(metadata)
         onnx.save(proto, str(tmp))
 
-    return _atomic(path, write)
+    return atomic_write(path, write)
 
 
 def export_torchscript(model: torch.nn.Module, path: str | Path, example_inputs: tuple[torch.Tensor, ...],
@@ -162,7 +148,7 @@ def export_torchscript(model: torch.nn.Module, path: str | Path, example_inputs:
     example_inputs = tuple(x.float().cpu() for x in example_inputs)
     with torch.no_grad():
         traced = torch.jit.trace(wrapped, tuple(example_inputs), check_trace=False)
-    return _atomic(Path(path), lambda tmp: torch.jit.save(traced, str(tmp),
+    return atomic_write(Path(path), lambda tmp: torch.jit.save(traced, str(tmp),
                                                           _extra_files={"meta.json": json.dumps(metadata)}))
 
 
@@ -170,7 +156,7 @@ def quantize_onnx_int8(src: str | Path, dst: str | Path) -> Path:
     """Dynamic int8 quantisation of an ONNX model's MatMul/Gemm weights (onnxruntime's tool)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    return _atomic(Path(dst), lambda tmp: quantize_dynamic(str(src), str(tmp), weight_type=QuantType.QInt8,
+    return atomic_write(Path(dst), lambda tmp: quantize_dynamic(str(src), str(tmp), weight_type=QuantType.QInt8,
                                                            op_types_to_quantize=["MatMul", "Gemm"]))
 
 

@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageOps
 
+from .setup import atomic_write, output_lock
 from .data import DatasetError
 
 BOX_COLUMNS = ["face_x", "face_y", "face_w", "face_h"]
@@ -132,36 +133,34 @@ def detect_faces(index: pd.DataFrame, cache_path: str | Path, detector: FaceDete
     detector = detector or FaceDetector()
     cache_path = Path(cache_path)
     key = hashlib.sha1(json.dumps(detector.params, sort_keys=True).encode()).hexdigest()[:12]
-    cached: dict[str, list] = {}
-    if cache_path.exists():
-        old = pd.read_csv(cache_path, dtype={"sha1": str, "params": str})
-        old = old[old["params"] == key]
-        cached = {r.sha1: [r.face_x, r.face_y, r.face_w, r.face_h, r.face_score] for r in old.itertuples()}
-    todo = [r for r in index.drop_duplicates("sha1").itertuples() if r.sha1 not in cached]
+    with output_lock(cache_path, "face boxes"):
+        cached: dict[str, list] = {}
+        if cache_path.exists():
+            old = pd.read_csv(cache_path, dtype={"sha1": str, "params": str})
+            old = old[old["params"] == key]
+            cached = {r.sha1: [r.face_x, r.face_y, r.face_w, r.face_h, r.face_score] for r in old.itertuples()}
+        todo = [r for r in index.drop_duplicates("sha1").itertuples() if r.sha1 not in cached]
 
-    def save():
-        rows = [[s, key, *v] for s, v in cached.items()]
-        frame = pd.DataFrame(rows, columns=["sha1", "params", *BOX_COLUMNS, "face_score"])
-        cache_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_path.with_name(cache_path.name + ".tmp")
-        frame.to_csv(tmp, index=False)
-        os.replace(tmp, cache_path)
+        def save():
+            rows = [[s, key, *v] for s, v in cached.items()]
+            frame = pd.DataFrame(rows, columns=["sha1", "params", *BOX_COLUMNS, "face_score"])
+            atomic_write(cache_path, lambda tmp: frame.to_csv(tmp, index=False))
 
-    for i, r in enumerate(tqdm(todo, desc="faces", disable=not progress or not todo)):
-        try:
-            found = detector.detect_file(r.path)
-        except Exception:  # noqa: BLE001 - unreadable files are reported by the cache build
-            found = None
-        cached[r.sha1] = [np.nan] * 5 if found is None else [*found[0], found[1]]
-        if (i + 1) % save_every == 0:
+        for i, r in enumerate(tqdm(todo, desc="faces", disable=not progress or not todo)):
+            try:
+                found = detector.detect_file(r.path)
+            except Exception:  # noqa: BLE001 - unreadable files are reported by the cache build
+                found = None
+            cached[r.sha1] = [np.nan] * 5 if found is None else [*found[0], found[1]]
+            if (i + 1) % save_every == 0:
+                save()
+        if todo or not cache_path.exists():
             save()
-    if todo or not cache_path.exists():
-        save()
-    out = index.copy()
-    values = np.array([cached[s] for s in out["sha1"]], dtype=np.float64).reshape(len(out), 5)
-    out[BOX_COLUMNS + ["face_score"]] = values
-    out["face_found"] = ~np.isnan(values[:, 0])
-    return out
+        out = index.copy()
+        values = np.array([cached[s] for s in out["sha1"]], dtype=np.float64).reshape(len(out), 5)
+        out[BOX_COLUMNS + ["face_score"]] = values
+        out["face_found"] = ~np.isnan(values[:, 0])
+        return out
 
 
 def crop_face(image: np.ndarray, box: tuple[float, float, float, float] | None, out_size: int,

@@ -1,12 +1,22 @@
-"""Setup shared by both notebooks: profiles -> config, device, environment, atomic JSON."""
+"""Setup shared by both notebooks: profiles -> config, device, environment, atomic writes and
+inter-process locks (several runs may share one working directory)."""
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
 import platform
 import sys
+import tempfile
+import uuid
 from pathlib import Path
+from typing import Callable, Iterator
+
+from filelock import FileLock, Timeout
+
+LOCK_DIR = Path(tempfile.gettempdir()) / "fer-pipeline-locks"
 
 
 def resolve_config(profile: str, profiles: dict[str, dict], overrides: dict) -> dict:
@@ -84,11 +94,56 @@ def environment_info() -> dict:
     return info
 
 
-def save_json(obj, path: str | Path) -> Path:
-    """Write JSON atomically (temporary file, then rename)."""
+def temp_path(path: str | Path, tag: str = "tmp") -> Path:
+    """A sibling of ``path`` whose name no other process or call uses (pid and a random suffix)."""
+    path = Path(path)
+    return path.with_name(f"{path.name}.{tag}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], object]) -> Path:
+    """``write(tmp)`` to a unique temporary sibling, then rename it to ``path``.
+
+    Readers see the old file or the new one, never a partial one; concurrent writers never
+    share a temporary file; a failed write (a full disk, say) removes its temporary file and
+    leaves the old ``path`` intact.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    os.replace(tmp, path)
+    tmp = temp_path(path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
     return path
+
+
+@contextlib.contextmanager
+def output_lock(path: str | Path, what: str = "") -> Iterator[None]:
+    """Hold an inter-process lock keyed by an output path (filelock's OS-level lock).
+
+    A second run that needs the same output waits, saying on what, and then finds it built.
+    The operating system releases the lock when its holder dies, so a killed run never
+    blocks the next one. The lock files live in the system's temporary folder, named by a
+    hash of the resolved path, so working and data folders get no ``.lock`` files (processes
+    on one machine are coordinated; on a shared file system, build shared caches first).
+    """
+    key = hashlib.sha1(str(Path(path).resolve()).encode()).hexdigest()[:20]
+    LOCK_DIR.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(LOCK_DIR / f"{Path(path).name[:40]}-{key}.lock"))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        print(f"Waiting for another process that is building {path}{f' ({what})' if what else ''} ...", flush=True)
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def save_json(obj, path: str | Path) -> Path:
+    """Write JSON atomically (unique temporary file, then rename)."""
+    text = json.dumps(obj, indent=2, default=str)
+    return atomic_write(path, lambda tmp: tmp.write_text(text))

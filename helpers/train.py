@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import distributed
-from .setup import config_fingerprint, save_json
+from .setup import atomic_write, config_fingerprint, save_json
 
 
 # ----------------------------------------------------------------------------- seeding & loaders
@@ -282,12 +282,7 @@ def evaluate(model: nn.Module, loader, device, loss_fn: Callable | None = None, 
 
 def save_checkpoint(path: str | Path, **state) -> Path:
     """``torch.save`` atomically (temporary file, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
 def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
