@@ -325,9 +325,9 @@ pd.DataFrame({c: {k: np.mean([m["per_class"][c][k] for m in fold_metrics]) for k
 
 # %%
 H.plot_confusion_matrix(total_cm, class_names, title=f"{config['protocol']} test folds",
-                        save_path=out_dir / "confusion_matrix.png")
-H.plot_metric_summary(fold_metrics, save_path=out_dir / "performance_summary.png")
-H.plot_training_curves(fold_runs[0]["history"], save_path=out_dir / "training_curve.png");
+                        save_path=run_dir / "confusion_matrix.png")
+H.plot_metric_summary(fold_metrics, save_path=run_dir / "performance_summary.png")
+H.plot_training_curves(fold_runs[0]["history"], save_path=run_dir / "training_curve.png");
 
 # %% [markdown]
 # ## Cross-dataset check
@@ -376,14 +376,18 @@ print(example["rel_path"], "(true:", example["label"] + ")", "->", predict(examp
 
 # %% [markdown]
 # ## Save results
-# `best_model.pth` (the fold with the best validation accuracy, with config, class names and
-# preprocessing) and `final_results.json`: config, protocol, metrics per fold and aggregated,
-# parameter counts, wall time, environment, data fingerprint, face detection, weights source.
+# Into the run's own folder, `DFER_GCViT/runs/<settings>_<key>/` (runs with other settings,
+# even at the same time, never overwrite each other): `final_model.pth` (the fold with the
+# best validation accuracy, with config, class names and preprocessing) and
+# `final_results.json` (config, protocol, metrics per fold and aggregated, parameter counts,
+# wall time, environment, data fingerprint, face detection, weights source), beside the plots
+# and exports. `DFER_GCViT/best_model.pth`, `final_results.json` and the plots are atomic
+# copies of the latest finished run, with its `run_key` inside.
 
 # %%
-H.save_checkpoint(out_dir / "best_model.pth", **best_ckpt)
+H.save_checkpoint(run_dir / "final_model.pth", **{**best_ckpt, "run_key": run_key})
 results = {
-    "notebook": "DFER_GCViT", "data": data_kind, "source": str(source), "config": config,
+    "notebook": "DFER_GCViT", "run_key": run_key, "run_dir": str(run_dir), "data": data_kind, "source": str(source), "config": config,
     "protocol": {"name": config["protocol"], "folds": len(folds),
                  "sizes": [{p: int(len(f[p])) for p in ("train", "val", "test")} for f in folds],
                  "model_selection": "best val_acc on a validation split carved from the training side"},
@@ -397,8 +401,11 @@ results = {
     "face_detection": face_stats, "cache": {"path": str(cache_path), **cache_attrs},
     "device": str(device), "environment": H.environment_info(),
 }
-H.save_json(results, out_dir / "final_results.json")
-print("Wrote", out_dir / "final_results.json", "and", out_dir / "best_model.pth")
+H.save_json(results, run_dir / "final_results.json")
+H.publish_run(run_dir, out_dir, {"final_model.pth": "best_model.pth", "final_results.json": "final_results.json",
+                                 **{f: f for f in ("confusion_matrix.png", "performance_summary.png",
+                                                   "training_curve.png")}})
+print("Wrote", run_dir, "and its latest copies", out_dir / "final_results.json", "and", out_dir / "best_model.pth")
 
 # %% [markdown]
 # ## Export
@@ -411,7 +418,7 @@ print("Wrote", out_dir / "final_results.json", "and", out_dir / "best_model.pth"
 # %%
 export_report = None
 if config["export"]:
-    export_dir = out_dir / "export"
+    export_dir = run_dir / "export"
     export_meta = H.export_metadata(class_names, cache_attrs["preprocess"], norm["mean"], norm["std"],
                                     model=config["model_name"], protocol=config["protocol"])
     cpu_model = copy.deepcopy(model).cpu().eval()  # the trained model stays where it is, for predict()

@@ -560,7 +560,7 @@ run = H.fit(model, train_loader, val_loader, run_dir, num_epochs=config["num_epo
             early_stopping=config["early_stopping"], config=config,
             extra_state={"class_names": class_names, "preprocess": cache_attrs["preprocess"], "norm": norm},
             run_key=run_key)
-H.plot_training_curves(run["history"], save_path=out_dir / "training_curve.png");
+H.plot_training_curves(run["history"], save_path=run_dir / "training_curve.png");
 
 # %% [markdown]
 # ## Evaluation
@@ -691,7 +691,7 @@ temperature = evaluator.fit_temperature(val_loader, config["tta_flip"])
 metrics = evaluator.evaluate(test_loader, test_out)
 reliability = evaluator.analyze_reliability_balancing(test_loader, test_out)
 confidence_stats = evaluator.analyze_confidence_distribution(test_loader, test_out,
-                                                             save_path=out_dir / "confidence_distribution.png")
+                                                             save_path=run_dir / "confidence_distribution.png")
 print(f"test accuracy {metrics['accuracy']:.4f} (8 classes, majority vote{', flip TTA' if config['tta_flip'] else ''}; "
       f"one view {accuracy_single_view:.4f}), macro F1 {metrics['f1_macro']:.4f}; "
       f"without reliability balancing {reliability['accuracy_without']:.4f}; "
@@ -701,10 +701,10 @@ pd.DataFrame(metrics["per_class"]).T
 
 # %%
 H.plot_confusion_matrix(metrics["confusion_matrix"], class_names, title="FER+ test",
-                        save_path=out_dir / "confusion_matrix.png")
+                        save_path=run_dir / "confusion_matrix.png")
 H.plot_reliability_diagram({"before scaling": test_out["final_probs"],
                             "after scaling": evaluator.calibrated(torch.as_tensor(test_out["final_probs"])).numpy()},
-                           test_out["y"], save_path=out_dir / "reliability_diagram.png");
+                           test_out["y"], save_path=run_dir / "reliability_diagram.png");
 
 # %%
 example = index[index["split"] == "test"].iloc[0]
@@ -712,15 +712,19 @@ print(example["image"], "(majority:", example["label"] + ")", "->", evaluator.pr
 
 # %% [markdown]
 # ## Save results
-# `best_model.pth` (with the fitted temperature, config, class names and preprocessing) and
-# `final_results.json`: config, data, accuracy with and without reliability balancing,
-# calibration before and after temperature scaling, landmark statistics, wall time.
+# Everything of this run goes to its own folder, `GReFEL/runs/<settings>_<key>/` (so runs
+# with other settings, even at the same time, never overwrite each other): `final_model.pth`
+# (the best checkpoint with the fitted temperature, config, class names and preprocessing),
+# `final_results.json` (config, data, accuracy with and without reliability balancing,
+# calibration before and after temperature scaling, landmark statistics, wall time), the
+# plots and the exports. `GReFEL/best_model.pth`, `final_results.json` and the plots are
+# atomic copies of the latest finished run, with its `run_key` inside.
 
 # %%
 best = H.load_checkpoint(run["best_path"])
-H.save_checkpoint(out_dir / "best_model.pth", **best, temperature=temperature)
+H.save_checkpoint(run_dir / "final_model.pth", **{**best, "temperature": temperature, "run_key": run_key})
 results = {
-    "notebook": "GReFEL", "data": data_kind, "source": str(source), "config": config,
+    "notebook": "GReFEL", "run_key": run_key, "run_dir": str(run_dir), "data": data_kind, "source": str(source), "config": config,
     "dataset": {"splits": report["splits"], "excluded_unknown_or_nf": report["excluded_unknown_or_nf"],
                 "counts": {s: {c: int(v) for c, v in row.items()} for s, row in counts.iterrows()},
                 "used": {s: int(len(v)) for s, v in idx.items()}},
@@ -736,8 +740,12 @@ results = {
     "cache": {"path": str(cache_path), **cache_attrs},
     "device": str(device), "environment": H.environment_info(),
 }
-H.save_json(results, out_dir / "final_results.json")
-print("Wrote", out_dir / "final_results.json", "and", out_dir / "best_model.pth")
+H.save_json(results, run_dir / "final_results.json")
+# the seed's file names at the top level: atomic copies of this (the latest finished) run
+H.publish_run(run_dir, out_dir, {"final_model.pth": "best_model.pth", "final_results.json": "final_results.json",
+                                 **{f: f for f in ("training_curve.png", "confusion_matrix.png", "reliability_diagram.png",
+                                                   "confidence_distribution.png")}})
+print("Wrote", run_dir, "and its latest copies", out_dir / "final_results.json", "and", out_dir / "best_model.pth")
 
 # %% [markdown]
 # ## Export
@@ -751,7 +759,7 @@ print("Wrote", out_dir / "final_results.json", "and", out_dir / "best_model.pth"
 
 # %%
 cpu_model = copy.deepcopy(evaluator.model).cpu().eval()  # the evaluator keeps its device
-export_dir = out_dir / "export"
+export_dir = run_dir / "export"
 export_meta = H.export_metadata(class_names, cache_attrs["preprocess"], norm["mean"], norm["std"],
                                 inputs={"image": "(B, 3, S, S) normalised", "landmarks": "(B, 68, 2) in [0, 1]"},
                                 outputs=["final_probs"], temperature=temperature)

@@ -117,7 +117,8 @@ def locate_dataset(workdir: str | Path, data_path: str | Path | None, patterns: 
                           file_suffixes=ARCHIVE_SUFFIXES + tuple(also_files))
     if source is not None:
         return source, "real"
-    source = make_demo(workdir / "demo" / demo_file, seed=seed)
+    with output_lock(workdir / "demo" / demo_file, "the demo dataset"):  # runs side by side write it in turn
+        source = make_demo(workdir / "demo" / demo_file, seed=seed)
     print("=" * 72 + f"\nNO {name} ARCHIVE FOUND in {workdir.resolve()}\n"
           "Using the GENERATED DEMO dataset: the numbers below say nothing about real faces.\n"
           f"Put the {name} archive in {workdir}/ (or set data_path) for real results.\n" + "=" * 72)

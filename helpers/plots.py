@@ -11,11 +11,12 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import numpy as np
 
+from .setup import atomic_write
+
 
 def _save(fig, save_path: str | Path | None):
-    if save_path is not None:
-        Path(save_path).parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(save_path, dpi=120, bbox_inches="tight")
+    if save_path is not None:  # atomically: two runs drawing the same plot never leave a broken PNG
+        atomic_write(save_path, lambda tmp: fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png"))
     return fig
 
 

@@ -143,6 +143,24 @@ def output_lock(path: str | Path, what: str = "") -> Iterator[None]:
         lock.release()
 
 
+def publish_run(run_dir: str | Path, out_dir: str | Path, names: dict[str, str]) -> list[Path]:
+    """Copy a finished run's files to the notebook's output folder (the seed-compatible "latest" files).
+
+    The run folder stays the record; each copy is atomic, so a reader of ``out_dir`` sees one
+    run's file or another's, never a mix within a file.
+
+    Args:
+        run_dir: the run's own folder.
+        out_dir: where the latest copies go.
+        names: ``{name in run_dir: name in out_dir}``; files missing from the run are skipped.
+    """
+    import shutil
+
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    return [atomic_write(out_dir / dst, lambda tmp, src=run_dir / src: shutil.copyfile(src, tmp))
+            for src, dst in names.items() if (run_dir / src).exists()]
+
+
 def save_json(obj, path: str | Path) -> Path:
     """Write JSON atomically (unique temporary file, then rename)."""
     text = json.dumps(obj, indent=2, default=str)

@@ -19,6 +19,7 @@ DistributedDataParallel, ``make_loader`` shards the data, ``train_one_epoch`` an
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import random
@@ -32,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import distributed
-from .setup import atomic_write, config_fingerprint, save_json
+from .setup import atomic_write, config_fingerprint, output_lock, save_json
 
 
 # ----------------------------------------------------------------------------- seeding & loaders
@@ -352,89 +353,93 @@ def fit(model: nn.Module, train_loader, val_loader, out_dir: str | Path, *, num_
     out_dir = Path(out_dir)
     device = torch.device(device)
     loss_fn = loss_fn or cross_entropy_loss()
-    rank, world = distributed.get_rank(), distributed.get_world_size()
-    main = rank == 0
-    progress = progress and main
-    model.to(device)
-    optimizer = build_optimizer(model, lr, weight_decay)
-    scheduler = build_scheduler(optimizer, num_epochs, len(train_loader), warmup_epochs, restart_epochs, min_lr_ratio)
-    amp_dtype = resolve_amp(amp, device)
-    scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
-    higher = monitor.endswith("acc")
-    history, best, start, waited, trained_by = [], None, 0, 0, world
-    last_path, best_path = out_dir / "last.pth", out_dir / "best_model.pth"
-    config = _plain(config or {})
-    run_key = run_key or config_fingerprint(config)
-    if resume and last_path.exists():
-        ckpt = load_checkpoint(last_path)
-        if ckpt.get("run_key") != run_key:
-            changed = sorted(k for k in set(config) | set(ckpt["config"]) if config.get(k) != ckpt["config"].get(k))
-            raise ValueError(f"{last_path} was written with other settings ({', '.join(changed) or 'run_key'}); "
-                             "resuming would mix two runs. Use another out_dir, delete it, or pass resume=False.")
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        if scaler is not None and ckpt.get("scaler"):
-            scaler.load_state_dict(ckpt["scaler"])
-        history, best, start, waited = ckpt["history"], ckpt["best"], ckpt["epoch"], ckpt["waited"]
-        trained_by = ckpt.get("world_size", 1)
-        if progress:
-            print(f"Resuming from {last_path} after epoch {start}")
-    stopped = bool(history) and history[-1].get("stopped_early", False)
-    # the schedule's length and the data order depend on the number of processes
-    if start < num_epochs and not stopped and trained_by != world:
-        raise ValueError(f"{last_path} was trained by {trained_by} process(es) and this run has {world}: the "
-                         f"schedule and data order would change mid-run. Resume it with {trained_by} "
-                         "process(es), or start afresh (resume=False).")
-    core = model  # what checkpoints hold: never the DDP wrapper, so they load in one process
-    if distributed.is_distributed():
-        model = nn.parallel.DistributedDataParallel(core, device_ids=[device.index] if device.type == "cuda" else None,
-                                                    find_unused_parameters=find_unused_parameters)
-    t0 = time.time()
-    for epoch in range(start, num_epochs):
-        if stopped:
-            break
-        # Everything random in this epoch derives from (seed, epoch, rank): resume replays it exactly.
-        epoch_seed = (seed * 1000 + epoch) * world + rank  # one process: seed * 1000 + epoch, as before DDP
-        torch.manual_seed(epoch_seed)
-        _reseed_transform(train_loader.dataset, epoch_seed)
-        if hasattr(train_loader.sampler, "set_epoch"):
-            train_loader.sampler.set_epoch(epoch)
-        te = time.time()
-        tr = train_one_epoch(model, train_loader, optimizer, scheduler, loss_fn, device, epoch, num_epochs,
-                             scaler, amp_dtype, clip_grad, progress)
-        train_s = time.time() - te
-        # the unwrapped model with rank 0's buffers: what best_model.pth will hold; the same figures on every rank
-        distributed.broadcast_buffers(core)
-        va = evaluate(core, val_loader, device, loss_fn, amp_dtype)
-        row = {"epoch": epoch + 1, "train_loss": tr["loss"], "train_acc": tr["acc"], "val_loss": va["loss"],
-               "val_acc": va["acc"], "lr": optimizer.param_groups[0]["lr"], "epoch_s": time.time() - te,
-               "train_s": train_s, "train_samples": tr["samples"], "world_size": world}
-        value = row[monitor]
-        improved = best is None or (value > best["value"] if higher else value < best["value"])
-        if improved:
-            best, waited = {"epoch": epoch + 1, "metric": monitor, "value": value}, 0
+    # one process trains a run folder at a time: a second run with the same settings waits, then resumes
+    # (finds it finished); under torchrun the ranks of one job share it
+    lock = output_lock(out_dir, "training") if not distributed.is_distributed() else contextlib.nullcontext()
+    with lock:
+        rank, world = distributed.get_rank(), distributed.get_world_size()
+        main = rank == 0
+        progress = progress and main
+        model.to(device)
+        optimizer = build_optimizer(model, lr, weight_decay)
+        scheduler = build_scheduler(optimizer, num_epochs, len(train_loader), warmup_epochs, restart_epochs, min_lr_ratio)
+        amp_dtype = resolve_amp(amp, device)
+        scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
+        higher = monitor.endswith("acc")
+        history, best, start, waited, trained_by = [], None, 0, 0, world
+        last_path, best_path = out_dir / "last.pth", out_dir / "best_model.pth"
+        config = _plain(config or {})
+        run_key = run_key or config_fingerprint(config)
+        if resume and last_path.exists():
+            ckpt = load_checkpoint(last_path)
+            if ckpt.get("run_key") != run_key:
+                changed = sorted(k for k in set(config) | set(ckpt["config"]) if config.get(k) != ckpt["config"].get(k))
+                raise ValueError(f"{last_path} was written with other settings ({', '.join(changed) or 'run_key'}); "
+                                 "resuming would mix two runs. Use another out_dir, delete it, or pass resume=False.")
+            model.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            scheduler.load_state_dict(ckpt["scheduler"])
+            if scaler is not None and ckpt.get("scaler"):
+                scaler.load_state_dict(ckpt["scaler"])
+            history, best, start, waited = ckpt["history"], ckpt["best"], ckpt["epoch"], ckpt["waited"]
+            trained_by = ckpt.get("world_size", 1)
+            if progress:
+                print(f"Resuming from {last_path} after epoch {start}")
+        stopped = bool(history) and history[-1].get("stopped_early", False)
+        # the schedule's length and the data order depend on the number of processes
+        if start < num_epochs and not stopped and trained_by != world:
+            raise ValueError(f"{last_path} was trained by {trained_by} process(es) and this run has {world}: the "
+                             f"schedule and data order would change mid-run. Resume it with {trained_by} "
+                             "process(es), or start afresh (resume=False).")
+        core = model  # what checkpoints hold: never the DDP wrapper, so they load in one process
+        if distributed.is_distributed():
+            model = nn.parallel.DistributedDataParallel(core, device_ids=[device.index] if device.type == "cuda" else None,
+                                                        find_unused_parameters=find_unused_parameters)
+        t0 = time.time()
+        for epoch in range(start, num_epochs):
+            if stopped:
+                break
+            # Everything random in this epoch derives from (seed, epoch, rank): resume replays it exactly.
+            epoch_seed = (seed * 1000 + epoch) * world + rank  # one process: seed * 1000 + epoch, as before DDP
+            torch.manual_seed(epoch_seed)
+            _reseed_transform(train_loader.dataset, epoch_seed)
+            if hasattr(train_loader.sampler, "set_epoch"):
+                train_loader.sampler.set_epoch(epoch)
+            te = time.time()
+            tr = train_one_epoch(model, train_loader, optimizer, scheduler, loss_fn, device, epoch, num_epochs,
+                                 scaler, amp_dtype, clip_grad, progress)
+            train_s = time.time() - te
+            # the unwrapped model with rank 0's buffers: what best_model.pth will hold; the same figures on every rank
+            distributed.broadcast_buffers(core)
+            va = evaluate(core, val_loader, device, loss_fn, amp_dtype)
+            row = {"epoch": epoch + 1, "train_loss": tr["loss"], "train_acc": tr["acc"], "val_loss": va["loss"],
+                   "val_acc": va["acc"], "lr": optimizer.param_groups[0]["lr"], "epoch_s": time.time() - te,
+                   "train_s": train_s, "train_samples": tr["samples"], "world_size": world}
+            value = row[monitor]
+            improved = best is None or (value > best["value"] if higher else value < best["value"])
+            if improved:
+                best, waited = {"epoch": epoch + 1, "metric": monitor, "value": value}, 0
+                if main:
+                    save_checkpoint(best_path, model=core.state_dict(), epoch=epoch + 1, best=best, config=config,
+                                    world_size=world, **_plain(extra_state or {}))
+            else:
+                waited += 1
+            stopped = early_stopping is not None and waited >= early_stopping
+            row["stopped_early"] = stopped
+            history.append(row)
             if main:
-                save_checkpoint(best_path, model=core.state_dict(), epoch=epoch + 1, best=best, config=config,
-                                world_size=world, **_plain(extra_state or {}))
-        else:
-            waited += 1
-        stopped = early_stopping is not None and waited >= early_stopping
-        row["stopped_early"] = stopped
-        history.append(row)
-        if main:
-            save_checkpoint(last_path, model=core.state_dict(), optimizer=optimizer.state_dict(),
-                            scheduler=scheduler.state_dict(), scaler=scaler.state_dict() if scaler else None,
-                            epoch=epoch + 1, history=history, best=best, waited=waited, config=config,
-                            run_key=run_key, world_size=world)
-            save_json(history, out_dir / "history.json")
-        if progress:
-            print(f"epoch {epoch + 1:3d}/{num_epochs}  train loss {tr['loss']:.4f} acc {tr['acc']:.3f}  "
-                  f"val loss {va['loss']:.4f} acc {va['acc']:.3f}  {row['epoch_s']:.0f}s" + ("  *" if improved else ""))
-        if on_epoch_end is not None:
-            on_epoch_end(row)
-    if stopped and progress:
-        print(f"Early stopping: no {monitor} improvement for {early_stopping} epochs")
-    distributed.barrier()  # the other ranks may read best_model.pth next
-    return {"history": history, "best": best, "best_path": best_path, "last_path": last_path,
-            "epochs_run": len(history), "stopped_early": stopped, "wall_s": time.time() - t0, "world_size": world}
+                save_checkpoint(last_path, model=core.state_dict(), optimizer=optimizer.state_dict(),
+                                scheduler=scheduler.state_dict(), scaler=scaler.state_dict() if scaler else None,
+                                epoch=epoch + 1, history=history, best=best, waited=waited, config=config,
+                                run_key=run_key, world_size=world)
+                save_json(history, out_dir / "history.json")
+            if progress:
+                print(f"epoch {epoch + 1:3d}/{num_epochs}  train loss {tr['loss']:.4f} acc {tr['acc']:.3f}  "
+                      f"val loss {va['loss']:.4f} acc {va['acc']:.3f}  {row['epoch_s']:.0f}s" + ("  *" if improved else ""))
+            if on_epoch_end is not None:
+                on_epoch_end(row)
+        if stopped and progress:
+            print(f"Early stopping: no {monitor} improvement for {early_stopping} epochs")
+        distributed.barrier()  # the other ranks may read best_model.pth next
+        return {"history": history, "best": best, "best_path": best_path, "last_path": last_path,
+                "epochs_run": len(history), "stopped_early": stopped, "wall_s": time.time() - t0, "world_size": world}

@@ -1,4 +1,5 @@
-"""Execute both notebooks headless with papermill; executed copies land in data-exploration/runs/.
+"""Execute both notebooks headless with papermill; executed copies land in data-exploration/runs/,
+one file per execution (<notebook>-<date>-<time>-<pid>.ipynb), so runs started side by side keep theirs.
 
 Usage: python scripts/run_notebooks.py [--profile smoke] [--workdir data-exploration]
        [--only DFER_GCViT] [-p name value ...]
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import os
 import sys
 import time
 from pathlib import Path
@@ -19,9 +21,11 @@ NOTEBOOKS = ("DFER_GCViT", "GReFEL")
 
 
 def run_notebook(name: str, out_dir: Path, parameters: dict) -> Path:
-    """Execute ``<name>.ipynb`` from the repo root with papermill and return the executed copy."""
+    """Execute ``<name>.ipynb`` from the repo root with papermill and return the executed copy
+    (``<name>-<YYYYmmdd-HHMMSS>-<pid>.ipynb``: never shared with another execution)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    out = out_dir / f"{name}.ipynb"
+    out = out_dir / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.ipynb"
+    print(f"{name}: executing -> {out}", flush=True)
     pm.execute_notebook(ROOT / f"{name}.ipynb", out, parameters=parameters, cwd=str(ROOT),
                         kernel_name="python3", progress_bar=False, log_output=False)
     return out
@@ -50,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name}: done in {time.time() - t0:.0f} s -> {out}")
         except pm.PapermillExecutionError as e:
             print(f"{name}: FAILED in cell {e.exec_count}: {e.ename}: {e.evalue}\n"
-                  f"  executed copy with the traceback: {runs / (name + '.ipynb')}", file=sys.stderr)
+                  f"  the executed copy above holds the traceback", file=sys.stderr)
             failed.append(name)
     return 1 if failed else 0
 

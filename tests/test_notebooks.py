@@ -63,12 +63,16 @@ def check_dfer_results(r, out, weights="none"):
     assert r["cache"]["fingerprint"] and "rate" in r["face_detection"]
     best = torch.load(out / "best_model.pth", weights_only=True)
     assert best["class_names"] == sorted(r["dataset"]["counts"]) and best["config"]["profile"] == "smoke"
-    export = json.loads((out / "export" / "export_report.json").read_text())
+    # the top-level files are copies of the run's own, which names itself
+    run_dir = Path(r["run_dir"])
+    assert run_dir.parent == out / "runs" and run_dir.name.endswith(r["run_key"]) and best["run_key"] == r["run_key"]
+    assert json.loads((run_dir / "final_results.json").read_text()) == r
+    export = json.loads((run_dir / "export" / "export_report.json").read_text())
     for name in ("torchscript", "onnx"):
         assert export["formats"][name]["max_abs_diff_vs_pytorch"] <= 1e-4
-    assert H.read_onnx_metadata(out / "export" / "model.onnx")["class_names"] == best["class_names"]
-    video = json.loads((out / "export" / "video_summary.json").read_text())
-    frames = pd.read_csv(out / "export" / "frames.csv")
+    assert H.read_onnx_metadata(run_dir / "export" / "model.onnx")["class_names"] == best["class_names"]
+    video = json.loads((run_dir / "export" / "video_summary.json").read_text())
+    frames = pd.read_csv(run_dir / "export" / "frames.csv")
     assert len(frames) == video["frames"] == r["config"]["video_frames"]
 
 
@@ -131,10 +135,15 @@ def check_grefel_results(r, out):
     assert r["landmarks"]["ok"] + r["landmarks"]["failed"] == r["cache"]["report"]["num_cached"]
     best = torch.load(out / "best_model.pth", weights_only=True)
     assert best["temperature"] == m["temperature"] and best["class_names"] == list(H.FERPLUS_CLASSES)
-    export = json.loads((out / "export" / "export_report.json").read_text())
+    # the top-level files are copies of the run's own, which names itself
+    run_dir = Path(r["run_dir"])
+    assert run_dir.parent == out / "runs" and run_dir.name.endswith(r["run_key"]) and best["run_key"] == r["run_key"]
+    assert json.loads((run_dir / "final_results.json").read_text()) == r
+    assert (run_dir / "confusion_matrix.png").read_bytes() == (out / "confusion_matrix.png").read_bytes()
+    export = json.loads((run_dir / "export" / "export_report.json").read_text())
     assert max(export["max_abs_diff_vs_pytorch"].values()) <= 1e-4
-    frames = pd.read_csv(out / "export" / "frames.csv")
-    assert len(frames) == json.loads((out / "export" / "video_summary.json").read_text())["frames"] == 30
+    frames = pd.read_csv(run_dir / "export" / "frames.csv")
+    assert len(frames) == json.loads((run_dir / "export" / "video_summary.json").read_text())["frames"] == 30
     faces = frames["face_found"] == 1
     np.testing.assert_allclose(frames.loc[faces, [f"p_{c}" for c in H.FERPLUS_CLASSES]].sum(axis=1), 1, atol=1e-4)
     with h5py.File(r["cache"]["path"]) as f:
