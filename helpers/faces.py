@@ -13,6 +13,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -146,18 +147,25 @@ def detect_faces(index: pd.DataFrame, cache_path: str | Path, detector: FaceDete
             frame = pd.DataFrame(rows, columns=["sha1", "params", *BOX_COLUMNS, "face_score"])
             atomic_write(cache_path, lambda tmp: frame.to_csv(tmp, index=False))
 
+        unreadable = []
         for i, r in enumerate(tqdm(todo, desc="faces", disable=not progress or not todo)):
             try:
                 found = detector.detect_file(r.path)
-            except Exception:  # noqa: BLE001 - unreadable files are reported by the cache build
-                found = None
+            except (OSError, ValueError, DatasetError) as e:
+                # an image that cannot be decoded is not a frame without a face: not cached (tried again next
+                # time), counted here and skipped by the cache build; any other error is a bug and stops the run
+                unreadable.append((r.path, f"{type(e).__name__}: {e}"))
+                continue
             cached[r.sha1] = [np.nan] * 5 if found is None else [*found[0], found[1]]
             if (i + 1) % save_every == 0:
                 save()
         if todo or not cache_path.exists():
             save()
+        if unreadable:
+            warnings.warn(f"face detection: {len(unreadable)} images could not be read (e.g. {unreadable[:2]}); "
+                          "they are left out of the box cache", stacklevel=2)
         out = index.copy()
-        values = np.array([cached[s] for s in out["sha1"]], dtype=np.float64).reshape(len(out), 5)
+        values = np.array([cached.get(s, [np.nan] * 5) for s in out["sha1"]], dtype=np.float64).reshape(len(out), 5)
         out[BOX_COLUMNS + ["face_score"]] = values
         out["face_found"] = ~np.isnan(values[:, 0])
         return out

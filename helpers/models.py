@@ -182,8 +182,15 @@ def load_weights(model: TimmClassifier, state: dict, reset_head: bool = False) -
         missing_keys, unexpected_keys and whether the head was reset.
     """
     own = model.state_dict()
+    state = {k.removeprefix("module."): v for k, v in state.items()}  # DistributedDataParallel's prefix
     if not any(k.startswith("backbone.") for k in state):
         state = {f"backbone.{k}": v for k, v in state.items() if not k.startswith(("head.fc", "fc.", "classifier."))}
+    backbone_keys = [k for k in own if k.startswith("backbone.")]
+    matched = sum(k in state for k in backbone_keys)
+    if matched < 0.9 * len(backbone_keys):  # another architecture: a load of (almost) nothing is no load
+        raise WeightsUnavailableError(
+            f"only {matched} of the {len(backbone_keys)} backbone weights of {model.variant} are in the file "
+            f"(file keys: {list(state)[:3]}...); is it a checkpoint of this model?")
     head_reset = False
     last = f"head.{len(model.head) - 1}."
     for k in list(state):
@@ -199,6 +206,9 @@ def load_weights(model: TimmClassifier, state: dict, reset_head: bool = False) -
                     f"weight {k} has shape {tuple(state[k].shape)} in the file but {tuple(own[k].shape)} in "
                     f"{model.variant} at {model.img_size} px (GCViT weights only load at the size they were trained at)")
     result = model.load_state_dict(state, strict=False)
+    print(f"Loaded {len(own) - len(result.missing_keys)}/{len(own)} weights; {len(result.missing_keys)} missing "
+          f"{list(result.missing_keys)[:4]}, {len(result.unexpected_keys)} unused"
+          + ("; classification layer reset" if head_reset else ""))
     return {"missing_keys": list(result.missing_keys), "unexpected_keys": list(result.unexpected_keys),
             "head_reset": head_reset}
 

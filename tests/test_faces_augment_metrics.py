@@ -1,8 +1,10 @@
 """Face crop policies and box cache, augmentation with landmarks, metrics."""
 
 import warnings
+from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 import helpers as H
@@ -44,6 +46,29 @@ def test_detect_faces_uses_and_resumes_its_cache(demo_kmu_zip, tmp_path):
                                first[H.faces.BOX_COLUMNS].to_numpy())
     H.detect_faces(index.iloc[:15], cache, Counting(passes=((200, 0),)), progress=False)
     assert Counting.calls == 30  # other detector settings: not taken from the cache
+
+
+def test_detector_errors_are_never_cached_as_no_face(demo_kmu_zip, tmp_path):
+    root = H.extract_archive(demo_kmu_zip, tmp_path / "ex", verbose=False)
+    index, _ = H.discover_dataset(root, verbose=False)
+    index = index.iloc[:4].reset_index(drop=True)
+    broken = Path(index.loc[1, "path"])
+    good = broken.read_bytes()
+    broken.write_bytes(good[:40])                           # a truncated JPEG: unreadable, not "no face"
+    cache = tmp_path / "boxes.csv"
+    with pytest.warns(UserWarning, match="1 images could not be read"):
+        out = H.detect_faces(index, cache, progress=False)
+    assert not out.loc[1, "face_found"] and out["face_found"].drop(1).all()
+    assert index.loc[1, "sha1"] not in set(pd.read_csv(cache, dtype={"sha1": str})["sha1"])  # not cached
+    broken.write_bytes(good)                                # repaired: detected on the next run
+    assert H.detect_faces(index, cache, progress=False).loc[1, "face_found"]
+
+    class Buggy(H.FaceDetector):
+        def detect(self, gray):
+            raise RuntimeError("detector bug")
+
+    with pytest.raises(RuntimeError, match="detector bug"):  # a bug is an error, not a frame without a face
+        H.detect_faces(index, tmp_path / "other.csv", Buggy(), progress=False)
 
 
 def test_flip_permutation_is_a_mirror_involution():

@@ -227,6 +227,12 @@ def test_backbone_weights_from_a_file_load_and_are_recorded(g, tmp_path):
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
     with pytest.raises(H.WeightsUnavailableError, match="junk.pth"):
         g["GReFELModel"](**SMALL, weights=str(tmp_path / "junk.pth"))
+    torch.save({f"module.{k}": v for k, v in donor.state_dict().items()}, tmp_path / "ddp.pth")  # DDP's prefix
+    model = g["GReFELModel"](**SMALL, weights=str(tmp_path / "ddp.pth"))
+    torch.testing.assert_close(model.features.cnn.layer2[0].conv1.weight, donor.layer2[0].conv1.weight)
+    torch.save(timm.create_model("resnet18").state_dict(), tmp_path / "wide.pth")  # another width: nothing fits
+    with pytest.raises(H.WeightsUnavailableError, match=r"only \d+ of the model's \d+ weights match"):
+        g["GReFELModel"](**SMALL, weights=str(tmp_path / "wide.pth"))
 
 
 def test_mirror_landmarks_matches_a_flipped_transform(g):

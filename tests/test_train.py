@@ -186,6 +186,14 @@ def test_local_weights_backbone_file_and_pipeline_checkpoint_with_head_reset(tmp
         H.create_classifier("gcvit_xxtiny", 6, 96, weights=str(tmp_path / "timm.pth"))
     with pytest.raises(H.WeightsUnavailableError, match="not found"):
         H.create_classifier("gcvit_xxtiny", 6, 64, weights=str(tmp_path / "missing.pth"))
+    # DistributedDataParallel's "module." prefix is removed; a file of another model loads nothing and is refused
+    torch.save({f"module.{k}": v for k, v in donor.state_dict().items()}, tmp_path / "ddp.pth")
+    model, info = H.create_classifier("gcvit_xxtiny", 8, 64, weights=str(tmp_path / "ddp.pth"))
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    torch.testing.assert_close(model.backbone.stem.conv1.weight, donor.backbone.stem.conv1.weight)
+    torch.save(timm.create_model("resnet18").state_dict(), tmp_path / "resnet.pth")
+    with pytest.raises(H.WeightsUnavailableError, match=r"only 0 of the \d+ backbone weights"):
+        H.create_classifier("gcvit_xxtiny", 6, 64, weights=str(tmp_path / "resnet.pth"))
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
     with pytest.raises(H.WeightsUnavailableError, match="junk.pth"):
         H.create_classifier("gcvit_xxtiny", 6, 64, weights=str(tmp_path / "junk.pth"))
