@@ -40,20 +40,27 @@ class Predictor:
         self.transform = build_transform("eval", self.pre["image_size"], mean, std, channels=self.pre["channels"])
         self.detector = FaceDetector() if self.pre.get("face_crop") else None
 
-    def crop(self, path: str | Path) -> tuple[np.ndarray, tuple | None]:
-        """The preprocessed uint8 crop of an image and the face box used (None if none found)."""
+    def crop(self, path: str | Path) -> tuple[np.ndarray | None, tuple | None]:
+        """The preprocessed uint8 crop of an image and the face box used (None if none found).
+
+        Without a face, the training policy decides: ``"full"`` / ``"center"`` crop as in
+        training; ``"drop"`` (no such frame was trained on) gives no crop (None).
+        """
         image = load_image(path, self.pre["channels"])
         found = self.detector.detect_file(path) if self.detector is not None else None
         box = found[0] if found else None
-        no_face = self.pre.get("no_face", "full")
         crop = crop_face(image, box, self.pre["image_size"], margin=self.pre.get("margin", 0.25),
-                         square=self.pre.get("square", True), no_face="full" if no_face == "drop" else no_face)
-        return crop.reshape(crop.shape[0], crop.shape[1], -1), box
+                         square=self.pre.get("square", True), no_face=self.pre.get("no_face", "full"))
+        return (None if crop is None else crop.reshape(crop.shape[0], crop.shape[1], -1)), box
 
     @torch.no_grad()
     def __call__(self, path: str | Path) -> dict:
-        """``{"emotion", "confidence", "probabilities": {class: p}, "face_box"}`` for one image."""
+        """``{"emotion", "confidence", "probabilities": {class: p}, "face_box"}`` for one image; with no
+        face found and a model trained with ``no_face="drop"``, emotion and probabilities are None."""
         crop, box = self.crop(path)
+        if crop is None:
+            return {"emotion": None, "confidence": None, "probabilities": None, "face_box": None,
+                    "note": "no face found; the model was trained without such frames (no_face='drop')"}
         x = self.transform(image=crop)["image"][None].to(self.device)
         out = self.model(x)
         probs = (out["final_probs"] if isinstance(out, dict) else out.float().softmax(-1))[0].cpu().numpy()

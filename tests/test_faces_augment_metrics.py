@@ -163,3 +163,18 @@ def test_inference_crop_reproduces_the_cached_training_crop(demo_kmu_zip, tmp_pa
         crop, box = predictor.crop(path)
         np.testing.assert_array_equal(crop, ds.image(i))
         np.testing.assert_allclose(box, index.loc[i, H.faces.BOX_COLUMNS].to_numpy(float))
+
+
+def test_inference_follows_the_training_no_face_policy(tmp_path):
+    import torch
+    from PIL import Image
+
+    Image.fromarray(np.full((120, 160), 90, np.uint8)).save(tmp_path / "empty.png")  # no face in it
+    pre = {"image_size": 32, "channels": 1, "face_crop": True, "margin": 0.25, "square": True}
+    classes = ["a", "b", "c"]
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 3))
+    dropped = H.Predictor(model, classes, {**pre, "no_face": "drop"}, H.IMAGENET_MEAN, H.IMAGENET_STD)
+    out = dropped(tmp_path / "empty.png")  # trained without faceless frames: no guess on one
+    assert out["emotion"] is None and out["probabilities"] is None and "no_face='drop'" in out["note"]
+    full = H.Predictor(model, classes, {**pre, "no_face": "full"}, H.IMAGENET_MEAN, H.IMAGENET_STD)
+    assert full(tmp_path / "empty.png")["emotion"] in classes
