@@ -605,21 +605,22 @@ class GReFELEvaluator:
 
     @torch.no_grad()
     def predict_single_image(self, path) -> dict:
-        """``{"emotion", "confidence", "probabilities", "face_box"}`` for one image file."""
+        """``{"emotion", "confidence", "probabilities", "face_box", "landmarks_ok"}`` for one image file
+        (``landmarks_ok`` False: the landmark model found no face shape, so the geometry queries are unreliable)."""
         self._detector = self._detector or H.FaceDetector()
         self._landmarker = self._landmarker or H.LandmarkDetector()
         image = H.load_image(path, 1)
         found = self._detector.detect_file(path)
         box = found[0] if found else None
         crop = H.crop_face(image, box, self.size, margin=0.15, no_face="full")
-        points, _ = self._landmarker(crop)
+        points, landmarks_ok = self._landmarker(crop)  # not ok: the points collapsed (no face in the crop)
         out = self.transform(image=crop[..., None], keypoints=points)
         x, lm = out["image"][None].to(self.device), torch.as_tensor(out["keypoints"] / self.size)[None].float()
         probs = self.calibrated(self.model(x, lm.to(self.device))["final_probs"])[0].cpu().numpy()
         k = int(probs.argmax())
         return {"emotion": self.class_names[k], "confidence": float(probs[k]),
                 "probabilities": dict(zip(self.class_names, map(float, probs))),
-                "face_box": None if box is None else [float(v) for v in box]}
+                "face_box": None if box is None else [float(v) for v in box], "landmarks_ok": bool(landmarks_ok)}
 
     @torch.no_grad()
     def outputs(self, loader, tta_flip: bool = False) -> dict:

@@ -178,3 +178,30 @@ def test_inference_follows_the_training_no_face_policy(tmp_path):
     assert out["emotion"] is None and out["probabilities"] is None and "no_face='drop'" in out["note"]
     full = H.Predictor(model, classes, {**pre, "no_face": "full"}, H.IMAGENET_MEAN, H.IMAGENET_STD)
     assert full(tmp_path / "empty.png")["emotion"] in classes
+
+
+def test_temperature_scaling_recovers_a_known_temperature_and_lowers_ece():
+    """Labels drawn from softmax(z / 2.5): the NLL-optimal temperature for the logits z is 2.5 (the
+    model is over-confident by exactly that factor), and scaling by it calibrates the model."""
+    rng = np.random.default_rng(0)
+    z = rng.normal(0, 3, (40000, 5))
+    p_true = np.exp(z / 2.5) / np.exp(z / 2.5).sum(1, keepdims=True)
+    y = (rng.random((len(z), 1)) > p_true.cumsum(1)).sum(1)          # one draw per row from p_true
+    t = H.fit_temperature(z, y)
+    assert t == pytest.approx(2.5, rel=0.03)
+    log_p = z - np.log(np.exp(z).sum(1, keepdims=True))
+    assert H.fit_temperature(log_p, y) == pytest.approx(t, rel=1e-4)  # log-probabilities: the same optimum
+    raw = np.exp(log_p)
+    scaled = np.exp(z / t) / np.exp(z / t).sum(1, keepdims=True)
+    assert (scaled.argmax(1) == raw.argmax(1)).all()
+    before, after = H.expected_calibration_error(raw, y), H.expected_calibration_error(scaled, y)
+    assert before > 0.1 and after < 0.02
+
+
+def test_expected_calibration_error_by_hand():
+    probs = np.array([[0.9, 0.1], [0.8, 0.2], [0.3, 0.7], [0.6, 0.4]])
+    y = np.array([0, 1, 1, 0])
+    # 5 bins: (0.8, 1.0] holds 0.9 (right) -> |1 - 0.9|; (0.6, 0.8] holds 0.8 (wrong), 0.7 (right): |0.5 - 0.75|;
+    # (0.4, 0.6] holds 0.6 (right): |1 - 0.6|
+    expected = 0.25 * 0.1 + 0.5 * 0.25 + 0.25 * 0.4
+    assert H.expected_calibration_error(probs, y, num_bins=5) == pytest.approx(expected)

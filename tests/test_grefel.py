@@ -253,14 +253,14 @@ def test_checkpoint_round_trips_through_the_evaluator(g, tmp_path):
     model.set_progress(1.0)
     norm = {"mean": (0.5,) * 3, "std": (0.5,) * 3}
     H.save_checkpoint(tmp_path / "best_model.pth", model=model.state_dict(), config=config,
-                      class_names=list(H.FERPLUS_CLASSES), norm=norm, temperature=1.0)
+                      class_names=list(H.FERPLUS_CLASSES), norm=norm, temperature=2.0)
     ev = g["GReFELEvaluator"](tmp_path / "best_model.pth")
     assert ev.model.trust.item() == 1.0
     from helpers.demo import draw_face, make_subjects
     img = draw_face("happy", make_subjects(1, 0)[0], np.random.default_rng(0), 48, 48, crop=True)
     Image.fromarray(img).save(tmp_path / "face.png")
     pred = ev.predict_single_image(tmp_path / "face.png")
-    assert set(pred["probabilities"]) == set(H.FERPLUS_CLASSES)
+    assert set(pred["probabilities"]) == set(H.FERPLUS_CLASSES) and isinstance(pred["landmarks_ok"], bool)
     assert sum(pred["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
     assert pred["emotion"] == max(pred["probabilities"], key=pred["probabilities"].get)
     # The same crop through the original model gives the same probabilities.
@@ -271,7 +271,10 @@ def test_checkpoint_round_trips_through_the_evaluator(g, tmp_path):
     model.eval()
     with torch.no_grad():
         ref = model(o["image"][None], torch.as_tensor(o["keypoints"] / 48)[None].float())["final_probs"][0]
-    np.testing.assert_allclose(list(pred["probabilities"].values()), ref.numpy(), atol=1e-5)
+    # ... then calibrated with the checkpoint's temperature: softmax(log p / T), argmax unchanged
+    calibrated = torch.softmax(ref.log() / 2.0, -1).numpy()
+    np.testing.assert_allclose(list(pred["probabilities"].values()), calibrated, atol=1e-5)
+    assert not np.allclose(calibrated, ref.numpy(), atol=1e-3) and calibrated.argmax() == ref.argmax()
 
 
 def test_evaluator_on_a_larger_photo_finds_the_face(g, tmp_path, demo_kmu_zip):
