@@ -64,6 +64,44 @@ def test_interrupted_run_resumes_to_the_same_result(demo_cache, tmp_path, worker
     assert other["history"][-1]["train_loss"] != pytest.approx(full["history"][-1]["train_loss"], rel=1e-6)
 
 
+def test_run_killed_mid_epoch_resumes_to_the_uninterrupted_result(demo_cache, tmp_path):
+    """A real kill: SIGKILL of a training process in the middle of epoch 2 (no exception, no cleanup),
+    then a rerun resumes from epoch 1's last.pth and ends with the uninterrupted run's weights."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import textwrap
+
+    from conftest import ROOT
+
+    cache, classes = demo_cache
+    full_model, full = _fit(cache, classes, tmp_path / "full")
+    script = textwrap.dedent(f"""
+        import os, signal, sys
+        sys.path[:0] = [{str(ROOT)!r}, {str(ROOT / "tests")!r}]
+        import helpers as H
+        import torch
+        from test_train import _fit
+        base = H.cross_entropy_loss()
+
+        def loss_fn(outputs, y, progress):
+            if 0.5 < progress < 0.6 and torch.is_grad_enabled():  # a training step halfway through epoch 2 of 3
+                os.kill(os.getpid(), signal.SIGKILL)
+            return base(outputs, y, progress)
+
+        _fit({str(cache)!r}, {classes!r}, {str(tmp_path / "cut")!r}, loss_fn=loss_fn)
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
+    assert H.load_checkpoint(tmp_path / "cut" / "last.pth")["epoch"] == 1
+    resumed_model, resumed = _fit(cache, classes, tmp_path / "cut")
+    assert [h["epoch"] for h in resumed["history"]] == [1, 2, 3]
+    for (k, a), b in zip(full_model.state_dict().items(), resumed_model.state_dict().values()):
+        torch.testing.assert_close(a.float(), b.float(), rtol=1e-5, atol=1e-6, msg=k)
+    assert not list((tmp_path / "cut").glob("*.tmp-*"))  # nothing half-written left behind
+
+
 def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(demo_cache, tmp_path):
     cache, classes = demo_cache
     ce = H.cross_entropy_loss()
