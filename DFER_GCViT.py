@@ -51,7 +51,9 @@ print(f"torch {torch.__version__} on {device}, {torch.get_num_threads()} threads
 # run
 profile = "smoke"              # "smoke" (minutes, CI) | "cpu" (real results on CPU) | "gpu" | "paper"
 workdir = "data-exploration"   # where archives are looked for and outputs land
-data_path = None               # archive or folder to use | None: search workdir, else the generated demo
+data_path = None               # archive, folder or annotation CSV to use | None: search workdir, else the generated demo
+label_pattern = None           # regex naming classes in file names: (?P<label>..), optional (?P<subject>..), (?P<group>..)
+labels_csv = None              # CSV with path,label[,subject,group,split] (paths relative to the dataset's root)
 seed = 42                      # int, for splits and generated data
 # data
 image_size = None              # px, side of the cached face crops
@@ -124,7 +126,8 @@ PROFILES = {
               "warmup_epochs": 0, "num_workers": 4},
 }
 config = H.resolve_config(profile, PROFILES, dict(
-    workdir=workdir, data_path=data_path, seed=seed, image_size=image_size, channels=channels,
+    workdir=workdir, data_path=data_path, label_pattern=label_pattern, labels_csv=labels_csv, seed=seed,
+    image_size=image_size, channels=channels,
     face_crop=face_crop, face_margin=face_margin, no_face=no_face, max_images=max_images, protocol=protocol,
     num_folds=num_folds, max_folds=max_folds, val_fraction=val_fraction, model_name=model_name, weights=weights,
     allow_random_init=allow_random_init, finetune=finetune, frozen_stages=frozen_stages, dropout=dropout,
@@ -147,10 +150,19 @@ print(json.dumps(config, indent=1))
 # Other datasets work too: class folders (CK+, AffectNet-style), with or without split
 # folders, and FERPlus (e.g. to train a GCViT on FER+ whose weights then initialise a
 # KMU-FED run: `weights = "<that run>/DFER_GCViT/best_model.pth"`; the head is reset).
+# Any other naming takes one parameter: `label_pattern` (a regular expression over the file
+# names, e.g. `r"^(?P<subject>[A-Z]{2})\.(?P<label>[A-Z]{2})\d+\.\d+$"` for JAFFE's
+# `KA.AN1.39.tiff`), or an annotation CSV (`labels_csv`, or as `data_path`: `path,label` and
+# optional `subject`, `group`/`sequence`, `split` columns, like the `annotations.csv` written
+# below). Subject ids from either make the subject protocol possible.
 
 # %%
 source, data_kind = H.locate_dataset(workdir, config["data_path"], ("archive.zip", "*kmu*"), "KMU-FED",
-                                     H.make_demo_kmufed, "kmu-fed-demo.zip", seed=config["seed"])
+                                     H.make_demo_kmufed, "kmu-fed-demo.zip", seed=config["seed"],
+                                     also_files=(".csv",))
+labels_csv = config["labels_csv"]
+if source.suffix.lower() == ".csv":  # data_path is an annotation CSV: its paths are relative to its folder
+    source, labels_csv = source.parent, source
 data_root = H.extract_archive(source, workdir / "extracted")
 
 # %% [markdown]
@@ -161,7 +173,7 @@ data_root = H.extract_archive(source, workdir / "extracted")
 # train/valid/test splits and its vote-majority labels (unknown/not-a-face left out).
 
 # %%
-index, report = H.index_dataset(data_root)
+index, report = H.index_dataset(data_root, label_pattern=config["label_pattern"], labels_csv=labels_csv)
 if config["max_images"] and len(index) > config["max_images"]:
     # Stratified subset for quick runs: the same share of every class.
     frac = config["max_images"] / len(index)

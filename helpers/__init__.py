@@ -24,7 +24,8 @@ from .setup import (atomic_write, config_fingerprint, environment_info, output_l
                     save_json, select_device, temp_path)
 from .data import (CLASS_ALIASES, FERPLUS_CLASSES, FERPLUS_COLUMNS, VOTE_COLUMNS, DatasetError,
                    discover_dataset, extract_archive, file_sha256, find_archive, find_ferplus_root, index_dataset,
-                   locate_dataset, load_image, normalise_class, prepare_ferplus, print_report, read_ferplus,
+                   locate_dataset, load_image, normalise_class, prepare_ferplus, print_report, read_annotations_csv,
+                   read_ferplus,
                    render_fer2013_csv, write_annotations)
 from .demo import make_demo_ferplus, make_demo_kmufed
 from .faces import FaceDetector, LandmarkDetector, crop_face, detect_faces, dlib_model_path
@@ -54,7 +55,7 @@ __all__ = [
     "CLASS_ALIASES", "FERPLUS_CLASSES", "FERPLUS_COLUMNS", "VOTE_COLUMNS", "DatasetError", "find_archive",
     "locate_dataset",
     "extract_archive", "file_sha256", "load_image", "normalise_class", "discover_dataset", "print_report",
-    "write_annotations", "find_ferplus_root", "read_ferplus", "render_fer2013_csv", "prepare_ferplus",
+    "write_annotations", "read_annotations_csv", "find_ferplus_root", "read_ferplus", "render_fer2013_csv", "prepare_ferplus",
     # demo
     "make_demo_kmufed", "make_demo_ferplus",
     # faces

@@ -322,8 +322,32 @@ def _subject_and_group(stem: str) -> tuple[str, str, str | None]:
     return "", "", None
 
 
+def _compile_label_pattern(label_pattern: str | None) -> re.Pattern | None:
+    if label_pattern is None:
+        return None
+    try:
+        pattern = re.compile(label_pattern)
+    except re.error as e:
+        raise DatasetError(f"label_pattern {label_pattern!r} is not a regular expression: {e}") from e
+    if "label" not in pattern.groupindex:
+        raise DatasetError(f"label_pattern {label_pattern!r} needs a named group (?P<label>...); optional groups: "
+                           "(?P<subject>...), (?P<group>...)")
+    return pattern
+
+
+def _image_row(p: Path, root: Path, label: str, split: str, subject: str, group: str) -> dict | None:
+    """One index row for a readable image file; None if it cannot be read."""
+    size = _probe_image(p)
+    if size is None:
+        return None
+    st = p.stat()
+    return {"path": str(p), "rel_path": p.relative_to(root).as_posix() if p.is_relative_to(root) else str(p),
+            "label": label, "split": split, "subject": subject, "group": group, "width": size[0],
+            "height": size[1], "size_bytes": st.st_size, "mtime_ns": st.st_mtime_ns, "sha1": _sha1(p)}
+
+
 def discover_dataset(root: str | Path, accept_unknown_classes: bool = False,
-                     verbose: bool = True) -> tuple[pd.DataFrame, dict]:
+                     verbose: bool = True, label_pattern: str | None = None) -> tuple[pd.DataFrame, dict]:
     """Index every image under ``root`` with its class, split, subject and content hash.
 
     Accepted layouts, at any depth below ``root``:
@@ -337,6 +361,11 @@ def discover_dataset(root: str | Path, accept_unknown_classes: bool = False,
         accept_unknown_classes: keep class-folder names the alias table does not know,
             as they are, instead of raising.
         verbose: print the class mapping and what was skipped.
+        label_pattern: a regular expression with a named group ``label`` and optional
+            ``subject`` and ``group``, searched in each file name, then in its path relative to
+            ``root``; it takes precedence over folders and known names. E.g.
+            ``r"^(?P<subject>[A-Z]{2})\.(?P<label>[A-Z]{2})\d\.\d+$"`` for ``KA.AN1.39.tiff``-style
+            names. Files it does not match are listed in the report; when most do not, it stops.
 
     Returns:
         ``(index, report)``: ``index`` has columns path (absolute), rel_path, label, split,
@@ -349,6 +378,8 @@ def discover_dataset(root: str | Path, accept_unknown_classes: bool = False,
     root = Path(root)
     if not root.is_dir():
         raise DatasetError(f"{root}: not a folder")
+    pattern = _compile_label_pattern(label_pattern)
+    unmatched: list[str] = []
     rows, skipped, unknown = [], [], Counter()
     mapping: dict[str, set] = {}
     class_dirs: dict[Path, str] = {}
@@ -368,7 +399,21 @@ def discover_dataset(root: str | Path, accept_unknown_classes: bool = False,
             parents = rel.parts[:-1]
             subject, group, code = _subject_and_group(p.stem)
             image_dirs.add(d)
-            if canon:
+            m = pattern and (pattern.search(p.stem) or pattern.search(p.name) or pattern.search(rel.as_posix()))
+            if pattern is not None and not m:
+                unmatched.append(rel.as_posix())
+                skipped.append((str(p), "does not match label_pattern"))
+                continue
+            if m:
+                raw = m["label"]
+                label, kind = normalise_class(raw) or raw, "pattern"
+                if normalise_class(raw) is None and not accept_unknown_classes:
+                    unknown[raw] += 1
+                    continue
+                groups = m.groupdict()
+                subject = groups.get("subject") or subject
+                group = groups.get("group") or (f"{subject}_{raw}" if groups.get("subject") else group)
+            elif canon:
                 label, raw, kind = canon, d.name, "folder"
             elif code and normalise_class(code):
                 label, raw, kind = normalise_class(code), code, "filename"
@@ -383,18 +428,19 @@ def discover_dataset(root: str | Path, accept_unknown_classes: bool = False,
                 skipped.append((str(p), "no class folder and no class code in the file name"))
                 continue
             kinds[kind] += 1
-            size = _probe_image(p)
-            if size is None:
+            row = _image_row(p, root, label, _split_of(parents), subject, group)
+            if row is None:
                 warnings.warn(f"{p}: not a readable image; skipped")
                 skipped.append((str(p), "not a readable image"))
                 continue
-            st = p.stat()
-            rows.append({
-                "path": str(p), "rel_path": rel.as_posix(), "label": label, "split": _split_of(parents),
-                "subject": subject, "group": group, "width": size[0], "height": size[1],
-                "size_bytes": st.st_size, "mtime_ns": st.st_mtime_ns, "sha1": _sha1(p),
-            })
+            rows.append(row)
             mapping.setdefault(label, set()).add(raw)
+    if pattern is not None and unmatched and len(unmatched) * 2 > len(unmatched) + len(rows) + sum(unknown.values()):
+        total = len(unmatched) + len(rows) + sum(unknown.values())
+        raise DatasetError(f"{root}: label_pattern {label_pattern!r} does not match {len(unmatched)} of the {total} "
+                           f"image files, e.g. {unmatched[:5]}; check it against these names")
+    if unmatched:
+        warnings.warn(f"{len(unmatched)} files do not match label_pattern and were left out, e.g. {unmatched[:5]}")
     if unknown:
         raise DatasetError(
             f"{root}: unknown class names {dict(unknown)}; known names are "
@@ -408,8 +454,9 @@ def discover_dataset(root: str | Path, accept_unknown_classes: bool = False,
     counts = {c: int(n) for c, n in sorted(Counter(index["label"]).items())}
     empty = sorted({name for d, name in class_dirs.items()
                     if not any(d == i or d in i.parents for i in image_dirs)})
-    layout = ("split folders" if index["split"].ne("").any() else "no split") + " + " + \
-             ("class folders" if kinds["folder"] >= kinds["filename"] else "class codes in file names")
+    layout = ("split folders" if index["split"].ne("").any() else "no split") + " + " + (
+        f"label_pattern {label_pattern!r}" if pattern is not None
+        else "class folders" if kinds["folder"] >= kinds["filename"] else "class codes in file names")
     report = {
         "root": str(root), "layout": layout, "num_images": len(index),
         "class_mapping": {c: sorted(v) for c, v in sorted(mapping.items())}, "counts": counts,
@@ -417,6 +464,91 @@ def discover_dataset(root: str | Path, accept_unknown_classes: bool = False,
         "num_subjects": int(index.loc[index["subject"] != "", "subject"].nunique()),
         "duplicates": [(r.rel_path, r.duplicate_of) for r in index.itertuples() if r.duplicate_of],
         "empty_classes": empty, "skipped": skipped,
+    }
+    if verbose:
+        print_report(report)
+    return index, report
+
+
+def read_annotations_csv(csv_path: str | Path, root: str | Path | None = None,
+                         accept_unknown_classes: bool = False, verbose: bool = True) -> tuple[pd.DataFrame, dict]:
+    """Index the images an annotation CSV lists: ``path,label`` and optional ``subject``,
+    ``group`` (or ``sequence``) and ``split`` columns (the ``annotations.csv`` this pipeline
+    writes reads back as it was).
+
+    Args:
+        csv_path: the CSV.
+        root: folder the paths are relative to (e.g. an extracted archive); default: the CSV's
+            folder. Absolute paths are used as they are.
+        accept_unknown_classes: keep labels the alias table does not know, as they are.
+        verbose: print the class mapping.
+
+    Returns:
+        ``(index, report)`` as from :func:`discover_dataset`.
+
+    Raises:
+        DatasetError: a missing column, file or label, duplicate rows or conflicting labels for
+            one file, each naming the CSV rows (numbered as in a spreadsheet: header = row 1).
+    """
+    csv_path = Path(csv_path)
+    root = Path(root) if root is not None else csv_path.parent
+    try:
+        df = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as e:
+        raise DatasetError(f"{csv_path}: cannot parse ({e})") from e
+    df.columns = [c.strip().lower() for c in df.columns]
+    missing = [c for c in ("path", "label") if c not in df]
+    if missing:
+        raise DatasetError(f"{csv_path}: no {missing} column(s); found {list(df.columns)} (need path,label and "
+                           "optionally subject, group or sequence, split)")
+    if "group" not in df and "sequence" in df:
+        df["group"] = df["sequence"]
+    line = pd.Series(np.arange(len(df)) + 2, index=df.index)  # spreadsheet row numbers
+    paths = [Path(p) if Path(p).is_absolute() else root / p for p in df["path"]]
+    df["abs"] = [str(p) for p in paths]
+
+    def rows_of(mask) -> list[int]:
+        return line[mask].tolist()[:10]
+
+    dup = df.duplicated(["abs", "label"], keep=False)
+    if dup.any():
+        raise DatasetError(f"{csv_path}: duplicate rows {rows_of(dup)} (the same file and label listed twice)")
+    conflict = df.groupby("abs")["label"].transform("nunique") > 1
+    if conflict.any():
+        raise DatasetError(f"{csv_path}: rows {rows_of(conflict)} give one file different labels")
+    gone = ~pd.Series([p.is_file() for p in paths], index=df.index)
+    if gone.any():
+        raise DatasetError(f"{csv_path}: rows {rows_of(gone)} name files that do not exist under {root}, "
+                           f"e.g. {df.loc[gone, 'path'].tolist()[:3]}")
+    canon = df["label"].map(lambda x: normalise_class(x) or (x if accept_unknown_classes else None))
+    if canon.isna().any():
+        bad = df.loc[canon.isna(), "label"]
+        raise DatasetError(f"{csv_path}: rows {rows_of(canon.isna())} have unknown labels {sorted(set(bad))[:10]}; "
+                           f"known names are {sorted(set(CLASS_ALIASES.values()))} and their aliases")
+    rows, skipped = [], []
+    for r, label, p in zip(df.itertuples(), canon, paths):
+        split = SPLIT_ALIASES.get(getattr(r, "split", "").lower().replace("_", "").replace("-", ""), "")
+        row = _image_row(p, root, label, split, str(getattr(r, "subject", "")), str(getattr(r, "group", "")))
+        if row is None:
+            warnings.warn(f"{p}: not a readable image; skipped")
+            skipped.append((str(p), "not a readable image"))
+            continue
+        rows.append(row)
+    if not rows:
+        raise DatasetError(f"{csv_path}: none of the {len(df)} listed files is a readable image")
+    index = pd.DataFrame(rows)
+    _flag_duplicates(index)
+    mapping: dict[str, set] = {}
+    for raw, label in zip(df["label"], canon):
+        mapping.setdefault(label, set()).add(raw)
+    report = {
+        "root": str(root), "layout": f"annotation CSV {csv_path.name}", "num_images": len(index),
+        "class_mapping": {c: sorted(v) for c, v in sorted(mapping.items())},
+        "counts": {c: int(n) for c, n in sorted(Counter(index["label"]).items())},
+        "splits": {s or "(none)": int(n) for s, n in Counter(index["split"]).items()},
+        "num_subjects": int(index.loc[index["subject"] != "", "subject"].nunique()),
+        "duplicates": [(r.rel_path, r.duplicate_of) for r in index.itertuples() if r.duplicate_of],
+        "empty_classes": [], "skipped": skipped,
     }
     if verbose:
         print_report(report)
@@ -554,10 +686,13 @@ def read_ferplus(root: str | Path, verbose: bool = True) -> tuple[pd.DataFrame, 
     return index, report
 
 
-def index_dataset(root: str | Path, verbose: bool = True) -> tuple[pd.DataFrame, dict]:
+def index_dataset(root: str | Path, verbose: bool = True, label_pattern: str | None = None,
+                  labels_csv: str | Path | None = None) -> tuple[pd.DataFrame, dict]:
     """Index a classification dataset of any accepted layout, FERPlus included.
 
-    A FERPlus tree (``FER2013{Train,Valid,Test}`` + ``label.csv``) is read with
+    With ``labels_csv``, the images it lists (:func:`read_annotations_csv`, paths relative
+    to ``root``); with ``label_pattern``, :func:`discover_dataset` with that pattern. A FERPlus
+    tree (``FER2013{Train,Valid,Test}`` + ``label.csv``) is read with
     :func:`read_ferplus`: images whose majority vote is unknown or not-a-face are left out,
     the vote winners become the canonical class names (happiness -> happy, ...), and the
     archive's splits are kept (``protocol="given"`` uses them). Anything else goes through
@@ -568,8 +703,11 @@ def index_dataset(root: str | Path, verbose: bool = True) -> tuple[pd.DataFrame,
         ``pre_cropped``: True when the images are face crops already (FERPlus), so face
         detection has nothing to do.
     """
-    if find_ferplus_root(root) is None:
-        index, report = discover_dataset(root, verbose=verbose)
+    if labels_csv is not None:
+        index, report = read_annotations_csv(labels_csv, root, verbose=verbose)
+        return index, {**report, "pre_cropped": False}
+    if label_pattern is not None or find_ferplus_root(root) is None:
+        index, report = discover_dataset(root, verbose=verbose, label_pattern=label_pattern)
         return index, {**report, "pre_cropped": False}
     index, fer = read_ferplus(root, verbose=verbose)
     index = index[index["label"] != ""].reset_index(drop=True)

@@ -127,3 +127,82 @@ def test_index_dataset_is_discover_dataset_for_other_layouts(tmp_path):
     expected, expected_report = H.discover_dataset(root, verbose=False)
     pd.testing.assert_frame_equal(index, expected)
     assert report == {**expected_report, "pre_cropped": False}
+
+
+JAFFE_CODES = ("AN", "DI", "FE", "HA", "NE", "SA", "SU")
+JAFFE_PATTERN = r"^(?P<subject>[A-Z]{2})\.(?P<label>[A-Z]{2})\d+\.\d+$"
+
+
+def _jaffe_like(root, subjects=("KA", "KL", "KM", "KR"), extra=()):
+    """A flat folder of grayscale TIFFs named subject.CODEn.number.tiff, as JAFFE names them."""
+    k = 0
+    for s in subjects:
+        for code in JAFFE_CODES:
+            for n in (1, 2):
+                k += 1
+                write_image(root / f"{s}.{code}{n}.{k}.tiff", value=k % 250)
+    for name in extra:
+        write_image(root / name, value=7)
+    return root
+
+
+def test_label_pattern_reads_labels_and_subjects_from_any_naming(tmp_path):
+    root = _jaffe_like(tmp_path / "jaffe", extra=("README.png",))
+    with pytest.raises(H.DatasetError, match="no images found"):  # no folders, no known names: stop, no guess
+        H.discover_dataset(root, verbose=False)
+    with pytest.warns(UserWarning, match=r"1 files do not match label_pattern.*README.png"):
+        index, report = H.discover_dataset(root, verbose=False, label_pattern=JAFFE_PATTERN)
+    assert len(index) == 4 * 7 * 2 and report["num_subjects"] == 4
+    assert set(index["label"]) == {"angry", "disgust", "fear", "happy", "neutral", "sad", "surprise"}
+    row = index[index["rel_path"] == "KA.AN1.1.tiff"].iloc[0]
+    assert (row["label"], row["subject"], row["group"]) == ("angry", "KA", "KA_AN")
+    assert ("README.png" in p for p, _ in report["skipped"]) and "label_pattern" in report["layout"]
+    folds = H.make_folds(index.assign(label=pd.factorize(index["label"])[0]), "subject", num_folds=4)
+    for f in folds:  # the subject protocol works on it
+        assert not set(index["subject"].to_numpy()[f["train"]]) & set(index["subject"].to_numpy()[f["test"]])
+
+
+def test_label_pattern_errors_say_what_is_wrong(tmp_path):
+    root = _jaffe_like(tmp_path / "jaffe")
+    with pytest.raises(H.DatasetError, match=r"named group \(\?P<label>"):
+        H.discover_dataset(root, verbose=False, label_pattern=r"^(?P<subject>[A-Z]{2})\.")
+    with pytest.raises(H.DatasetError, match="not a regular expression"):
+        H.discover_dataset(root, verbose=False, label_pattern=r"(?P<label>[A-Z")
+    with pytest.raises(H.DatasetError, match=r"does not match 56 of the 56 image files.*KA\.AN1\.1\.tiff"):
+        H.discover_dataset(root, verbose=False, label_pattern=r"^(?P<label>[a-z]+)_\d+$")
+    with pytest.raises(H.DatasetError, match=r"unknown class names \{'XX'"):
+        write_image(root / "KA.XX1.99.tiff")
+        H.discover_dataset(root, verbose=False, label_pattern=JAFFE_PATTERN)
+
+
+def test_annotation_csv_round_trip_and_paths_relative_to_the_csv(tmp_path):
+    root = _jaffe_like(tmp_path / "jaffe")
+    index, _ = H.discover_dataset(root, verbose=False, label_pattern=JAFFE_PATTERN)
+    index["split"] = ["test" if i % 5 == 0 else "train" for i in range(len(index))]
+    (csv_path,) = [p for p in H.write_annotations(index, root) if p.name == "annotations.csv"]
+    again, report = H.read_annotations_csv(csv_path, verbose=False)
+    cols = ["rel_path", "label", "split", "subject", "group", "sha1"]
+    pd.testing.assert_frame_equal(again[cols].reset_index(drop=True), index[cols].reset_index(drop=True))
+    assert report["num_subjects"] == 4 and report["layout"] == "annotation CSV annotations.csv"
+    # a minimal CSV beside the images, paths relative to it, 'sequence' for group, aliases for labels
+    (root / "mine.csv").write_text("path,label,subject,sequence\nKA.AN1.1.tiff,anger,KA,s1\nKL.HA1.21.tiff,Happy,KL,s2\n")
+    mine, _ = H.read_annotations_csv(root / "mine.csv", verbose=False)
+    assert list(mine["label"]) == ["angry", "happy"] and list(mine["group"]) == ["s1", "s2"]
+    # the notebooks' entry point: a CSV whose paths are relative to another folder (an extracted archive)
+    (tmp_path / "labels.csv").write_text("path,label\njaffe/KA.SU1.13.tiff,surprise\n")
+    via, report = H.index_dataset(tmp_path, verbose=False, labels_csv=tmp_path / "labels.csv")
+    assert list(via["rel_path"]) == ["jaffe/KA.SU1.13.tiff"] and not report["pre_cropped"]
+
+
+@pytest.mark.parametrize("body, message", [
+    ("path,label\nKA.AN1.1.tiff,angry\nnope.png,happy\n", r"rows \[3\] name files that do not exist.*nope.png"),
+    ("path,label\nKA.AN1.1.tiff,angry\nKA.AN2.2.tiff,grumpy\n", r"rows \[3\] have unknown labels \['grumpy'\]"),
+    ("path,label\nKA.AN1.1.tiff,angry\nKA.AN1.1.tiff,angry\n", r"duplicate rows \[2, 3\]"),
+    ("path,label\nKA.AN1.1.tiff,angry\nKA.AN1.1.tiff,happy\n", r"rows \[2, 3\] give one file different labels"),
+    ("file,emotion\nKA.AN1.1.tiff,angry\n", r"no \['path', 'label'\] column"),
+])
+def test_annotation_csv_errors_name_the_rows(tmp_path, body, message):
+    root = _jaffe_like(tmp_path / "jaffe", subjects=("KA",))
+    (root / "bad.csv").write_text(body)
+    with pytest.raises(H.DatasetError, match=message):
+        H.read_annotations_csv(root / "bad.csv", verbose=False)

@@ -180,3 +180,31 @@ def test_grefel_notebook_on_real_ferplus_subset(ferplus_zip, tmp_path):
     assert r["data"] == "real" and r["dataset"]["splits"] == {"train": 28558, "val": 3579, "test": 3573}
     assert r["cache"]["report"]["num_cached"] == 300
     check_grefel_results(r, tmp_path / "GReFEL")
+
+
+def test_dfer_notebook_on_a_flat_dot_separated_naming_with_the_subject_protocol(tmp_path):
+    """A dataset this project has never seen (JAFFE-style flat TIFFs, subject.CODEn.k.tiff): one
+    parameter, label_pattern, gives the classes and the subjects, and the subject protocol runs."""
+    from PIL import Image
+
+    from helpers.demo import draw_face, make_subjects
+
+    rng = np.random.default_rng(0)
+    people = make_subjects(4, 0)
+    codes = {"AN": "angry", "HA": "happy", "SU": "surprise"}
+    root, k = tmp_path / "jaffe", 0
+    root.mkdir()
+    for s, person in zip(("KA", "KL", "KM", "KR"), people):
+        for code, emotion in codes.items():
+            for n in (1, 2, 3):
+                k += 1
+                img = draw_face(emotion, person, rng, 96, 96, crop=True)
+                Image.fromarray(img).convert("L").save(root / f"{s}.{code}{n}.{k}.tiff")
+    r = _run("DFER_GCViT", tmp_path, data_path=str(root), protocol="subject", num_folds=4,
+             label_pattern=r"^(?P<subject>[A-Z]{2})\.(?P<label>[A-Z]{2})\d+\.\d+$")
+    assert r["dataset"]["num_subjects"] == 4 and sorted(r["dataset"]["counts"]) == sorted(codes.values())
+    assert "label_pattern" in r["dataset"]["layout"] and r["protocol"]["name"] == "subject"
+    meta = H.read_cache_meta(r["cache"]["path"])[0]
+    (fold,) = H.make_folds(meta, "subject", num_folds=4, val_fraction=r["config"]["val_fraction"],
+                           seed=r["config"]["seed"])[:1]
+    assert not set(meta["subject"][fold["train"]]) & set(meta["subject"][fold["test"]])
