@@ -10,6 +10,8 @@ if [ ! -x "$VENV/bin/python" ] || [ "$(cat "$VENV/.requirements.sha256" 2>/dev/n
   "$PY" -m venv "$VENV"
   "$VENV/bin/python" -m pip install -q --upgrade pip
   "$VENV/bin/python" -m pip install -q -r requirements.txt
+  # the project's kernel, inside the venv (Jupyter, VS Code and papermill all find it as "python3")
+  "$VENV/bin/python" -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (FER pipeline .venv)" >/dev/null
   echo "$want" > "$VENV/.requirements.sha256"
 fi
 export PATH="$PWD/$VENV/bin:$PATH"
