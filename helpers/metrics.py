@@ -47,6 +47,44 @@ def compute_metrics(y_true: np.ndarray, y_pred: np.ndarray, class_names: list[st
     return out
 
 
+def sequence_metrics(probs: np.ndarray, y_true: np.ndarray, groups: np.ndarray) -> dict | None:
+    """Accuracy of one decision per sequence (driver monitoring decides over a few frames).
+
+    Two votes over the frames of each group (e.g. KMU-FED's subject + expression sequence):
+    the majority of the frame predictions (ties go to the class with the larger summed
+    probability) and the argmax of the mean probability. A sequence's true class is its
+    frames' (they agree in these datasets; the majority is taken otherwise).
+
+    Args:
+        probs: (N, C) frame probabilities.
+        y_true: (N,) true classes.
+        groups: (N,) sequence ids; frames with an empty id are left out.
+
+    Returns:
+        ``{"num_sequences", "frames_per_sequence", "accuracy_majority_vote",
+        "accuracy_mean_probability"}``, or None when no frame has a sequence id.
+    """
+    probs, y_true, groups = np.asarray(probs, np.float64), np.asarray(y_true), np.asarray(groups).astype(str)
+    keep = groups != ""
+    if not keep.any():
+        return None
+    probs, y_true, groups = probs[keep], y_true[keep], groups[keep]
+    ids, inverse = np.unique(groups, return_inverse=True)
+    c = probs.shape[1]
+    votes = np.zeros((len(ids), c))
+    np.add.at(votes, (inverse, probs.argmax(1)), 1.0)
+    summed = np.zeros((len(ids), c))
+    np.add.at(summed, inverse, probs)
+    truth = np.zeros((len(ids), c))
+    np.add.at(truth, (inverse, y_true), 1.0)
+    # most votes; among tied classes the larger summed probability (lexsort: last key is primary)
+    majority = np.array([np.lexsort((summed[i], votes[i]))[-1] for i in range(len(ids))])
+    y_seq = truth.argmax(1)
+    return {"num_sequences": int(len(ids)), "frames_per_sequence": float(len(groups) / len(ids)),
+            "accuracy_majority_vote": float((majority == y_seq).mean()),
+            "accuracy_mean_probability": float((summed.argmax(1) == y_seq).mean())}
+
+
 def expected_calibration_error(probs: np.ndarray, y_true: np.ndarray, num_bins: int = 15) -> float:
     """Expected calibration error of the top-1 prediction (equal-width confidence bins).
 

@@ -23,7 +23,7 @@ import torch
 from . import distributed
 from .augment import build_transform
 from .cache import H5Dataset, read_cache_meta
-from .metrics import compute_metrics
+from .metrics import compute_metrics, sequence_metrics
 from .models import create_classifier, set_finetune_strategy
 from .setup import environment_info, save_json
 from .train import (class_weights_from_labels, cross_entropy_loss, evaluate, fit, load_checkpoint, make_loader,
@@ -139,7 +139,10 @@ def evaluate_fold(spec: dict, fold: int, checkpoint: str | Path, part: str, devi
     loader = make_loader(H5Dataset(spec["cache_path"], spec["folds"][fold][part], eval_tf), config["batch_size"],
                          shuffle=False, device=device)
     out = evaluate(model.to(device), loader, device, amp_dtype=resolve_amp(config["amp"], device))
-    return compute_metrics(out["y_true"], out["y_pred"], class_names, probs=out["probs"])
+    metrics = compute_metrics(out["y_true"], out["y_pred"], class_names, probs=out["probs"])
+    groups = read_cache_meta(spec["cache_path"])[0]["group"].to_numpy()[spec["folds"][fold][part]]
+    metrics["sequence"] = sequence_metrics(out["probs"], out["y_true"], groups)  # None without sequence ids
+    return metrics
 
 
 def launch_torchrun(spec_path: str | Path, nproc: int, extra_args: tuple[str, ...] = ()) -> None:

@@ -205,3 +205,17 @@ def test_expected_calibration_error_by_hand():
     # (0.4, 0.6] holds 0.6 (right): |1 - 0.6|
     expected = 0.25 * 0.1 + 0.5 * 0.25 + 0.25 * 0.4
     assert H.expected_calibration_error(probs, y, num_bins=5) == pytest.approx(expected)
+
+
+def test_sequence_votes_by_hand():
+    probs = np.array([[0.6, 0.4], [0.6, 0.4], [0.0, 1.0],    # seq a (true 0): majority 0, mean prob -> 1 (0.4 vs 0.6)
+                      [0.1, 0.9], [0.45, 0.55],               # seq b (true 1): both votes 1
+                      [0.9, 0.1], [0.2, 0.8],                 # seq c (true 0): a tie, broken by summed prob -> 0
+                      [0.3, 0.7]])                            # no sequence id: left out
+    y = np.array([0, 0, 0, 1, 1, 0, 0, 1])
+    groups = np.array(["a", "a", "a", "b", "b", "c", "c", ""])
+    out = H.sequence_metrics(probs, y, groups)
+    assert out["num_sequences"] == 3 and out["frames_per_sequence"] == pytest.approx(7 / 3)
+    assert out["accuracy_majority_vote"] == pytest.approx(1.0)      # a: 0, b: 1, c: 0 (tie, 1.1 vs 0.9)
+    assert out["accuracy_mean_probability"] == pytest.approx(2 / 3)  # a: mean 0.4/0.6 -> 1, wrong
+    assert H.sequence_metrics(probs, y, np.array([""] * 8)) is None

@@ -58,6 +58,10 @@ def check_dfer_results(r, out, weights="none"):
             assert 0.0 <= m[k] <= 1.0, k
     agg = r["metrics"]["mean_std"]["accuracy"]
     assert agg["mean"] == pytest.approx(sum(m["accuracy"] for m in folds) / len(folds))
+    for m in folds:  # sequence-level figures where the file names give sequences (KMU-FED, the demo)
+        seq = m["sequence"]
+        if seq is not None:
+            assert 0 < seq["num_sequences"] <= m["num_samples"] and 0 <= seq["accuracy_majority_vote"] <= 1
     assert r["model"]["parameters"]["total"] > 1e6 and r["model"]["weights"]["source"] == weights
     assert r["wall_time_s"]["train_total"] > 0 and r["environment"]["torch"]
     assert r["cache"]["fingerprint"] and "rate" in r["face_detection"]
