@@ -22,7 +22,7 @@ import torch
 
 from . import distributed
 from .augment import build_transform
-from .cache import H5Dataset, read_cache_meta
+from .cache import H5Dataset, build_hdf5_cache, read_cache_meta
 from .metrics import compute_metrics, sequence_metrics
 from .models import create_classifier, set_finetune_strategy
 from .setup import environment_info, save_json
@@ -143,6 +143,56 @@ def evaluate_fold(spec: dict, fold: int, checkpoint: str | Path, part: str, devi
     groups = read_cache_meta(spec["cache_path"])[0]["group"].to_numpy()[spec["folds"][fold][part]]
     metrics["sequence"] = sequence_metrics(out["probs"], out["y_true"], groups)  # None without sequence ids
     return metrics
+
+
+def pretrain_classifier(data_path: str | Path, workdir: str | Path, config: dict, device, num_epochs: int,
+                        lr: float, progress: bool = True) -> dict:
+    """Train the run's classifier on another labelled dataset first (e.g. FER+), or reuse that training.
+
+    The source is indexed as the notebook indexes data (FERPlus: its own splits and
+    vote-majority labels, the crops as they are), cached at the run's ``image_size`` and
+    ``channels``, split by the ``given`` protocol (the archive's validation split selects
+    the epoch, its test split is reported) and trained with the run's recipe but
+    ``num_epochs`` and ``lr``. The run folder is keyed by those settings and the data's
+    fingerprint, so an unchanged pre-training is reused, not repeated.
+
+    Args:
+        data_path: archive or folder of the pre-training data.
+        workdir: the notebook's working directory (extraction, cache, run folders).
+        config: the main run's config (model, size, channels, batch, augmentation, seed).
+        device: where to train. num_epochs, lr: the pre-training schedule.
+
+    Returns:
+        ``{"data", "checkpoint", "sha256", "class_names", "epochs", "lr", "test": {accuracy,
+        f1_macro, num_samples}, "val_acc", "wall_s", "run_dir"}``; ``checkpoint`` is a
+        ``best_model.pth`` to pass as the main run's ``weights`` (its head is then reset).
+    """
+    from .data import extract_archive, file_sha256, index_dataset
+    from .setup import config_fingerprint
+    from .splits import make_folds
+
+    workdir = Path(workdir)
+    root = extract_archive(data_path, workdir / "extracted", verbose=progress)
+    index, report = index_dataset(root, verbose=False)
+    classes = sorted(report["counts"])
+    name = Path(str(data_path)).name.split(".")[0].lower()
+    cache = build_hdf5_cache(index, workdir / "cache" / f"pretrain_{name}_{config['image_size']}px_{config['channels']}ch.h5",
+                             classes, config["image_size"], channels=config["channels"], face_crop=False,
+                             progress=progress)
+    meta, attrs = read_cache_meta(cache)
+    folds = make_folds(meta, "given", val_fraction=config.get("val_fraction", 0.1), seed=config["seed"])
+    pconfig = {**config, "protocol": "given", "num_epochs": num_epochs, "lr": lr,
+               "warmup_epochs": min(config["warmup_epochs"], 1), "pretrain_data_path": None}
+    run_key = config_fingerprint({k: pconfig[k] for k in CONFIG_KEYS}, contents={"data": attrs["fingerprint"]})
+    run_dir = workdir / "DFER_GCViT" / "pretrain" / f"{name}_{config['model_name']}_{config['image_size']}px_{run_key}"
+    spec = read_run_spec(write_run_spec(run_dir / "run.json", config=pconfig, cache_path=cache, class_names=classes,
+                                        folds=folds, run_dir=run_dir, run_key=run_key))
+    run = train_fold(spec, 0, device, progress=progress)
+    test = evaluate_fold(spec, 0, run["best_path"], "test", device)
+    return {"data": str(data_path), "checkpoint": str(run["best_path"]), "sha256": file_sha256(run["best_path"]),
+            "class_names": classes, "epochs": num_epochs, "lr": lr, "val_acc": run["best"]["value"],
+            "test": {k: test[k] for k in ("accuracy", "f1_macro", "num_samples")}, "wall_s": run["wall_s"],
+            "run_dir": str(run_dir), "sizes": {p: int(len(folds[0][p])) for p in ("train", "val", "test")}}
 
 
 def launch_torchrun(spec_path: str | Path, nproc: int, extra_args: tuple[str, ...] = ()) -> None:

@@ -114,12 +114,21 @@ def test_dfer_notebook_trains_on_ferplus_and_its_weights_start_a_kmu_run(tmp_pat
     (sizes,) = fer["protocol"]["sizes"]
     meta = H.read_cache_meta(fer["cache"]["path"])[0]
     assert sizes == {p: int((meta["split"] == p).sum()) for p in ("train", "val", "test")}
-    pretrained = tmp_path / "fer" / "DFER_GCViT" / "best_model.pth"
-    kmu = _run("DFER_GCViT", tmp_path / "kmu", weights=str(pretrained))
-    check_dfer_results(kmu, tmp_path / "kmu" / "DFER_GCViT", weights=str(pretrained))
+    # FER+ pre-training as a step of the KMU-FED run (pretrain_data_path): trained, recorded, and the start of
+    # every fold; an unchanged pre-training is then reused
+    kmu = _run("DFER_GCViT", tmp_path / "kmu", pretrain_data_path=str(fer_zip), pretrain_epochs=1)
+    pre = kmu["pretraining"]
+    check_dfer_results(kmu, tmp_path / "kmu" / "DFER_GCViT", weights=pre["checkpoint"])
+    assert pre["epochs"] == 1 and pre["class_names"] == sorted(fer["dataset"]["counts"])
+    assert pre["sizes"]["test"] == pre["test"]["num_samples"] > 0 and 0 <= pre["test"]["accuracy"] <= 1
+    assert pre["sha256"] == H.file_sha256(pre["checkpoint"]) == kmu["model"]["weights"]["sha256"]
     info = kmu["model"]["weights"]
     assert info["head_reset"] and not info["unexpected_keys"]
     assert all(k.startswith("head.") for k in info["missing_keys"]) and len(info["missing_keys"]) == 2
+    last = Path(pre["run_dir"]) / "fold_1" / "last.pth"
+    written = last.stat().st_mtime_ns
+    again = _run("DFER_GCViT", tmp_path / "kmu", pretrain_data_path=str(fer_zip), pretrain_epochs=1)
+    assert again["pretraining"]["sha256"] == pre["sha256"] and last.stat().st_mtime_ns == written
 
 
 GREFEL_FILES = ("class_distribution.png", "samples.png", "training_curve.png", "confusion_matrix.png",
