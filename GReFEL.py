@@ -749,6 +749,29 @@ H.publish_run(run_dir, out_dir, {"final_model.pth": "best_model.pth", "final_res
 print("Wrote", run_dir, "and its latest copies", out_dir / "final_results.json", "and", out_dir / "best_model.pth")
 
 # %% [markdown]
+# ## Ablation
+# What each GReFEL component adds: rerun the notebook with `components` set to `"backbone"`,
+# `"pyramid"`, `"geometry"` and `"full"`, everything else equal (same data, seed and
+# budget); each row adds one thing to the row above. This table collects the finished runs
+# on this data and profile (the README reports the full one).
+
+# %%
+rows = []
+for path in sorted((out_dir / "runs").glob("*/final_results.json")):
+    r = json.loads(path.read_text())
+    if r["cache"]["fingerprint"] != cache_attrs["fingerprint"] or r["config"]["profile"] != config["profile"]:
+        continue
+    m = r["metrics"]
+    rows.append({"components": r["config"]["components"], "epochs": r["model"]["epochs_run"],
+                 "test accuracy": m["test"]["accuracy"], "one view": m.get("accuracy_single_view"),
+                 "without balancing": m["reliability_balancing"]["accuracy_without"], "macro F1": m["test"]["f1_macro"],
+                 "ECE after scaling": m["ece_after_scaling"], "parameters": r["model"]["parameters"]["total"],
+                 "train min": r["wall_time_s"]["train"] / 60, "run": Path(r["run_dir"]).name})
+order = {c: i for i, c in enumerate(COMPONENTS)}
+ablation = pd.DataFrame(rows).sort_values("components", key=lambda s: s.map(order)) if rows else pd.DataFrame()
+ablation
+
+# %% [markdown]
 # ## Export
 # GReFEL returns a dict and takes landmarks, so it is exported through `H.ProbabilityModel`,
 # a wrapper whose inputs are plain tensors, `image` (B, 3, S, S) and `landmarks` (B, 68, 2) in
