@@ -759,7 +759,8 @@ print("Wrote", run_dir, "and its latest copies", out_dir / "final_results.json",
 rows = []
 for path in sorted((out_dir / "runs").glob("*/final_results.json")):
     r = json.loads(path.read_text())
-    if r["cache"]["fingerprint"] != cache_attrs["fingerprint"] or r["config"]["profile"] != config["profile"]:
+    if ("components" not in r["config"] or r["cache"]["fingerprint"] != cache_attrs["fingerprint"]
+            or r["config"]["profile"] != config["profile"]):  # runs of older versions, other data or profiles
         continue
     m = r["metrics"]
     rows.append({"components": r["config"]["components"], "epochs": r["model"]["epochs_run"],
