@@ -74,6 +74,9 @@ allow_random_init = None       # True: if hub weights are unreachable, train fro
 finetune = None                # "full" | "head" (backbone frozen) | "partial" (freeze first frozen_stages stages)
 frozen_stages = None           # int: stages frozen under finetune "partial"
 dropout = None                 # head dropout
+augment = None                 # training augmentation: "seed" (the seed notebook's) | "nir" (in-car near-infrared)
+augment_erasing = None         # probability of random erasing (occlusion by hands, glasses)
+tta_flip = None                # True: test predictions average each image and its mirror image
 pretrain_data_path = None      # FER+ (any labelled faces) to train the GCViT on first | "auto": a *ferplus* archive in workdir | None: off
 pretrain_epochs = None         # epochs of that pre-training
 pretrain_lr = None             # its peak learning rate (FER+ from scratch: 3e-4; 1e-3 collapses to one class)
@@ -107,7 +110,8 @@ ema = None                     # smoothing of probabilities over frames, in [0, 
 COMMON = dict(export=True, video_source=None, video_frames=None, ema=0.6, channels=1, face_crop=True, face_margin=0.25, no_face="full", max_images=None, val_fraction=0.1,
               max_folds=None, nproc=None, allow_random_init=False, finetune="full", frozen_stages=0, dropout=0.3,
               label_smoothing=0.0, class_weighted=False, clip_grad=1.0, amp="auto", early_stopping=None,
-              pretrain_data_path=None, pretrain_epochs=8, pretrain_lr=3e-4)
+              pretrain_data_path=None, pretrain_epochs=8, pretrain_lr=3e-4, augment="seed", augment_erasing=0.0,
+              tta_flip=False)
 PROFILES = {
     # minutes on 2 CPU cores: a tiny subset, one fold, two epochs; checks the plumbing, not accuracy
     "smoke": {**COMMON, "image_size": 64, "max_images": 120, "protocol": "subject", "num_folds": 3, "max_folds": 1,
@@ -136,6 +140,7 @@ config = H.resolve_config(profile, PROFILES, dict(
     num_folds=num_folds, max_folds=max_folds, val_fraction=val_fraction, model_name=model_name, weights=weights,
     allow_random_init=allow_random_init, finetune=finetune, frozen_stages=frozen_stages, dropout=dropout,
     pretrain_data_path=pretrain_data_path, pretrain_epochs=pretrain_epochs, pretrain_lr=pretrain_lr,
+    augment=augment, augment_erasing=augment_erasing, tta_flip=tta_flip,
     num_epochs=num_epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup_epochs=warmup_epochs,
     label_smoothing=label_smoothing, class_weighted=class_weighted, clip_grad=clip_grad, amp=amp,
     early_stopping=early_stopping, num_workers=num_workers, nproc=nproc, cross_data_path=cross_data_path, export=export,
@@ -319,7 +324,7 @@ print("train transform:", train_tf)
 # One folder per training setting: rerunning with the same settings resumes, new settings start afresh
 # (new data, or a new weights file at the same path, count as new settings).
 run_key = H.config_fingerprint(config, exclude=("workdir", "max_folds", "nproc", "export", "video_source",
-                                                "video_frames", "ema", "cross_data_path"),
+                                                "video_frames", "ema", "cross_data_path", "tta_flip"),
                                contents={"data": cache_attrs["fingerprint"], "weights": weights_info.get("sha256")})
 run_dir = out_dir / "runs" / f"{config['protocol']}_{config['model_name']}_{config['image_size']}px_{run_key}"
 spec_path = H.write_run_spec(run_dir / "run.json", config=config, cache_path=cache_path, class_names=class_names,

@@ -1,8 +1,9 @@
 """Augmentation: albumentations 2.x pipelines for training and evaluation.
 
-Three recipes, sizes as parameters: ``"seed"`` (the DFER-GCViT seed notebook's), ``"grefel"``
-(the GReFEL seed README's: resize to 8/7 of the size, random crop, flip, colour jitter,
-rotation) and ``"eval"`` (resize and normalise). Landmarks, when given, follow every
+Four recipes, sizes as parameters: ``"seed"`` (the DFER-GCViT seed notebook's), ``"nir"``
+(for near-infrared in-car frames: shifts, scale and small rotations, brightness, contrast and
+gamma, blur, sensor noise), ``"grefel"`` (the GReFEL seed README's: resize to 8/7 of the size,
+random crop, flip, colour jitter, rotation) and ``"eval"`` (resize and normalise). Landmarks, when given, follow every
 geometric transform; on a horizontal flip their indices are also swapped left <-> right
 (albumentations moves the points but cannot know that point 36, a left-eye corner, becomes
 a right-eye corner).
@@ -67,7 +68,9 @@ def build_transform(kind: str, image_size: int, mean: tuple = IMAGENET_MEAN, std
 
     Args:
         kind: ``"seed"`` (flip 0.5, brightness/contrast 0.3, rotation +-15 deg p 0.3,
-            Gaussian blur p 0.2), ``"grefel"`` (resize to 8/7 size, random crop, flip,
+            Gaussian blur p 0.2), ``"nir"`` (flip 0.5; shift +-6%, scale 0.9-1.1, rotation
+            +-10 deg p 0.7; brightness/contrast 0.3 p 0.7; gamma 0.7-1.5 p 0.5; Gaussian or
+            motion blur p 0.3; Gaussian noise p 0.3), ``"grefel"`` (resize to 8/7 size, random crop, flip,
             colour jitter 0.4/0.4/0.4/0.1, rotation 15 deg) or ``"eval"`` (resize only).
         image_size: output side in pixels.
         mean, std: per-channel normalisation (from the timm data config when a timm model
@@ -87,6 +90,13 @@ def build_transform(kind: str, image_size: int, mean: tuple = IMAGENET_MEAN, std
         geometric = [A.Resize(size, size), A.HorizontalFlip(p=0.5),
                      A.RandomBrightnessContrast(brightness_limit=0.3, contrast_limit=0.3, p=0.5),
                      A.Rotate(limit=15, p=0.3, **rotate), A.GaussianBlur(blur_limit=(3, 5), p=0.2)]
+    elif kind == "nir":
+        geometric = [A.Resize(size, size), A.HorizontalFlip(p=0.5),
+                     A.Affine(translate_percent=(-0.06, 0.06), scale=(0.9, 1.1), rotate=(-10, 10), p=0.7, **rotate),
+                     A.RandomBrightnessContrast(brightness_limit=0.3, contrast_limit=0.3, p=0.7),
+                     A.RandomGamma(gamma_limit=(70, 150), p=0.5),
+                     A.OneOf([A.GaussianBlur(blur_limit=(3, 5)), A.MotionBlur(blur_limit=(3, 5))], p=0.3),
+                     A.GaussNoise(std_range=(0.02, 0.08), p=0.3)]
     elif kind == "grefel":
         big = int(round(size * 256 / 224))
         geometric = [A.Resize(big, big), A.RandomCrop(size, size), A.HorizontalFlip(p=0.5),
@@ -95,7 +105,7 @@ def build_transform(kind: str, image_size: int, mean: tuple = IMAGENET_MEAN, std
     elif kind == "eval":
         geometric = [A.Resize(size, size)]
     else:
-        raise ValueError(f"kind must be 'seed', 'grefel' or 'eval', not {kind!r}")
+        raise ValueError(f"kind must be 'seed', 'nir', 'grefel' or 'eval', not {kind!r}")
     if erasing and kind != "eval":
         geometric.append(A.Erasing(p=erasing))
     tail = []

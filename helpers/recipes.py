@@ -92,7 +92,8 @@ def _fold_dir(spec: dict, fold: int) -> Path:
 def classifier_transforms(config: dict, norm: dict):
     """The recipe's ``(train, eval)`` albumentations pipelines for ``config`` and the backbone's ``norm``."""
     size, ch = config["image_size"], config["channels"]
-    return (build_transform("seed", size, norm["mean"], norm["std"], channels=ch),
+    train_kind, erasing = config.get("augment", "seed"), config.get("augment_erasing", 0.0)
+    return (build_transform(train_kind, size, norm["mean"], norm["std"], channels=ch, erasing=erasing),
             build_transform("eval", size, norm["mean"], norm["std"], channels=ch))
 
 
@@ -138,7 +139,8 @@ def evaluate_fold(spec: dict, fold: int, checkpoint: str | Path, part: str, devi
     _, eval_tf = classifier_transforms(config, model.data_config())
     loader = make_loader(H5Dataset(spec["cache_path"], spec["folds"][fold][part], eval_tf), config["batch_size"],
                          shuffle=False, device=device)
-    out = evaluate(model.to(device), loader, device, amp_dtype=resolve_amp(config["amp"], device))
+    out = evaluate(model.to(device), loader, device, amp_dtype=resolve_amp(config["amp"], device),
+                   tta_flip=config.get("tta_flip", False))
     metrics = compute_metrics(out["y_true"], out["y_pred"], class_names, probs=out["probs"])
     groups = read_cache_meta(spec["cache_path"])[0]["group"].to_numpy()[spec["folds"][fold][part]]
     metrics["sequence"] = sequence_metrics(out["probs"], out["y_true"], groups)  # None without sequence ids
@@ -183,7 +185,8 @@ def pretrain_classifier(data_path: str | Path, workdir: str | Path, config: dict
     folds = make_folds(meta, "given", val_fraction=config.get("val_fraction", 0.1), seed=config["seed"])
     pconfig = {**config, "protocol": "given", "num_epochs": num_epochs, "lr": lr,
                "warmup_epochs": min(config["warmup_epochs"], 1), "pretrain_data_path": None}
-    run_key = config_fingerprint({k: pconfig[k] for k in CONFIG_KEYS}, contents={"data": attrs["fingerprint"]})
+    recipe = {k: pconfig.get(k) for k in (*CONFIG_KEYS, "augment", "augment_erasing")}
+    run_key = config_fingerprint(recipe, contents={"data": attrs["fingerprint"]})
     run_dir = workdir / "DFER_GCViT" / "pretrain" / f"{name}_{config['model_name']}_{config['image_size']}px_{run_key}"
     spec = read_run_spec(write_run_spec(run_dir / "run.json", config=pconfig, cache_path=cache, class_names=classes,
                                         folds=folds, run_dir=run_dir, run_key=run_key))

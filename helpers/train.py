@@ -244,8 +244,11 @@ def train_one_epoch(model: nn.Module, loader, optimizer, scheduler, loss_fn: Cal
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, device, loss_fn: Callable | None = None, amp_dtype=None,
-             progress: bool = False) -> dict:
+             progress: bool = False, tta_flip: bool = False) -> dict:
     """Predictions and loss over ``loader`` in eval mode.
+
+    ``tta_flip``: average each image's probabilities with its mirror image's (models with one
+    input; the loss stays that of the single view).
 
     Under torchrun, with a loader from :func:`make_loader` (shuffle=False), each rank
     evaluates its batches and every rank returns the whole dataset's predictions in order.
@@ -264,8 +267,13 @@ def evaluate(model: nn.Module, loader, device, loss_fn: Callable | None = None, 
             outputs = model(*inputs)
             if loss_fn is not None:
                 loss_sum += loss_fn(outputs, y, 1.0).item() * len(y)
+            p_batch = output_probs(outputs).float()
+            if tta_flip:
+                if len(inputs) != 1:
+                    raise ValueError("tta_flip averages over mirrored images: only for models with one input")
+                p_batch = (p_batch + output_probs(model(inputs[0].flip(-1))).float()) / 2
         ys.append((y if y.ndim == 1 else y.argmax(-1)).cpu())
-        probs.append(output_probs(outputs).float().cpu())
+        probs.append(p_batch.cpu())
     y_true = torch.cat(ys).numpy() if ys else np.zeros(0, int)
     p = torch.cat(probs).numpy() if probs else np.zeros((0, 0))
     if isinstance(loader.batch_sampler, distributed.ShardedBatchSampler):

@@ -219,3 +219,30 @@ def test_sequence_votes_by_hand():
     assert out["accuracy_majority_vote"] == pytest.approx(1.0)      # a: 0, b: 1, c: 0 (tie, 1.1 vs 0.9)
     assert out["accuracy_mean_probability"] == pytest.approx(2 / 3)  # a: mean 0.4/0.6 -> 1, wrong
     assert H.sequence_metrics(probs, y, np.array([""] * 8)) is None
+
+
+def test_nir_recipe_and_random_erasing_keep_shape_and_vary_the_image():
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 255, (64, 64, 1), dtype=np.uint8)
+    t = H.build_transform("nir", 64, (0.5,) * 3, (0.5,) * 3, channels=1, erasing=1.0)
+    t.set_random_seed(0)
+    outs = [t(image=img)["image"] for _ in range(4)]
+    assert all(o.shape == (3, 64, 64) for o in outs)
+    assert not all(np.allclose(outs[0].numpy(), o.numpy()) for o in outs[1:])
+    assert any("Erasing" in repr(x) for x in t.transforms)
+    with pytest.raises(ValueError, match="'nir'"):
+        H.build_transform("infrared", 64)
+
+
+def test_flip_tta_averages_the_image_and_its_mirror():
+    import torch
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 4, 3)).eval()
+    x, y = torch.rand(5, 3, 4, 4), torch.tensor([0, 1, 2, 0, 1])
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=2)
+    with torch.no_grad():
+        expected = (model(x).softmax(-1) + model(x.flip(-1)).softmax(-1)) / 2
+    out = H.evaluate(model, loader, "cpu", tta_flip=True)
+    np.testing.assert_allclose(out["probs"], expected.numpy(), atol=1e-6)
+    assert not np.allclose(H.evaluate(model, loader, "cpu")["probs"], out["probs"], atol=1e-4)
