@@ -1,21 +1,24 @@
 """The toolbox both notebooks share, in pipeline order.
 
-0. setup    profiles -> config, device selection, environment versions, atomic JSON
+0. setup    profiles -> config, device selection, environment versions, atomic writes,
+            inter-process locks, publishing a run's files
 1. data     find and safely extract archives, discover layouts (split/class folders,
-            class folders, KMU-FED file names, FERPlus), load images, annotation CSVs
+            class folders, KMU-FED file names, a label pattern, FERPlus), load images,
+            annotation CSVs (written and read)
 2. demo     a generated demo dataset in the KMU-FED and FERPlus layouts
 3. faces    dlib face detection with a resumable box cache; the shared face crop
 4. cache    the fingerprinted, atomic HDF5 cache and a PyTorch Dataset over it
 5. splits   evaluation protocols: given, image-level k-fold, subject-independent k-fold
-6. augment  albumentations pipelines (seed, GReFEL, eval), landmark-aware flips
-7. models   timm backbone + the seed's head, weight sources (hub, file, none), freezing
+6. augment  albumentations pipelines (seed, NIR, GReFEL, eval), landmark-aware flips
+7. models   timm backbone + the seed's head, a timm CNN feature pyramid (GReFEL), weight
+            sources (hub, file, none), freezing
 8. train    the engine: AdamW, cosine, AMP, clipping, checkpoints, resume, early stopping
    distributed  the same engine under torchrun: process group, sharded loaders, reductions
-9. metrics  accuracy, precision/recall/F1, confusion matrix, calibration error
+9. metrics  accuracy, precision/recall/F1, confusion matrix, calibration error, sequence votes
 10. plots   class distribution, sample grid, confusion matrix, training curves
 11. export  Predictor (one image, training preprocessing), ONNX/TorchScript/int8 export, backends
 12. recipes the DFER_GCViT fold as a job from a run spec (run.json), shared by the notebook and
-            ``python -m helpers train`` (see __main__.py)
+            ``python -m helpers train`` (see __main__.py); pre-training on another dataset
 
 Notebooks import this package; it never reads notebook globals.
 """
@@ -25,15 +28,15 @@ from .setup import (atomic_write, config_fingerprint, environment_info, output_l
 from .data import (CLASS_ALIASES, FERPLUS_CLASSES, FERPLUS_COLUMNS, VOTE_COLUMNS, DatasetError,
                    discover_dataset, extract_archive, file_sha256, find_archive, find_ferplus_root, index_dataset,
                    locate_dataset, load_image, normalise_class, prepare_ferplus, print_report, read_annotations_csv,
-                   read_ferplus,
-                   render_fer2013_csv, write_annotations)
+                   read_ferplus, render_fer2013_csv, write_annotations)
 from .demo import make_demo_ferplus, make_demo_kmufed
 from .faces import FaceDetector, LandmarkDetector, crop_face, detect_faces, dlib_model_path
 from .cache import H5Dataset, build_hdf5_cache, cache_fingerprint, read_cache_meta
 from .splits import PROTOCOLS, make_folds
 from .augment import FLIP_PERMUTATION_68, IMAGENET_MEAN, IMAGENET_STD, KeypointCompose, build_transform
-from .models import (TimmClassifier, WeightsUnavailableError, count_parameters, create_classifier, create_feature_pyramid,
-                     load_weights, set_finetune_strategy, validate_gcvit_size)
+from .models import (TimmClassifier, WeightsUnavailableError, count_parameters, create_classifier,
+                     create_feature_pyramid, load_matching_weights, load_weights, set_finetune_strategy,
+                     validate_gcvit_size)
 from .distributed import (ShardedBatchSampler, barrier, get_rank, get_world_size, init_distributed, is_distributed,
                           is_main, shutdown)
 from .train import (build_optimizer, build_scheduler, class_weights_from_labels, cross_entropy_loss, evaluate, fit,
@@ -56,7 +59,8 @@ __all__ = [
     "CLASS_ALIASES", "FERPLUS_CLASSES", "FERPLUS_COLUMNS", "VOTE_COLUMNS", "DatasetError", "find_archive",
     "locate_dataset",
     "extract_archive", "file_sha256", "load_image", "normalise_class", "discover_dataset", "print_report",
-    "write_annotations", "read_annotations_csv", "find_ferplus_root", "read_ferplus", "render_fer2013_csv", "prepare_ferplus",
+    "write_annotations", "read_annotations_csv", "find_ferplus_root", "read_ferplus", "render_fer2013_csv",
+    "prepare_ferplus",
     # demo
     "make_demo_kmufed", "make_demo_ferplus",
     # faces
@@ -68,8 +72,8 @@ __all__ = [
     # augment
     "IMAGENET_MEAN", "IMAGENET_STD", "FLIP_PERMUTATION_68", "KeypointCompose", "build_transform",
     # models
-    "TimmClassifier", "WeightsUnavailableError", "create_classifier", "create_feature_pyramid", "load_weights", "validate_gcvit_size",
-    "count_parameters", "set_finetune_strategy",
+    "TimmClassifier", "WeightsUnavailableError", "create_classifier", "create_feature_pyramid", "load_weights",
+    "load_matching_weights", "validate_gcvit_size", "count_parameters", "set_finetune_strategy",
     # train
     "seed_everything", "make_loader", "build_optimizer", "build_scheduler", "cross_entropy_loss",
     "class_weights_from_labels", "output_probs", "resolve_amp", "train_one_epoch", "evaluate",
@@ -86,6 +90,6 @@ __all__ = [
     "Predictor", "ProbabilityModel", "export_metadata", "export_onnx", "export_torchscript", "quantize_onnx_int8",
     "read_onnx_metadata", "Backend", "run_video",
     # recipes
-    "build_classifier", "classifier_transforms", "write_run_spec", "read_run_spec", "train_fold", "evaluate_fold", "launch_torchrun", "pretrain_classifier",
-    "run_spec",
+    "build_classifier", "classifier_transforms", "write_run_spec", "read_run_spec", "train_fold", "evaluate_fold",
+    "launch_torchrun", "pretrain_classifier", "run_spec",
 ]
