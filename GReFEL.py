@@ -302,8 +302,8 @@ class MultiScaleFeatureExtractor(nn.Module):
         if any(g % self.out_grid for g in self.grids):
             raise ValueError(f"grids {self.grids} must be multiples of the coarsest, e.g. 4g, 2g, g")
         self.fusion, self.geometry = components != "backbone", components in ("geometry", "full")
-        chans = self.backbone_info["channels"]
-        self.proj = nn.ModuleList(nn.Conv2d(c, embed_dim, 1) for c in chans)  # 1x1: each stage to embed_dim
+        chans = self.backbone_info["channels"] if self.fusion else self.backbone_info["channels"][-1:]
+        self.proj = nn.ModuleList(nn.Conv2d(c, embed_dim, 1) for c in chans)  # 1x1: each stage used to embed_dim
         self.norm = nn.LayerNorm(embed_dim)
         if not self.fusion:
             return
