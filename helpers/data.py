@@ -48,9 +48,18 @@ SPLIT_ALIASES = {
     "val": "val", "valid": "val", "validation": "val", "fer2013valid": "val", "publictest": "val",
     "test": "test", "testing": "test", "fer2013test": "test", "privatetest": "test",
 }
-# File-name schemes that carry class, subject and sequence.
+# File-name schemes of public datasets that carry class, subject and sequence (README: Data).
 KMU_NAME = re.compile(r"^(?P<subject>\d+)_(?P<code>[A-Za-z]{2})_(?P<initials>[A-Za-z0-9]+)_(?P<frame>\d+)$")
 CKPLUS_NAME = re.compile(r"^(?P<subject>S\d+)_(?P<seq>\d+)_(?P<frame>\d+)$")
+# JAFFE: KA.AN1.39 (subject initials, expression code + take, image number)
+JAFFE_NAME = re.compile(r"^(?P<subject>[A-Z]{2})\.(?P<code>AN|DI|FE|HA|NE|SA|SU)(?P<take>\d+)\.\d+$")
+# KDEF: AF01ANS (session A/B, female/male, id, expression, pose FL HL S HR FR); AF = afraid
+KDEF_NAME = re.compile(r"^(?P<session>[AB])(?P<sex>[FM])(?P<id>\d{2})(?P<code>AF|AN|DI|HA|NE|SA|SU)"
+                       r"(?P<pose>FL|HL|S|HR|FR)$", re.IGNORECASE)
+# RaFD: Rafd090_01_Caucasian_female_angry_frontal (pose angle, id, ethnicity, sex, expression, gaze)
+RAFD_NAME = re.compile(r"^Rafd(?P<pose>\d{3})_(?P<id>\d{2})_(?P<ethnicity>[A-Za-z]+)_(?P<sex>female|male)_"
+                       r"(?P<word>[a-z]+)_(?P<gaze>frontal|left|right)$", re.IGNORECASE)
+SCHEME_WORDS = {"af": "fear", "contemptuous": "contempt"}  # the schemes' own words the alias table lacks
 
 
 class DatasetError(RuntimeError):
@@ -310,8 +319,13 @@ def _split_of(parts: tuple[str, ...]) -> str:
     return ""
 
 
+def _scheme_label(word: str) -> str | None:
+    return SCHEME_WORDS.get(word.lower()) or normalise_class(word)
+
+
 def _subject_and_group(stem: str) -> tuple[str, str, str | None]:
-    """(subject, group, class code) from a KMU-FED or CK+ style file name."""
+    """(subject, group, class code or word) from a file name of a known scheme: KMU-FED, CK+, JAFFE,
+    KDEF or RaFD (the class is None where the scheme names none, as CK+'s)."""
     m = KMU_NAME.match(stem)
     if m:
         subject = str(int(m["subject"]))  # "1_AN_mr" and "01_AN_mr" are one subject
@@ -319,6 +333,16 @@ def _subject_and_group(stem: str) -> tuple[str, str, str | None]:
     m = CKPLUS_NAME.match(stem)
     if m:
         return m["subject"], f"{m['subject']}_{m['seq']}", None
+    m = JAFFE_NAME.match(stem)
+    if m:
+        return m["subject"], f"{m['subject']}_{m['code']}{m['take']}", m["code"]
+    m = KDEF_NAME.match(stem)
+    if m:  # sessions A and B are the same person; one sequence per session and expression (5 poses)
+        subject = f"{m['sex'].upper()}{m['id']}"
+        return subject, f"{subject}_{m['session'].upper()}_{m['code'].upper()}", m["code"]
+    m = RAFD_NAME.match(stem)
+    if m:  # one sequence per person and expression (poses x gazes)
+        return m["id"], f"{m['id']}_{m['word'].lower()}", m["word"]
     return "", "", None
 
 
@@ -352,7 +376,8 @@ def discover_dataset(root: str | Path, accept_unknown_classes: bool = False,
 
     Accepted layouts, at any depth below ``root``:
     (a) split folders (train/training, val/valid/validation, test) holding class folders;
-    (b) class folders only; (c) flat files whose names carry a KMU-FED class code
+    (b) class folders only; (c) flat files named by a known scheme (KMU-FED, JAFFE, KDEF,
+    RaFD; CK+ names give subject and sequence only), e.g. a KMU-FED class code
     (``01_AN_mr_001.jpg``: AN DI FE HA SA SU NE). Class names go through an alias table
     (anger -> angry, happiness -> happy, ...) and the mapping is printed.
 
@@ -415,8 +440,8 @@ def discover_dataset(root: str | Path, accept_unknown_classes: bool = False,
                 group = groups.get("group") or (f"{subject}_{raw}" if groups.get("subject") else group)
             elif canon:
                 label, raw, kind = canon, d.name, "folder"
-            elif code and normalise_class(code):
-                label, raw, kind = normalise_class(code), code, "filename"
+            elif code and _scheme_label(code):
+                label, raw, kind = _scheme_label(code), code, "filename"
             elif parents and not _split_of(parents[-1:]):
                 raw = d.name
                 if not accept_unknown_classes:

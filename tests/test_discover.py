@@ -148,8 +148,8 @@ def _jaffe_like(root, subjects=("KA", "KL", "KM", "KR"), extra=()):
 
 def test_label_pattern_reads_labels_and_subjects_from_any_naming(tmp_path):
     root = _jaffe_like(tmp_path / "jaffe", extra=("README.png",))
-    with pytest.raises(H.DatasetError, match="no images found"):  # no folders, no known names: stop, no guess
-        H.discover_dataset(root, verbose=False)
+    known, _ = H.discover_dataset(root, verbose=False)  # JAFFE is a known scheme: no parameter needed
+    assert len(known) == 56 and known.set_index("rel_path").loc["KA.AN1.1.tiff", "subject"] == "KA"
     with pytest.warns(UserWarning, match=r"1 files do not match label_pattern.*README.png"):
         index, report = H.discover_dataset(root, verbose=False, label_pattern=JAFFE_PATTERN)
     assert len(index) == 4 * 7 * 2 and report["num_subjects"] == 4
@@ -206,3 +206,22 @@ def test_annotation_csv_errors_name_the_rows(tmp_path, body, message):
     (root / "bad.csv").write_text(body)
     with pytest.raises(H.DatasetError, match=message):
         H.read_annotations_csv(root / "bad.csv", verbose=False)
+
+
+@pytest.mark.parametrize("scheme, names, expected", [
+    ("JAFFE", ["KA.AN1.39.tiff", "KA.HA2.41.tiff", "YM.SU3.60.tiff", "YM.NE1.50.tiff"],
+     [("angry", "KA"), ("happy", "KA"), ("surprise", "YM"), ("neutral", "YM")]),
+    ("KDEF", ["AF01ANS.JPG", "BF01AFHL.JPG", "AM12HAFR.JPG", "BM12SUS.JPG"],
+     [("angry", "F01"), ("fear", "F01"), ("happy", "M12"), ("surprise", "M12")]),
+    ("RaFD", ["Rafd090_01_Caucasian_female_angry_frontal.jpg", "Rafd045_01_Caucasian_female_contemptuous_left.jpg",
+              "Rafd090_33_Moroccan_male_fearful_right.jpg", "Rafd135_33_Moroccan_male_surprised_frontal.jpg"],
+     [("angry", "01"), ("contempt", "01"), ("fear", "33"), ("surprise", "33")]),
+])
+def test_known_file_name_schemes_give_class_and_subject(tmp_path, scheme, names, expected):
+    """Flat folders named exactly as each public dataset names its files: no parameter needed."""
+    for k, name in enumerate(names):
+        write_image(tmp_path / scheme / name, value=20 + k)
+    index, report = H.discover_dataset(tmp_path / scheme, verbose=False)
+    got = index.set_index("rel_path").loc[names, ["label", "subject"]]
+    assert [tuple(r) for r in got.to_numpy()] == expected
+    assert report["num_subjects"] == 2 and report["layout"].endswith("class codes in file names")
