@@ -94,7 +94,7 @@ early_stopping = None          # epochs without val improvement before stopping 
 num_workers = None             # DataLoader worker processes (per training process)
 nproc = None                   # int: train on this many local processes (GPUs) with torchrun | None: in this kernel
 # evaluate
-cross_data_path = None         # another archive (e.g. CK+48.zip) to test the trained model on | None: skip
+cross_data_path = None         # other archive(s) to test the fold models on (e.g. CK+48.zip), one or a list | None
 # export
 export = None                  # True: ONNX, TorchScript and int8 ONNX exports with parity checks
 video_source = None            # video file or camera index for the video demo | None: a clip of test-fold frames
@@ -390,34 +390,24 @@ H.plot_training_curves(fold_runs[0]["history"], save_path=run_dir / "training_cu
 
 # %% [markdown]
 # ## Cross-dataset check
-# The trained model (fold 1) on another archive, e.g. CK+ (posed, frontal, 48-px crops),
-# over the classes both datasets share. The mapping is printed; a large drop says how much
-# the model learned the KMU-FED drivers and cabin rather than expressions.
+# The trained fold models, and their ensemble (mean probability), on other datasets, e.g. CK+
+# (posed, frontal, 48-px crops): `cross_data_path` is one archive or a list. Each is scored
+# over the classes it shares with the training set (printed); a large drop says how much the
+# model learned the KMU-FED drivers and cabin rather than expressions.
 
 # %%
-cross = None
-if config["cross_data_path"]:
-    cross_root = H.extract_archive(config["cross_data_path"], workdir / "extracted")
-    cross_index, _ = H.index_dataset(cross_root, verbose=False)
-    shared_classes = [c for c in class_names if c in set(cross_index["label"])]
-    print("class mapping (ours <- theirs):", {c: c for c in shared_classes},
-          "| not shared:", sorted(set(cross_index["label"]) ^ set(shared_classes)))
-    cross_index = cross_index[cross_index["label"].isin(shared_classes)]
-    cross_cache = H.build_hdf5_cache(cross_index, workdir / "cache" / f"cross_{Path(config['cross_data_path']).stem}_"
-                                     f"{config['image_size']}px.h5", class_names, config["image_size"],
-                                     channels=config["channels"], face_crop=False, progress=False)
-    model, _, _ = build_model()
-    model.load_state_dict(H.load_checkpoint(fold_runs[0]["best_path"])["model"])
-    out = H.evaluate(model.to(device), H.make_loader(H.H5Dataset(cross_cache, transform=eval_tf), 64, False),
-                     device)
-    # Restrict the decision to the shared classes: the other outputs cannot be right there.
-    keep = [class_names.index(c) for c in shared_classes]
-    pred = np.array(keep)[out["probs"][:, keep].argmax(1)]
-    cross = {"source": str(config["cross_data_path"]), "classes": shared_classes,
-             **H.compute_metrics(out["y_true"], pred, class_names)}
-    print(f"cross-dataset accuracy on {len(pred)} images: {cross['accuracy']:.4f}")
-else:
-    print("No cross_data_path set: skipped (e.g. -p cross_data_path ../shared/data/ck-plus/CK+48.zip)")
+cross_sources = config["cross_data_path"] or []
+cross_sources = [cross_sources] if isinstance(cross_sources, (str, Path)) else list(cross_sources)
+cross = [H.cross_dataset(src, workdir, spec, [r["best_path"] for r in fold_runs], device) for src in cross_sources]
+for c in cross:
+    print(f"{Path(c['source']).name}: {c['num_samples']} images of the shared classes {c['classes']} "
+          f"(not shared: {c['not_shared']}); accuracy per fold model "
+          f"{[round(m['accuracy'], 4) for m in c['folds']]}, ensemble {c['ensemble']['accuracy']:.4f}")
+if not cross:
+    print("No cross_data_path set: skipped (e.g. -p cross_data_path ../shared/data/ck-plus/CK+48.zip, or a list)")
+pd.DataFrame([{"dataset": Path(c["source"]).name, "images": c["num_samples"], "classes": len(c["classes"]),
+               **{f"fold {k + 1}": m["accuracy"] for k, m in enumerate(c["folds"])},
+               "ensemble": c["ensemble"]["accuracy"], "ensemble macro F1": c["ensemble"]["f1_macro"]} for c in cross])
 
 # %% [markdown]
 # ## Predict

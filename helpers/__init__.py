@@ -47,7 +47,8 @@ from .plots import (plot_class_distribution, plot_confidence_histograms, plot_co
                     plot_reliability_diagram, plot_sample_grid, plot_training_curves)
 from .export import (Backend, Predictor, ProbabilityModel, export_metadata, export_onnx, export_torchscript,
                      quantize_onnx_int8, read_onnx_metadata, run_video)
-from .recipes import (build_classifier, classifier_transforms, evaluate_fold, launch_torchrun, pretrain_classifier,
+from .recipes import (build_classifier, classifier_transforms, cross_dataset, evaluate_fold, launch_torchrun,
+                      pretrain_classifier,
                       read_run_spec,
                       run_spec, train_fold, write_run_spec)
 
@@ -91,5 +92,5 @@ __all__ = [
     "read_onnx_metadata", "Backend", "run_video",
     # recipes
     "build_classifier", "classifier_transforms", "write_run_spec", "read_run_spec", "train_fold", "evaluate_fold",
-    "launch_torchrun", "pretrain_classifier", "run_spec",
+    "launch_torchrun", "pretrain_classifier", "cross_dataset", "run_spec",
 ]

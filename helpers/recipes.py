@@ -198,6 +198,49 @@ def pretrain_classifier(data_path: str | Path, workdir: str | Path, config: dict
             "run_dir": str(run_dir), "sizes": {p: int(len(folds[0][p])) for p in ("train", "val", "test")}}
 
 
+def cross_dataset(source: str | Path, workdir: str | Path, spec: dict, checkpoints: list[str | Path],
+                  device) -> dict:
+    """Test a run's fold models, and their ensemble, on another dataset over the classes both share.
+
+    The other dataset is indexed like the main one (any accepted layout), cached at the run's
+    size and channels without face detection (e.g. CK+'s crops), and each fold's best model
+    predicts among the shared classes only (the other outputs cannot be right there).
+
+    Returns:
+        ``{"source", "classes" (shared), "not_shared", "num_samples", "folds": [metrics per
+        fold model], "ensemble": metrics of the mean probability of all fold models}``.
+    """
+    from .data import extract_archive, index_dataset
+
+    config, class_names = spec["config"], spec["class_names"]
+    root = extract_archive(source, Path(workdir) / "extracted", verbose=False)
+    index, _ = index_dataset(root, verbose=False)
+    theirs = set(index["label"])
+    shared = [c for c in class_names if c in theirs]
+    if not shared:
+        raise ValueError(f"{source}: no class in common with the training classes {class_names} (it has {sorted(theirs)})")
+    index = index[index["label"].isin(shared)]
+    name = Path(str(source)).name.split(".")[0]
+    cache = build_hdf5_cache(index, Path(workdir) / "cache" / f"cross_{name}_{config['image_size']}px_"
+                             f"{config['channels']}ch.h5", class_names, config["image_size"],
+                             channels=config["channels"], face_crop=False, progress=False)
+    keep = [class_names.index(c) for c in shared]
+    per_fold, probs = [], []
+    for ckpt in checkpoints:
+        model, _, _ = build_classifier({**config, "weights": "none"}, class_names)
+        model.load_state_dict(load_checkpoint(ckpt)["model"])
+        _, eval_tf = classifier_transforms(config, model.data_config())
+        out = evaluate(model.to(device), make_loader(H5Dataset(cache, transform=eval_tf), 64, False), device,
+                       tta_flip=config.get("tta_flip", False))
+        probs.append(out["probs"])
+        pred = np.array(keep)[out["probs"][:, keep].argmax(1)]
+        per_fold.append(compute_metrics(out["y_true"], pred, class_names))
+    mean = np.mean(probs, axis=0)
+    ensemble = compute_metrics(out["y_true"], np.array(keep)[mean[:, keep].argmax(1)], class_names)
+    return {"source": str(source), "classes": shared, "not_shared": sorted(theirs - set(shared)),
+            "num_samples": int(len(out["y_true"])), "folds": per_fold, "ensemble": ensemble}
+
+
 def launch_torchrun(spec_path: str | Path, nproc: int, extra_args: tuple[str, ...] = ()) -> None:
     """Run ``torchrun --standalone --nproc_per_node nproc -m helpers train --config spec_path``.
 

@@ -185,9 +185,10 @@ def test_dfer_notebook_on_real_kmu_fed_subject_protocol_and_ckplus(kmu_zip, ckpl
     for f in folds:
         train_subjects = set(meta["subject"].to_numpy()[np.concatenate([f["train"], f["val"]])])
         assert not train_subjects & set(meta["subject"].to_numpy()[f["test"]])
-    cross = r["cross_dataset"]
+    (cross,) = r["cross_dataset"]
     assert cross["classes"] == ["angry", "disgust", "fear", "happy", "sad", "surprise"]
-    assert cross["num_samples"] == 981 - 54  # CK+ without contempt
+    assert cross["num_samples"] == 981 - 54 and cross["not_shared"] == ["contempt"]  # CK+ without contempt
+    assert len(cross["folds"]) == 2 and cross["ensemble"]["num_samples"] == cross["num_samples"]
 
 
 def test_grefel_notebook_on_real_ferplus_subset(ferplus_zip, tmp_path):
@@ -215,8 +216,16 @@ def test_dfer_notebook_on_a_flat_dot_separated_naming_with_the_subject_protocol(
                 k += 1
                 img = draw_face(emotion, person, rng, 96, 96, crop=True)
                 Image.fromarray(img).convert("L").save(root / f"{s}.{code}{n}.{k}.tiff")
+    others = [H.make_demo_ferplus(tmp_path / "FERPlus.zip"),
+              H.make_demo_kmufed(tmp_path / "kmu.zip", num_subjects=2, frames_per_class=2)]
     r = _run("DFER_GCViT", tmp_path, data_path=str(root), protocol="subject", num_folds=4,
-             label_pattern=r"^(?P<subject>[A-Z]{2})\.(?P<label>[A-Z]{2})\d+\.\d+$")
+             label_pattern=r"^(?P<subject>[A-Z]{2})\.(?P<label>[A-Z]{2})\d+\.\d+$",
+             cross_data_path=[str(p) for p in others])
+    # cross-dataset on several at once: each over the classes it shares, per fold model and ensembled
+    assert [Path(c["source"]).name for c in r["cross_dataset"]] == ["FERPlus.zip", "kmu.zip"]
+    for c in r["cross_dataset"]:
+        assert c["classes"] == sorted(codes.values()) and len(c["folds"]) == 1
+        assert sum(map(sum, c["ensemble"]["confusion_matrix"])) == c["num_samples"] > 0
     assert r["dataset"]["num_subjects"] == 4 and sorted(r["dataset"]["counts"]) == sorted(codes.values())
     assert "label_pattern" in r["dataset"]["layout"] and r["protocol"]["name"] == "subject"
     meta = H.read_cache_meta(r["cache"]["path"])[0]
