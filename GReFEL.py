@@ -506,7 +506,8 @@ def grefel_loss(model: GReFELModel, lambda_cls: float = 1.0, lambda_anchor: floa
 # and resume, with the GReFEL loss plugged in. The engine tells the model the share of
 # training done before every step, which ramps the trust `tau` from 0 to 1 over the first
 # half. Augmentation is the seed README's (resize, random crop, flip, colour jitter,
-# rotation); the landmarks follow every geometric transform, flips included.
+# rotation) plus random erasing (`augment_erasing`); the landmarks follow every geometric
+# transform, flips included. The targets are smoothed by `label_smoothing`.
 
 # %% tags=["grefel-model"]
 def build_grefel(cfg: dict, num_classes: int, weights: str = "none") -> GReFELModel:
