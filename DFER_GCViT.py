@@ -323,6 +323,8 @@ print("train transform:", train_tf)
 # %%
 # One folder per training setting: rerunning with the same settings resumes, new settings start afresh
 # (new data, or a new weights file at the same path, count as new settings).
+H.require(globals(), config="Configuration", cache_attrs="Preprocess: face crops and the HDF5 cache",
+          folds="Protocol: folds", weights_info="Model")
 run_key = H.config_fingerprint(config, exclude=("workdir", "max_folds", "nproc", "export", "video_source",
                                                 "video_frames", "ema", "cross_data_path", "tta_flip"),
                                contents={"data": cache_attrs["fingerprint"], "weights": weights_info.get("sha256")})
@@ -355,6 +357,7 @@ for k in range(len(folds)):
 # the majority of its frames' predictions, and the argmax of their mean probability.
 
 # %%
+H.require(globals(), fold_runs="Train")
 fold_metrics = [H.evaluate_fold(spec, k, run["best_path"], "test", device) for k, run in enumerate(fold_runs)]
 keys = ("accuracy", "precision_macro", "recall_macro", "f1_macro", "precision_weighted", "recall_weighted",
         "f1_weighted", "ece")
@@ -434,6 +437,7 @@ print(example["rel_path"], "(true:", example["label"] + ")", "->", predict(examp
 # copies of the latest finished run, with its `run_key` inside.
 
 # %%
+H.require(globals(), fold_metrics="Evaluate", best_ckpt="Predict", cross="Cross-dataset check")
 H.save_checkpoint(run_dir / "final_model.pth", **{**best_ckpt, "run_key": run_key})
 results = {
     "notebook": "DFER_GCViT", "run_key": run_key, "run_dir": str(run_dir), "data": data_kind, "source": str(source), "config": config,

@@ -523,6 +523,7 @@ def build_grefel(cfg: dict, num_classes: int, weights: str = "none") -> GReFELMo
                        backbone_args=cfg["backbone_args"], weights=weights, components=cfg["components"])
 
 # %%
+H.require(globals(), config="Configuration", meta="Landmarks and the HDF5 cache", GReFELModel="Model")
 split_of = meta["split"].to_numpy()
 idx = {s: np.flatnonzero(split_of == s) for s in ("train", "val", "test")}
 # ImageNet statistics for pretrained CNNs; from scratch there are none to match
@@ -683,6 +684,7 @@ class GReFELEvaluator:
         return self.temperature
 
 # %%
+H.require(globals(), run="Training", GReFELEvaluator="Evaluation (the cell above)")
 evaluator = GReFELEvaluator(run["best_path"], device)
 test_loader = H.make_loader(H.H5Dataset(cache_path, idx["test"], eval_tf, landmarks=True), 128, False)
 test_out_single = evaluator.outputs(test_loader)  # one view: what the export and video run
@@ -723,6 +725,7 @@ print(example["image"], "(majority:", example["label"] + ")", "->", evaluator.pr
 # atomic copies of the latest finished run, with its `run_key` inside.
 
 # %%
+H.require(globals(), metrics="Evaluation", run="Training")
 best = H.load_checkpoint(run["best_path"])
 H.save_checkpoint(run_dir / "final_model.pth", **{**best, "temperature": temperature, "run_key": run_key})
 results = {
@@ -784,6 +787,7 @@ ablation
 # with PyTorch is checked on test images.
 
 # %%
+H.require(globals(), evaluator="Evaluation", temperature="Evaluation")
 cpu_model = copy.deepcopy(evaluator.model).cpu().eval()  # the evaluator keeps its device
 export_dir = run_dir / "export"
 export_meta = H.export_metadata(class_names, cache_attrs["preprocess"], norm["mean"], norm["std"],

@@ -161,6 +161,26 @@ def publish_run(run_dir: str | Path, out_dir: str | Path, names: dict[str, str])
             for src, dst in names.items() if (run_dir / src).exists()]
 
 
+def require(namespace: dict, **sections: str) -> None:
+    """Stop a notebook cell that runs before its inputs exist, naming the sections that make them.
+
+    Args:
+        namespace: the notebook's ``globals()``.
+        sections: ``variable="section that defines it"``.
+
+    Raises:
+        RuntimeError: ``run the section(s) [...] first`` instead of a NameError deep inside.
+    """
+    missing: dict[str, list[str]] = {}
+    for name, section in sections.items():
+        if name not in namespace:
+            missing.setdefault(section, []).append(name)
+    if missing:
+        names = [n for group in missing.values() for n in group]
+        raise RuntimeError(f"run the section(s) {list(missing)} first: they define {names} (Jupyter: Run > "
+                           "Run All Above, or run those sections and then this one again)")
+
+
 def save_json(obj, path: str | Path) -> Path:
     """Write JSON atomically (unique temporary file, then rename)."""
     text = json.dumps(obj, indent=2, default=str)

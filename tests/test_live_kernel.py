@@ -87,3 +87,15 @@ def test_changing_a_parameter_and_rerunning_one_section(name, tmp_path):
                             if nb.index_of(config_cell) < i <= nb.index_of(cache_cell))
         assert "Cached " in printed
         assert len(list((tmp_path / "cache").glob("*.h5"))) == 2
+
+
+@pytest.mark.parametrize("name", list(NOTEBOOKS))
+def test_a_section_run_before_its_inputs_names_the_sections_to_run_first(name, tmp_path):
+    from nbclient.exceptions import CellExecutionError
+
+    train_first = NOTEBOOKS[name][1]
+    nb = LiveNotebook(name, tmp_path)
+    with nb.client.setup_kernel():
+        nb.run(nb.code[0])  # Setup only, as after opening the notebook and running its first cell
+        with pytest.raises(CellExecutionError, match=r"run the section\(s\) \['Configuration'"):
+            nb.run(nb.index_of(train_first))
