@@ -27,6 +27,7 @@ from .setup import (atomic_write, config_fingerprint, environment_info, output_l
                     resolve_config, save_json, select_device, temp_path)
 from .data import (CLASS_ALIASES, FERPLUS_CLASSES, FERPLUS_COLUMNS, VOTE_COLUMNS, DatasetError,
                    discover_dataset, extract_archive, file_sha256, find_archive, find_ferplus_root, index_dataset,
+                   infer_naming,
                    locate_dataset, load_image, normalise_class, prepare_ferplus, print_report, read_annotations_csv,
                    read_ferplus, render_fer2013_csv, write_annotations)
 from .demo import make_demo_ferplus, make_demo_kmufed
@@ -59,7 +60,8 @@ __all__ = [
     # data
     "CLASS_ALIASES", "FERPLUS_CLASSES", "FERPLUS_COLUMNS", "VOTE_COLUMNS", "DatasetError", "find_archive",
     "locate_dataset",
-    "extract_archive", "file_sha256", "load_image", "normalise_class", "discover_dataset", "print_report",
+    "extract_archive", "file_sha256", "load_image", "normalise_class", "discover_dataset", "infer_naming",
+    "print_report",
     "write_annotations", "read_annotations_csv", "find_ferplus_root", "read_ferplus", "render_fer2013_csv",
     "prepare_ferplus",
     # demo

@@ -405,6 +405,7 @@ def discover_dataset(root: str | Path, accept_unknown_classes: bool = False,
         raise DatasetError(f"{root}: not a folder")
     pattern = _compile_label_pattern(label_pattern)
     unmatched: list[str] = []
+    unnamed: list[tuple[Path, tuple]] = []
     rows, skipped, unknown = [], [], Counter()
     mapping: dict[str, set] = {}
     class_dirs: dict[Path, str] = {}
@@ -450,7 +451,7 @@ def discover_dataset(root: str | Path, accept_unknown_classes: bool = False,
                 label, kind = raw, "folder"
                 class_dirs[d] = raw
             else:
-                skipped.append((str(p), "no class folder and no class code in the file name"))
+                unnamed.append((p, parents))  # maybe a naming to infer (below), else skipped
                 continue
             kinds[kind] += 1
             row = _image_row(p, root, label, _split_of(parents), subject, group)
@@ -460,6 +461,22 @@ def discover_dataset(root: str | Path, accept_unknown_classes: bool = False,
                 continue
             rows.append(row)
             mapping.setdefault(label, set()).add(raw)
+    inferred = None
+    if unnamed and len(unnamed) > len(rows):  # mostly a flat naming no rule knows: infer it, loudly, or stop
+        inferred = infer_naming([p.stem for p, _ in unnamed])
+        for (p, parents), (label, subject) in zip(unnamed, inferred.pop("labels")):
+            row = _image_row(p, root, label, _split_of(parents), subject, f"{subject}_{label}" if subject else "")
+            if row is None:
+                warnings.warn(f"{p}: not a readable image; skipped")
+                skipped.append((str(p), "not a readable image"))
+                continue
+            rows.append(row)
+            kinds["filename"] += 1
+            mapping.setdefault(label, set()).add(inferred["tokens"][label])
+        if verbose:
+            print(f"Inferred from the file names: {inferred['rule']}")
+    else:
+        skipped += [(str(p), "no class folder and no class code in the file name") for p, _ in unnamed]
     if pattern is not None and unmatched and len(unmatched) * 2 > len(unmatched) + len(rows) + sum(unknown.values()):
         total = len(unmatched) + len(rows) + sum(unknown.values())
         raise DatasetError(f"{root}: label_pattern {label_pattern!r} does not match {len(unmatched)} of the {total} "
@@ -488,12 +505,66 @@ def discover_dataset(root: str | Path, accept_unknown_classes: bool = False,
         "splits": {s or "(none)": int(n) for s, n in Counter(index["split"]).items()},
         "num_subjects": int(index.loc[index["subject"] != "", "subject"].nunique()),
         "duplicates": [(r.rel_path, r.duplicate_of) for r in index.itertuples() if r.duplicate_of],
-        "empty_classes": empty, "skipped": skipped,
+        "empty_classes": empty, "skipped": skipped, "inferred_naming": inferred,
     }
     if verbose:
         print_report(report)
     return index, report
 
+
+def infer_naming(stems: list[str]) -> dict:
+    """Infer class and subject from file names that no folder, known scheme or pattern explains.
+
+    Each name is split into tokens (on ``_ . -`` and letter/digit boundaries). The class is
+    the one token of each name that names a class (a class word, an alias or a two-letter
+    code); the subject is the token position whose values recur across several classes (as a
+    subject's id does), when exactly one position does.
+
+    Returns:
+        ``{"labels": [(label, subject), ...], "rule": str, "class_examples": [...],
+        "subject_position": int | None, "subject_candidates": [...], "tokens": {label: token}}``.
+
+    Raises:
+        DatasetError: names with no class token or with several (the candidates are listed):
+            never a silent guess; ``label_pattern`` states the rule instead.
+    """
+    tokens = [re.findall(r"[A-Za-z]+|\d+", s) for s in stems]
+    found, bad = [], []
+    for stem, toks in zip(stems, tokens):
+        hits = [(i, _scheme_label(t)) for i, t in enumerate(toks) if _scheme_label(t)]
+        if len(hits) == 1:
+            found.append(hits[0])
+        else:
+            bad.append((stem, [toks[i] for i, _ in hits]))
+    if bad:
+        none = [s for s, h in bad if not h]
+        several = [(s, h) for s, h in bad if h]
+        raise DatasetError(
+            f"cannot tell the class from the file names: {len(none)} names have no class token (e.g. {none[:3]}), "
+            f"{len(several)} have several (e.g. {several[:3]}); set label_pattern, e.g. "
+            r"r'^(?P<subject>[A-Z]{2})\.(?P<label>[A-Z]{2})\d+\.\d+$'")
+    labels = [label for _, label in found]
+    class_tokens = {label: tokens[k][i] for k, (i, label) in enumerate(found)}
+    # subject: a position (not the class token's) present in every name, whose values each recur with at
+    # least two classes, with between 2 and a third as many distinct values as there are names
+    candidates = []
+    for pos in range(min(len(t) for t in tokens)):
+        if any(pos == i for i, _ in found):
+            continue
+        classes_of: dict[str, set] = {}
+        for t, label in zip(tokens, labels):
+            classes_of.setdefault(t[pos], set()).add(label)
+        if 2 <= len(classes_of) <= max(2, len(tokens) // 3) and all(len(c) >= 2 for c in classes_of.values()):
+            candidates.append(pos)
+    position = candidates[0] if len(candidates) == 1 else None
+    subjects = [t[position] if position is not None else "" for t in tokens]
+    rule = f"class = the token naming an emotion (e.g. {class_tokens[labels[0]]!r} in {stems[0]!r} -> {labels[0]})"
+    if position is not None:
+        rule += f"; subject = token {position} (e.g. {subjects[0]!r}), {len(set(subjects))} subjects"
+    else:
+        rule += f"; no subject token ({'candidates at positions ' + str(candidates) if candidates else 'none recurs'})"
+    return {"labels": list(zip(labels, subjects)), "rule": rule, "subject_position": position,
+            "subject_candidates": candidates, "class_examples": stems[:3], "tokens": class_tokens}
 
 def read_annotations_csv(csv_path: str | Path, root: str | Path | None = None,
                          accept_unknown_classes: bool = False, verbose: bool = True) -> tuple[pd.DataFrame, dict]:

@@ -225,3 +225,40 @@ def test_known_file_name_schemes_give_class_and_subject(tmp_path, scheme, names,
     got = index.set_index("rel_path").loc[names, ["label", "subject"]]
     assert [tuple(r) for r in got.to_numpy()] == expected
     assert report["num_subjects"] == 2 and report["layout"].endswith("class codes in file names")
+
+
+def test_naming_inferred_from_class_words_and_a_recurring_subject_token(tmp_path):
+    k = 0
+    for subject in ("anna", "bert", "cleo"):
+        for word in ("happy", "sadness", "Surprised"):
+            for _ in range(3):
+                k += 1
+                write_image(tmp_path / "mine" / f"{subject}-{word}-{k:04d}.png", value=k)
+    index, report = H.discover_dataset(tmp_path / "mine", verbose=False)
+    assert len(index) == 27 and set(index["label"]) == {"happy", "sad", "surprise"}
+    row = index.set_index("rel_path").loc["bert-sadness-0013.png"]
+    assert (row["label"], row["subject"], row["group"]) == ("sad", "bert", "bert_sad")
+    rule = report["inferred_naming"]["rule"]
+    assert "class = the token naming an emotion" in rule and "subject = token 0" in rule and report["num_subjects"] == 3
+
+
+def test_naming_inferred_from_two_letter_codes(tmp_path):
+    k = 0
+    for subject in ("12", "31", "47", "58"):
+        for code in ("AN", "FE", "NE"):
+            k += 1
+            write_image(tmp_path / "codes" / f"S{subject}_{code}_{k:05d}.bmp", value=k)
+    index, report = H.discover_dataset(tmp_path / "codes", verbose=False)
+    assert sorted(index["label"].unique()) == ["angry", "fear", "neutral"]
+    assert sorted(index["subject"].unique()) == ["12", "31", "47", "58"]  # "S12" -> tokens "S", "12"
+
+
+@pytest.mark.parametrize("names, message", [
+    (["img_0001.png", "img_0002.png", "img_0003.png"], r"3 names have no class token"),
+    (["happy_to_sad_01.png", "angry_02.png", "fear_03.png"], r"1 have several.*'happy', 'sad'"),
+])
+def test_naming_that_cannot_be_inferred_stops_with_the_candidates(tmp_path, names, message):
+    for k, name in enumerate(names):
+        write_image(tmp_path / "flat" / name, value=k)
+    with pytest.raises(H.DatasetError, match=message):
+        H.discover_dataset(tmp_path / "flat", verbose=False)
