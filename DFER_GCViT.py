@@ -451,8 +451,8 @@ results = {
     "model": {"name": config["model_name"], "parameters": param_counts, "weights": weights_info,
               "best_fold": best_fold + 1, "best_epochs": [r["best"] for r in fold_runs]},
     "wall_time_s": {"train_per_fold": [r["wall_s"] for r in fold_runs], "train_total": sum(r["wall_s"] for r in fold_runs)},
-    "dataset": {k: report[k] for k in ("layout", "num_images", "counts", "splits", "num_subjects", "duplicates",
-                                       "skipped", "pre_cropped")},
+    "dataset": {k: report.get(k) for k in ("layout", "num_images", "counts", "splits", "num_subjects", "duplicates",
+                                           "skipped", "pre_cropped", "inferred_naming")},
     "face_detection": face_stats, "cache": {"path": str(cache_path), **cache_attrs},
     "device": str(device), "environment": H.environment_info(),
 }
