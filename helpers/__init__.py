@@ -27,9 +27,8 @@ from .setup import (atomic_write, config_fingerprint, environment_info, output_l
                     resolve_config, save_json, select_device, temp_path)
 from .data import (CLASS_ALIASES, FERPLUS_CLASSES, FERPLUS_COLUMNS, VOTE_COLUMNS, DatasetError,
                    discover_dataset, extract_archive, file_sha256, find_archive, find_ferplus_root, index_dataset,
-                   infer_naming,
-                   locate_dataset, load_image, normalise_class, prepare_ferplus, print_report, read_annotations_csv,
-                   read_ferplus, render_fer2013_csv, write_annotations)
+                   infer_naming, locate_dataset, load_image, normalise_class, prepare_ferplus, print_report,
+                   read_annotations_csv, read_ferplus, render_fer2013_csv, write_annotations)
 from .demo import make_demo_ferplus, make_demo_kmufed
 from .faces import FaceDetector, LandmarkDetector, crop_face, detect_faces, dlib_model_path
 from .cache import H5Dataset, build_hdf5_cache, cache_fingerprint, read_cache_meta
@@ -49,9 +48,7 @@ from .plots import (plot_class_distribution, plot_confidence_histograms, plot_co
 from .export import (Backend, Predictor, ProbabilityModel, export_metadata, export_onnx, export_torchscript,
                      quantize_onnx_int8, read_onnx_metadata, run_video)
 from .recipes import (build_classifier, classifier_transforms, cross_dataset, evaluate_fold, launch_torchrun,
-                      pretrain_classifier,
-                      read_run_spec,
-                      run_spec, train_fold, write_run_spec)
+                      pretrain_classifier, read_run_spec, run_spec, train_fold, write_run_spec)
 
 __all__ = [
     # setup
@@ -61,8 +58,7 @@ __all__ = [
     "CLASS_ALIASES", "FERPLUS_CLASSES", "FERPLUS_COLUMNS", "VOTE_COLUMNS", "DatasetError", "find_archive",
     "locate_dataset",
     "extract_archive", "file_sha256", "load_image", "normalise_class", "discover_dataset", "infer_naming",
-    "print_report",
-    "write_annotations", "read_annotations_csv", "find_ferplus_root", "read_ferplus", "render_fer2013_csv",
+    "print_report", "write_annotations", "read_annotations_csv", "find_ferplus_root", "read_ferplus", "render_fer2013_csv",
     "prepare_ferplus",
     # demo
     "make_demo_kmufed", "make_demo_ferplus",

@@ -20,7 +20,7 @@ import h5py
 import numpy as np
 import pandas as pd
 
-from .setup import output_lock, temp_path
+from .setup import atomic_write, output_lock
 from .data import DatasetError, load_image
 from .faces import BOX_COLUMNS, NO_FACE_POLICIES, crop_face
 
@@ -85,8 +85,6 @@ def build_hdf5_cache(index: pd.DataFrame, out_path: str | Path, class_names: lis
     Returns:
         ``out_path``.
     """
-    from tqdm.auto import tqdm
-
     out_path = Path(out_path)
     if channels not in (1, 3):
         raise ValueError(f"channels must be 1 or 3, not {channels}")
@@ -114,84 +112,90 @@ def build_hdf5_cache(index: pd.DataFrame, out_path: str | Path, class_names: lis
             if progress:
                 print(f"Cache {out_path} is out of date: rebuilding")
 
-        n, s, c = len(index), image_size, channels
-        tmp = temp_path(out_path, "partial")
-        tmp.parent.mkdir(parents=True, exist_ok=True)
         for stale in out_path.parent.glob(out_path.name + ".partial-*"):  # left by killed builds; we hold the lock
             stale.unlink()
-        class_to_id = {name: i for i, name in enumerate(class_names)}
-        rows = index.reset_index(drop=True)
-        boxes = rows[BOX_COLUMNS].to_numpy(np.float64) if has_boxes else np.full((n, 4), np.nan)
-        extras = {name: rows[[col for col in rows.columns if col.startswith(name + "_")]].to_numpy(np.float32)
-                  for name in extra_columns}
-        skipped, kept, no_face_count = [], [], 0
-        lm_points, lm_ok = [], []
-
-        def prepare(i: int) -> np.ndarray | None | str:
-            try:
-                image = load_image(rows.at[i, "path"], channels)
-            except DatasetError as e:
-                return str(e)
-            # Without detection the whole image is fitted, as the "full" policy does.
-            return crop_face(image, tuple(boxes[i]) if has_boxes else None, s, margin=margin, square=square,
-                             no_face=no_face if has_boxes else "full")
-
-        try:
-            with h5py.File(tmp, "w") as f:
-                images = f.create_dataset("images", shape=(n, s, s, c), maxshape=(None, s, s, c), dtype="uint8",
-                                          chunks=(1, s, s, c))
-                written = 0
-                bar = tqdm(total=n, desc=f"cache {out_path.name}", disable=not progress)
-                with ThreadPoolExecutor(max(1, num_threads)) as pool:
-                    for start in range(0, n, chunk_size):
-                        ids = range(start, min(n, start + chunk_size))
-                        batch = []
-                        for i, result in zip(ids, pool.map(prepare, ids)):
-                            if isinstance(result, str):
-                                warnings.warn(f"skipping unreadable image: {result}")
-                                skipped.append((rows.at[i, "path"], result))
-                                continue
-                            if has_boxes and not np.isfinite(boxes[i, 0]):
-                                no_face_count += 1
-                                if result is None:
-                                    skipped.append((rows.at[i, "path"], "no face found (policy: drop)"))
-                                    continue
-                            batch.append(result.reshape(s, s, c))
-                            kept.append(i)
-                            if landmarker is not None:
-                                pts, ok = landmarker(result)
-                                lm_points.append(np.asarray(pts, np.float32) / s)
-                                lm_ok.append(bool(ok))
-                        if batch:
-                            images[written:written + len(batch)] = np.stack(batch)
-                            written += len(batch)
-                        bar.update(len(ids))
-                        if on_chunk is not None:
-                            on_chunk(written)
-                bar.close()
-                images.resize(written, axis=0)
-                kept_rows = rows.iloc[kept]
-                f.create_dataset("labels", data=np.array([class_to_id[x] for x in kept_rows["label"]], np.int64))
-                for col in META_COLUMNS:
-                    values = kept_rows[col].fillna("").astype(str).tolist() if col in kept_rows else [""] * written
-                    f.create_dataset(col, data=np.array(values, dtype=object), dtype=h5py.string_dtype())
-                f.create_dataset("face_box", data=boxes[kept].astype(np.float32))
-                for name, values in extras.items():
-                    f.create_dataset(name, data=values[kept])
-                if landmarker is not None:
-                    f.create_dataset("landmarks", data=np.stack(lm_points) if lm_points else np.zeros((0, 68, 2), np.float32))
-                    f.create_dataset("landmarks_ok", data=np.array(lm_ok, bool))
-                report = {"num_source": n, "num_cached": written, "skipped": skipped,
-                          "no_face": no_face_count, "no_face_policy": no_face if has_boxes else "n/a (no detection)"}
-                f.attrs.update({"fingerprint": fingerprint, "version": CACHE_VERSION, "class_names": json.dumps(class_names),
-                                "preprocess": json.dumps(params), "report": json.dumps(report)})
-            os.replace(tmp, out_path)
-        except BaseException:  # a full disk, a bad image policy, Ctrl-C: no partial file stays behind
-            tmp.unlink(missing_ok=True)
-            raise
+        report = {}
+        atomic_write(out_path, lambda tmp: report.update(_write_cache(
+            tmp, index, params, fingerprint, landmarker, chunk_size, num_threads, on_chunk, progress)), tag="partial")
         if progress:
-            print(f"Cached {written}/{n} images to {out_path} ({len(skipped)} skipped, {no_face_count} without a face)")
+            print(f"Cached {report['num_cached']}/{report['num_source']} images to {out_path} "
+                  f"({len(report['skipped'])} skipped, {report['no_face']} without a face)")
         return out_path
+
+
+def _write_cache(tmp: Path, index: pd.DataFrame, params: dict, fingerprint: str, landmarker, chunk_size: int,
+                 num_threads: int, on_chunk, progress: bool) -> dict:
+    """Write the cache file ``tmp`` as ``params`` (from :func:`build_hdf5_cache`) say; returns the build report."""
+    from tqdm.auto import tqdm
+
+    n, s, c, class_names = len(index), params["image_size"], params["channels"], params["class_names"]
+    has_boxes, margin, square, no_face = params["face_crop"], params["margin"], params["square"], params["no_face"]
+    class_to_id = {label: i for i, label in enumerate(class_names)}
+    rows = index.reset_index(drop=True)
+    boxes = rows[BOX_COLUMNS].to_numpy(np.float64) if has_boxes else np.full((n, 4), np.nan)
+    extras = {col: rows[[k for k in rows.columns if k.startswith(col + "_")]].to_numpy(np.float32)
+              for col in params["extra_columns"]}
+    skipped, kept, no_face_count = [], [], 0
+    lm_points, lm_ok = [], []
+
+    def prepare(i: int) -> np.ndarray | None | str:
+        try:
+            image = load_image(rows.at[i, "path"], c)
+        except DatasetError as e:
+            return str(e)
+        # Without detection the whole image is fitted, as the "full" policy does.
+        return crop_face(image, tuple(boxes[i]) if has_boxes else None, s, margin=margin, square=square,
+                         no_face=no_face if has_boxes else "full")
+
+    with h5py.File(tmp, "w") as f:
+        images = f.create_dataset("images", shape=(n, s, s, c), maxshape=(None, s, s, c), dtype="uint8",
+                                  chunks=(1, s, s, c))
+        written = 0
+        bar = tqdm(total=n, desc="HDF5 cache", disable=not progress)
+        with ThreadPoolExecutor(max(1, num_threads)) as pool:
+            for start in range(0, n, chunk_size):
+                ids = range(start, min(n, start + chunk_size))
+                batch = []
+                for i, result in zip(ids, pool.map(prepare, ids)):
+                    if isinstance(result, str):
+                        warnings.warn(f"skipping unreadable image: {result}")
+                        skipped.append((rows.at[i, "path"], result))
+                        continue
+                    if has_boxes and not np.isfinite(boxes[i, 0]):
+                        no_face_count += 1
+                        if result is None:
+                            skipped.append((rows.at[i, "path"], "no face found (policy: drop)"))
+                            continue
+                    batch.append(result.reshape(s, s, c))
+                    kept.append(i)
+                    if landmarker is not None:
+                        pts, ok = landmarker(result)
+                        lm_points.append(np.asarray(pts, np.float32) / s)
+                        lm_ok.append(bool(ok))
+                if batch:
+                    images[written:written + len(batch)] = np.stack(batch)
+                    written += len(batch)
+                bar.update(len(ids))
+                if on_chunk is not None:
+                    on_chunk(written)
+        bar.close()
+        images.resize(written, axis=0)
+        kept_rows = rows.iloc[kept]
+        f.create_dataset("labels", data=np.array([class_to_id[x] for x in kept_rows["label"]], np.int64))
+        for col in META_COLUMNS:
+            values = kept_rows[col].fillna("").astype(str).tolist() if col in kept_rows else [""] * written
+            f.create_dataset(col, data=np.array(values, dtype=object), dtype=h5py.string_dtype())
+        f.create_dataset("face_box", data=boxes[kept].astype(np.float32))
+        for col, values in extras.items():
+            f.create_dataset(col, data=values[kept])
+        if landmarker is not None:
+            f.create_dataset("landmarks", data=np.stack(lm_points) if lm_points else np.zeros((0, 68, 2), np.float32))
+            f.create_dataset("landmarks_ok", data=np.array(lm_ok, bool))
+        report = {"num_source": n, "num_cached": written, "skipped": skipped,
+                  "no_face": no_face_count, "no_face_policy": no_face if has_boxes else "n/a (no detection)"}
+        f.attrs.update({"fingerprint": fingerprint, "version": CACHE_VERSION, "class_names": json.dumps(class_names),
+                        "preprocess": json.dumps(params), "report": json.dumps(report)})
+    return report
 
 
 def read_cache_meta(path: str | Path) -> tuple[pd.DataFrame, dict]:

@@ -359,15 +359,31 @@ def _compile_label_pattern(label_pattern: str | None) -> re.Pattern | None:
     return pattern
 
 
-def _image_row(p: Path, root: Path, label: str, split: str, subject: str, group: str) -> dict | None:
-    """One index row for a readable image file; None if it cannot be read."""
+def _add_image(rows: list, skipped: list, p: Path, root: Path, label: str, split: str, subject: str,
+               group: str) -> bool:
+    """Append the index row of a readable image file; an unreadable one is warned about and listed."""
     size = _probe_image(p)
     if size is None:
-        return None
+        warnings.warn(f"{p}: not a readable image; skipped")
+        skipped.append((str(p), "not a readable image"))
+        return False
     st = p.stat()
-    return {"path": str(p), "rel_path": p.relative_to(root).as_posix() if p.is_relative_to(root) else str(p),
-            "label": label, "split": split, "subject": subject, "group": group, "width": size[0],
-            "height": size[1], "size_bytes": st.st_size, "mtime_ns": st.st_mtime_ns, "sha1": _sha1(p)}
+    rows.append({"path": str(p), "rel_path": p.relative_to(root).as_posix() if p.is_relative_to(root) else str(p),
+                 "label": label, "split": split, "subject": subject, "group": group, "width": size[0],
+                 "height": size[1], "size_bytes": st.st_size, "mtime_ns": st.st_mtime_ns, "sha1": _sha1(p)})
+    return True
+
+
+def _index_report(index: pd.DataFrame, root: Path, layout: str, mapping: dict[str, set], skipped: list,
+                  **extra) -> dict:
+    """The report of an index: layout, class mapping and counts, splits, subjects, duplicates, skipped files."""
+    return {"root": str(root), "layout": layout, "num_images": len(index),
+            "class_mapping": {c: sorted(v) for c, v in sorted(mapping.items())},
+            "counts": {c: int(n) for c, n in sorted(Counter(index["label"]).items())},
+            "splits": {s or "(none)": int(n) for s, n in Counter(index["split"]).items()},
+            "num_subjects": int(index.loc[index["subject"] != "", "subject"].nunique()),
+            "duplicates": [(r.rel_path, r.duplicate_of) for r in index.itertuples() if r.duplicate_of],
+            "skipped": skipped, **extra}
 
 
 def discover_dataset(root: str | Path, accept_unknown_classes: bool = False,
@@ -432,10 +448,11 @@ def discover_dataset(root: str | Path, accept_unknown_classes: bool = False,
                 continue
             if m:
                 raw = m["label"]
-                label, kind = normalise_class(raw) or raw, "pattern"
-                if normalise_class(raw) is None and not accept_unknown_classes:
+                label, kind = normalise_class(raw), "pattern"
+                if label is None and not accept_unknown_classes:
                     unknown[raw] += 1
                     continue
+                label = label or raw
                 groups = m.groupdict()
                 subject = groups.get("subject") or subject
                 group = groups.get("group") or (f"{subject}_{raw}" if groups.get("subject") else group)
@@ -454,25 +471,16 @@ def discover_dataset(root: str | Path, accept_unknown_classes: bool = False,
                 unnamed.append((p, parents))  # maybe a naming to infer (below), else skipped
                 continue
             kinds[kind] += 1
-            row = _image_row(p, root, label, _split_of(parents), subject, group)
-            if row is None:
-                warnings.warn(f"{p}: not a readable image; skipped")
-                skipped.append((str(p), "not a readable image"))
-                continue
-            rows.append(row)
-            mapping.setdefault(label, set()).add(raw)
+            if _add_image(rows, skipped, p, root, label, _split_of(parents), subject, group):
+                mapping.setdefault(label, set()).add(raw)
     inferred = None
     if unnamed and len(unnamed) > len(rows):  # mostly a flat naming no rule knows: infer it, loudly, or stop
         inferred = infer_naming([p.stem for p, _ in unnamed])
         for (p, parents), (label, subject) in zip(unnamed, inferred.pop("labels")):
-            row = _image_row(p, root, label, _split_of(parents), subject, f"{subject}_{label}" if subject else "")
-            if row is None:
-                warnings.warn(f"{p}: not a readable image; skipped")
-                skipped.append((str(p), "not a readable image"))
-                continue
-            rows.append(row)
             kinds["filename"] += 1
-            mapping.setdefault(label, set()).add(inferred["tokens"][label])
+            if _add_image(rows, skipped, p, root, label, _split_of(parents), subject,
+                          f"{subject}_{label}" if subject else ""):
+                mapping.setdefault(label, set()).add(inferred["tokens"][label])
         if verbose:
             print(f"Inferred from the file names: {inferred['rule']}")
     else:
@@ -493,20 +501,12 @@ def discover_dataset(root: str | Path, accept_unknown_classes: bool = False,
                            "(split/class folders, class folders, or KMU-FED file names)")
     index = pd.DataFrame(rows)
     _flag_duplicates(index)
-    counts = {c: int(n) for c, n in sorted(Counter(index["label"]).items())}
     empty = sorted({name for d, name in class_dirs.items()
                     if not any(d == i or d in i.parents for i in image_dirs)})
     layout = ("split folders" if index["split"].ne("").any() else "no split") + " + " + (
         f"label_pattern {label_pattern!r}" if pattern is not None
         else "class folders" if kinds["folder"] >= kinds["filename"] else "class codes in file names")
-    report = {
-        "root": str(root), "layout": layout, "num_images": len(index),
-        "class_mapping": {c: sorted(v) for c, v in sorted(mapping.items())}, "counts": counts,
-        "splits": {s or "(none)": int(n) for s, n in Counter(index["split"]).items()},
-        "num_subjects": int(index.loc[index["subject"] != "", "subject"].nunique()),
-        "duplicates": [(r.rel_path, r.duplicate_of) for r in index.itertuples() if r.duplicate_of],
-        "empty_classes": empty, "skipped": skipped, "inferred_naming": inferred,
-    }
+    report = _index_report(index, root, layout, mapping, skipped, empty_classes=empty, inferred_naming=inferred)
     if verbose:
         print_report(report)
     return index, report
@@ -623,13 +623,8 @@ def read_annotations_csv(csv_path: str | Path, root: str | Path | None = None,
                            f"known names are {sorted(set(CLASS_ALIASES.values()))} and their aliases")
     rows, skipped = [], []
     for r, label, p in zip(df.itertuples(), canon, paths):
-        split = SPLIT_ALIASES.get(getattr(r, "split", "").lower().replace("_", "").replace("-", ""), "")
-        row = _image_row(p, root, label, split, str(getattr(r, "subject", "")), str(getattr(r, "group", "")))
-        if row is None:
-            warnings.warn(f"{p}: not a readable image; skipped")
-            skipped.append((str(p), "not a readable image"))
-            continue
-        rows.append(row)
+        _add_image(rows, skipped, p, root, label, _split_of((getattr(r, "split", ""),)), str(getattr(r, "subject", "")),
+                   str(getattr(r, "group", "")))
     if not rows:
         raise DatasetError(f"{csv_path}: none of the {len(df)} listed files is a readable image")
     index = pd.DataFrame(rows)
@@ -637,15 +632,7 @@ def read_annotations_csv(csv_path: str | Path, root: str | Path | None = None,
     mapping: dict[str, set] = {}
     for raw, label in zip(df["label"], canon):
         mapping.setdefault(label, set()).add(raw)
-    report = {
-        "root": str(root), "layout": f"annotation CSV {csv_path.name}", "num_images": len(index),
-        "class_mapping": {c: sorted(v) for c, v in sorted(mapping.items())},
-        "counts": {c: int(n) for c, n in sorted(Counter(index["label"]).items())},
-        "splits": {s or "(none)": int(n) for s, n in Counter(index["split"]).items()},
-        "num_subjects": int(index.loc[index["subject"] != "", "subject"].nunique()),
-        "duplicates": [(r.rel_path, r.duplicate_of) for r in index.itertuples() if r.duplicate_of],
-        "empty_classes": [], "skipped": skipped,
-    }
+    report = _index_report(index, root, f"annotation CSV {csv_path.name}", mapping, skipped, empty_classes=[])
     if verbose:
         print_report(report)
     return index, report

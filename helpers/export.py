@@ -103,10 +103,12 @@ def export_metadata(class_names: list[str], preprocess: dict, mean: tuple, std: 
             "preprocess": preprocess, "output": "class probabilities (softmax)", **extra}
 
 
-def _export_copy(model: torch.nn.Module) -> ProbabilityModel:
-    """An fp32, CPU, eval-mode copy of the model, wrapped: exporting never moves, casts or switches
-    the caller's model (which a Predictor or evaluator on CUDA may still be using)."""
-    return ProbabilityModel(copy.deepcopy(model).float().cpu()).eval()
+def _export_copy(model: torch.nn.Module, example_inputs) -> tuple[ProbabilityModel, tuple[torch.Tensor, ...]]:
+    """An fp32, CPU, eval-mode copy of the model, wrapped, and the example inputs to match: exporting
+    never moves, casts or switches the caller's model (which a Predictor or evaluator on CUDA may
+    still be using)."""
+    return (ProbabilityModel(copy.deepcopy(model).float().cpu()).eval(),
+            tuple(x.float().cpu() for x in example_inputs))
 
 
 def export_onnx(model: torch.nn.Module, path: str | Path, example_inputs: tuple[torch.Tensor, ...],
@@ -129,8 +131,7 @@ def export_onnx(model: torch.nn.Module, path: str | Path, example_inputs: tuple[
 
     import onnx
 
-    wrapped = _export_copy(model)
-    example_inputs = tuple(x.float().cpu() for x in example_inputs)
+    wrapped, example_inputs = _export_copy(model, example_inputs)
     axes = {n: {0: "batch"} for n in (*input_names, *output_names)}
     path = Path(path)
 
@@ -151,8 +152,7 @@ def export_torchscript(model: torch.nn.Module, path: str | Path, example_inputs:
     """Trace ``ProbabilityModel(model)`` to TorchScript; metadata travels as ``meta.json`` extra file."""
     import json
 
-    wrapped = _export_copy(model)
-    example_inputs = tuple(x.float().cpu() for x in example_inputs)
+    wrapped, example_inputs = _export_copy(model, example_inputs)
     with torch.no_grad():
         traced = torch.jit.trace(wrapped, tuple(example_inputs), check_trace=False)
     return atomic_write(Path(path), lambda tmp: torch.jit.save(traced, str(tmp),

@@ -257,8 +257,8 @@ def create_feature_pyramid(backbone: str, img_size: int, grid_sizes: list[int], 
         grid_sizes: wanted sides of the feature maps, finest first.
         in_chans: input channels.
         weights: ``"hub"`` (timm's download), ``"none"`` (random init) or a path to a file of
-            that model's weights (loaded by timm: classifier and unused stages dropped, first
-            conv adapted to ``in_chans``).
+            that model's weights (:func:`load_matching_weights`: entries matched by name and
+            shape, so the classifier and unused stages are skipped; refused when few match).
         backbone_args: extra ``timm.create_model`` arguments (e.g. ``channels``, ``stem_width``).
 
     Returns:

@@ -23,9 +23,11 @@ import torch
 from . import distributed
 from .augment import build_transform
 from .cache import H5Dataset, build_hdf5_cache, read_cache_meta
+from .data import extract_archive, file_sha256, index_dataset
 from .metrics import compute_metrics, sequence_metrics
 from .models import create_classifier, set_finetune_strategy
-from .setup import environment_info, save_json
+from .setup import config_fingerprint, environment_info, save_json
+from .splits import make_folds
 from .train import (class_weights_from_labels, cross_entropy_loss, evaluate, fit, load_checkpoint, make_loader,
                     resolve_amp, seed_everything)
 
@@ -147,6 +149,15 @@ def evaluate_fold(spec: dict, fold: int, checkpoint: str | Path, part: str, devi
     return metrics
 
 
+def _cache_at_run_size(index, source: str | Path, prefix: str, workdir: Path, config: dict, class_names: list[str],
+                       progress: bool) -> Path:
+    """Cache another dataset's images as they are (no face detection) at the run's size and channels."""
+    name = Path(str(source)).name.split(".")[0].lower()
+    size, channels = config["image_size"], config["channels"]
+    return build_hdf5_cache(index, workdir / "cache" / f"{prefix}_{name}_{size}px_{channels}ch.h5", class_names, size,
+                            channels=channels, face_crop=False, progress=progress)
+
+
 def pretrain_classifier(data_path: str | Path, workdir: str | Path, config: dict, device, num_epochs: int,
                         lr: float, progress: bool = True) -> dict:
     """Train the run's classifier on another labelled dataset first (e.g. FER+), or reuse that training.
@@ -169,24 +180,17 @@ def pretrain_classifier(data_path: str | Path, workdir: str | Path, config: dict
         f1_macro, num_samples}, "val_acc", "wall_s", "run_dir"}``; ``checkpoint`` is a
         ``best_model.pth`` to pass as the main run's ``weights`` (its head is then reset).
     """
-    from .data import extract_archive, file_sha256, index_dataset
-    from .setup import config_fingerprint
-    from .splits import make_folds
-
     workdir = Path(workdir)
-    root = extract_archive(data_path, workdir / "extracted", verbose=progress)
-    index, report = index_dataset(root, verbose=False)
+    index, report = index_dataset(extract_archive(data_path, workdir / "extracted", verbose=progress), verbose=False)
     classes = sorted(report["counts"])
-    name = Path(str(data_path)).name.split(".")[0].lower()
-    cache = build_hdf5_cache(index, workdir / "cache" / f"pretrain_{name}_{config['image_size']}px_{config['channels']}ch.h5",
-                             classes, config["image_size"], channels=config["channels"], face_crop=False,
-                             progress=progress)
+    cache = _cache_at_run_size(index, data_path, "pretrain", workdir, config, classes, progress)
     meta, attrs = read_cache_meta(cache)
     folds = make_folds(meta, "given", val_fraction=config.get("val_fraction", 0.1), seed=config["seed"])
     pconfig = {**config, "protocol": "given", "num_epochs": num_epochs, "lr": lr,
                "warmup_epochs": min(config["warmup_epochs"], 1), "pretrain_data_path": None}
     recipe = {k: pconfig.get(k) for k in (*CONFIG_KEYS, "augment", "augment_erasing")}
     run_key = config_fingerprint(recipe, contents={"data": attrs["fingerprint"]})
+    name = Path(str(data_path)).name.split(".")[0].lower()
     run_dir = workdir / "DFER_GCViT" / "pretrain" / f"{name}_{config['model_name']}_{config['image_size']}px_{run_key}"
     spec = read_run_spec(write_run_spec(run_dir / "run.json", config=pconfig, cache_path=cache, class_names=classes,
                                         folds=folds, run_dir=run_dir, run_key=run_key))
@@ -210,20 +214,15 @@ def cross_dataset(source: str | Path, workdir: str | Path, spec: dict, checkpoin
         ``{"source", "classes" (shared), "not_shared", "num_samples", "folds": [metrics per
         fold model], "ensemble": metrics of the mean probability of all fold models}``.
     """
-    from .data import extract_archive, index_dataset
-
     config, class_names = spec["config"], spec["class_names"]
-    root = extract_archive(source, Path(workdir) / "extracted", verbose=False)
-    index, _ = index_dataset(root, verbose=False)
+    index, _ = index_dataset(extract_archive(source, Path(workdir) / "extracted", verbose=False), verbose=False)
     theirs = set(index["label"])
     shared = [c for c in class_names if c in theirs]
     if not shared:
-        raise ValueError(f"{source}: no class in common with the training classes {class_names} (it has {sorted(theirs)})")
-    index = index[index["label"].isin(shared)]
-    name = Path(str(source)).name.split(".")[0]
-    cache = build_hdf5_cache(index, Path(workdir) / "cache" / f"cross_{name}_{config['image_size']}px_"
-                             f"{config['channels']}ch.h5", class_names, config["image_size"],
-                             channels=config["channels"], face_crop=False, progress=False)
+        raise ValueError(f"{source}: no class in common with the training classes {class_names} "
+                         f"(it has {sorted(theirs)})")
+    cache = _cache_at_run_size(index[index["label"].isin(shared)], source, "cross", Path(workdir), config,
+                               class_names, progress=False)
     keep = [class_names.index(c) for c in shared]
     per_fold, probs = [], []
     for ckpt in checkpoints:

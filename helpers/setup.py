@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import platform
+import shutil
 import sys
 import tempfile
 import uuid
@@ -100,16 +101,16 @@ def temp_path(path: str | Path, tag: str = "tmp") -> Path:
     return path.with_name(f"{path.name}.{tag}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
 
 
-def atomic_write(path: str | Path, write: Callable[[Path], object]) -> Path:
+def atomic_write(path: str | Path, write: Callable[[Path], object], tag: str = "tmp") -> Path:
     """``write(tmp)`` to a unique temporary sibling, then rename it to ``path``.
 
     Readers see the old file or the new one, never a partial one; concurrent writers never
     share a temporary file; a failed write (a full disk, say) removes its temporary file and
-    leaves the old ``path`` intact.
+    leaves the old ``path`` intact. ``tag`` names the temporary file (``<name>.<tag>-<pid>-<random>``).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_path(path)
+    tmp = temp_path(path, tag)
     try:
         write(tmp)
         os.replace(tmp, path)
@@ -154,8 +155,6 @@ def publish_run(run_dir: str | Path, out_dir: str | Path, names: dict[str, str])
         out_dir: where the latest copies go.
         names: ``{name in run_dir: name in out_dir}``; files missing from the run are skipped.
     """
-    import shutil
-
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     return [atomic_write(out_dir / dst, lambda tmp, src=run_dir / src: shutil.copyfile(src, tmp))
             for src, dst in names.items() if (run_dir / src).exists()]
