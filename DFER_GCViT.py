@@ -360,19 +360,22 @@ for k in range(len(folds)):
 H.require(globals(), fold_runs="Train")
 fold_metrics = [H.evaluate_fold(spec, k, run["best_path"], "test", device) for k, run in enumerate(fold_runs)]
 keys = ("accuracy", "precision_macro", "recall_macro", "f1_macro", "precision_weighted", "recall_weighted",
-        "f1_weighted", "ece")
-summary = {k: {"mean": float(np.mean([m[k] for m in fold_metrics])), "std": float(np.std([m[k] for m in fold_metrics]))}
-           for k in keys}
+        "f1_weighted", "ece") + (("single_view_accuracy",) if config["tta_flip"] else ())
+summary = {k: H.fold_summary([m[k] for m in fold_metrics]) for k in keys}  # mean, std, 95% interval over folds
 total_cm = np.sum([m["confusion_matrix"] for m in fold_metrics], axis=0)
 seq_keys = ("accuracy_majority_vote", "accuracy_mean_probability")
-sequence_summary = ({k: {"mean": float(np.mean([m["sequence"][k] for m in fold_metrics])),
-                         "std": float(np.std([m["sequence"][k] for m in fold_metrics]))} for k in seq_keys}
+sequence_summary = ({k: H.fold_summary([m["sequence"][k] for m in fold_metrics]) for k in seq_keys}
                     if all(m.get("sequence") for m in fold_metrics) else None)
 pd.DataFrame({k: [m[k] for m in fold_metrics] for k in keys[:4]}, index=[f"fold {i + 1}" for i in range(len(folds))])
 
 # %%
-print(f"{config['protocol']} protocol, {len(folds)} fold(s): accuracy {summary['accuracy']['mean']:.4f} "
-      f"+- {summary['accuracy']['std']:.4f}, macro F1 {summary['f1_macro']['mean']:.4f} +- {summary['f1_macro']['std']:.4f}")
+acc = summary["accuracy"]
+print(f"{config['protocol']} protocol, {len(folds)} fold(s): accuracy {acc['mean']:.4f} +- {acc['std']:.4f}"
+      + (f" (95% interval over folds {acc['ci95'][0]:.4f}-{acc['ci95'][1]:.4f})" if acc["ci95"] else "")
+      + f", macro F1 {summary['f1_macro']['mean']:.4f} +- {summary['f1_macro']['std']:.4f}")
+if config["tta_flip"]:
+    print(f"(with test-time flip; one view: {summary['single_view_accuracy']['mean']:.4f} "
+          f"+- {summary['single_view_accuracy']['std']:.4f})")
 if sequence_summary:
     print(f"sequence level (one decision per test sequence, not comparable with frame figures): majority vote "
           f"{sequence_summary['accuracy_majority_vote']['mean']:.4f} +- {sequence_summary['accuracy_majority_vote']['std']:.4f}, "

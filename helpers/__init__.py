@@ -42,7 +42,7 @@ from .distributed import (ShardedBatchSampler, barrier, get_rank, get_world_size
 from .train import (build_optimizer, build_scheduler, class_weights_from_labels, cross_entropy_loss, evaluate, fit,
                     load_checkpoint, make_loader, output_probs, resolve_amp, save_checkpoint, seed_everything,
                     train_one_epoch)
-from .metrics import compute_metrics, expected_calibration_error, fit_temperature, sequence_metrics
+from .metrics import compute_metrics, expected_calibration_error, fit_temperature, fold_summary, sequence_metrics
 from .plots import (plot_class_distribution, plot_confidence_histograms, plot_confusion_matrix, plot_metric_summary,
                     plot_reliability_diagram, plot_sample_grid, plot_training_curves)
 from .export import (Backend, Predictor, ProbabilityModel, export_metadata, export_onnx, export_torchscript,
@@ -81,7 +81,7 @@ __all__ = [
     "init_distributed", "shutdown", "is_distributed", "get_rank", "get_world_size", "is_main", "barrier",
     "ShardedBatchSampler",
     # metrics
-    "compute_metrics", "sequence_metrics", "expected_calibration_error", "fit_temperature",
+    "compute_metrics", "fold_summary", "sequence_metrics", "expected_calibration_error", "fit_temperature",
     # plots
     "plot_class_distribution", "plot_sample_grid", "plot_confusion_matrix", "plot_training_curves",
     "plot_metric_summary", "plot_reliability_diagram", "plot_confidence_histograms",

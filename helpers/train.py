@@ -248,7 +248,8 @@ def evaluate(model: nn.Module, loader, device, loss_fn: Callable | None = None, 
     """Predictions and loss over ``loader`` in eval mode.
 
     ``tta_flip``: average each image's probabilities with its mirror image's (models with one
-    input; the loss stays that of the single view).
+    input; the loss stays that of the single view, and ``probs_single`` keeps the single view's
+    probabilities so both accuracies can be reported).
 
     Under torchrun, with a loader from :func:`make_loader` (shuffle=False), each rank
     evaluates its batches and every rank returns the whole dataset's predictions in order.
@@ -260,7 +261,7 @@ def evaluate(model: nn.Module, loader, device, loss_fn: Callable | None = None, 
     from tqdm.auto import tqdm
 
     model.eval()
-    ys, probs, loss_sum = [], [], 0.0
+    ys, probs, single, loss_sum = [], [], [], 0.0
     for batch in tqdm(loader, desc="eval", leave=False, disable=not progress):
         inputs, y = _to_device(batch, device)
         with torch.autocast(torch.device(device).type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
@@ -271,17 +272,23 @@ def evaluate(model: nn.Module, loader, device, loss_fn: Callable | None = None, 
             if tta_flip:
                 if len(inputs) != 1:
                     raise ValueError("tta_flip averages over mirrored images: only for models with one input")
+                single.append(p_batch.cpu())
                 p_batch = (p_batch + output_probs(model(inputs[0].flip(-1))).float()) / 2
         ys.append((y if y.ndim == 1 else y.argmax(-1)).cpu())
         probs.append(p_batch.cpu())
     y_true = torch.cat(ys).numpy() if ys else np.zeros(0, int)
     p = torch.cat(probs).numpy() if probs else np.zeros((0, 0))
+    p_single = (torch.cat(single).numpy() if single else np.zeros((0, 0))) if tta_flip else None
     if isinstance(loader.batch_sampler, distributed.ShardedBatchSampler):
-        y_true, p, loss_sum = distributed.gather_predictions(loader.batch_sampler.indices(), y_true, p, loss_sum,
-                                                             len(loader.dataset))
+        indices = loader.batch_sampler.indices()
+        if p_single is not None:
+            _, p_single, _ = distributed.gather_predictions(indices, y_true, p_single, 0.0, len(loader.dataset))
+        y_true, p, loss_sum = distributed.gather_predictions(indices, y_true, p, loss_sum, len(loader.dataset))
     y_pred = p.argmax(-1) if len(p) else np.zeros(0, int)
     out = {"acc": float((y_pred == y_true).mean()) if len(y_true) else float("nan"),
            "y_true": y_true, "y_pred": y_pred, "probs": p}
+    if p_single is not None:
+        out["probs_single"] = p_single
     if loss_fn is not None:
         out["loss"] = loss_sum / max(1, len(y_true))
     return out
