@@ -148,8 +148,7 @@ config = H.resolve_config(profile, PROFILES, dict(
 # Fail here, not deep inside timm, if the model cannot take this input size or these weights.
 H.validate_gcvit_size(config["model_name"], config["image_size"], config["weights"])
 workdir = Path(config["workdir"])
-out_dir = workdir / "DFER_GCViT"
-out_dir.mkdir(parents=True, exist_ok=True)
+out_dir = H.output_folder(workdir, "DFER_GCViT")  # stops here if the working directory cannot be written
 print(json.dumps(config, indent=1))
 
 # %% [markdown]

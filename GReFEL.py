@@ -136,8 +136,7 @@ config = H.resolve_config(profile, PROFILES, dict(
 H.create_feature_pyramid(config["backbone"], config["image_size"], config["patch_sizes"],
                          backbone_args=config["backbone_args"])
 workdir = Path(config["workdir"])
-out_dir = workdir / "GReFEL"
-out_dir.mkdir(parents=True, exist_ok=True)
+out_dir = H.output_folder(workdir, "GReFEL")  # stops here if the working directory cannot be written
 print(json.dumps(config, indent=1))
 
 # %% [markdown]

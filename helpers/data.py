@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageOps
 
-from .setup import atomic_write, output_lock
+from .setup import atomic_write, output_lock, remove_stale_temps
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp", ".pgm"}
 ARCHIVE_SUFFIXES = (".zip", ".tar.gz", ".tgz", ".tar")
@@ -160,6 +160,24 @@ def _check_member_name(archive: Path, name: str) -> None:
         raise DatasetError(f"{archive}: refusing entry that climbs out of the target with '..': {name!r}")
 
 
+# A dataset's images barely compress (JPEG/PNG: ~1x; a CSV of pixels: ~3x); an archive that
+# says it expands more than this is refused as a decompression bomb before anything is written.
+MAX_EXPANSION = 100
+
+
+def _check_expanded_size(archive: Path, total: int, dest: Path) -> None:
+    """Refuse an archive whose members add up to more than ``MAX_EXPANSION`` x its size or than the free disk."""
+    size = archive.stat().st_size
+    if total > MAX_EXPANSION * max(size, 1):
+        raise DatasetError(f"{archive}: refusing to extract: its {size:,} bytes expand to {total:,} bytes "
+                           f"({total / max(size, 1):,.0f}x, the limit is {MAX_EXPANSION}x): a decompression bomb "
+                           "or not a dataset of images")
+    free = shutil.disk_usage(dest).free
+    if total > free:
+        raise DatasetError(f"{archive}: extracting needs {total / 2**30:.2f} GiB, only {free / 2**30:.2f} GiB "
+                           f"free under {dest}: free some space or set workdir to a larger disk")
+
+
 def _extract_zip(archive: Path, dest: Path) -> None:
     try:
         zf = zipfile.ZipFile(archive)
@@ -171,6 +189,8 @@ def _extract_zip(archive: Path, dest: Path) -> None:
             _check_member_name(archive, info.filename)
             if stat.S_ISLNK(info.external_attr >> 16):
                 raise DatasetError(f"{archive}: refusing symbolic link entry {info.filename!r}")
+        # zipfile never writes more than a member's declared size, so the declared sizes bound the output.
+        _check_expanded_size(archive, sum(info.file_size for info in members), dest)
         try:
             for info in members:
                 zf.extract(info, dest)
@@ -184,6 +204,7 @@ def _extract_tar(archive: Path, dest: Path) -> None:
             members = tf.getmembers()
             for m in members:
                 _check_member_name(archive, m.name)
+            _check_expanded_size(archive, sum(m.size for m in members if m.isfile()), dest)
             # The "data" filter also refuses links pointing outside dest and device files.
             tf.extractall(dest, filter="data")
     except tarfile.FilterError as e:
@@ -229,6 +250,7 @@ def extract_archive(archive: str | Path, out_dir: str | Path, verbose: bool = Tr
                 return target
         fingerprint["sha256"] = file_sha256(archive)
         out_dir.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(out_dir)  # half-extracted folders of killed runs
         tmp = out_dir / f"{target.name}.partial-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
@@ -388,7 +410,7 @@ def _index_report(index: pd.DataFrame, root: Path, layout: str, mapping: dict[st
 
 def discover_dataset(root: str | Path, accept_unknown_classes: bool = False,
                      verbose: bool = True, label_pattern: str | None = None) -> tuple[pd.DataFrame, dict]:
-    """Index every image under ``root`` with its class, split, subject and content hash.
+    r"""Index every image under ``root`` with its class, split, subject and content hash.
 
     Accepted layouts, at any depth below ``root``:
     (a) split folders (train/training, val/valid/validation, test) holding class folders;
@@ -496,6 +518,10 @@ def discover_dataset(root: str | Path, accept_unknown_classes: bool = False,
             f"{root}: unknown class names {dict(unknown)}; known names are "
             f"{sorted(set(CLASS_ALIASES.values()))} and their aliases. Rename the folders, or pass "
             "accept_unknown_classes=True to use the names as they are.")
+    unreadable = [path for path, why in skipped if why == "not a readable image"]
+    if not rows and unreadable:
+        raise DatasetError(f"{root}: {len(unreadable)} image files found, but none could be read (corrupt, "
+                           f"truncated or not images), e.g. {unreadable[:3]}")
     if not rows:
         raise DatasetError(f"{root}: no images found in any accepted layout "
                            "(split/class folders, class folders, or KMU-FED file names)")
@@ -503,10 +529,14 @@ def discover_dataset(root: str | Path, accept_unknown_classes: bool = False,
     _flag_duplicates(index)
     empty = sorted({name for d, name in class_dirs.items()
                     if not any(d == i or d in i.parents for i in image_dirs)})
+    # Class folders whose files all failed to read: not "empty", and said as such.
+    unreadable_classes = {name: sum(Path(u).is_relative_to(d) for u in unreadable)
+                          for d, name in class_dirs.items() if name not in empty and name not in set(index["label"])}
     layout = ("split folders" if index["split"].ne("").any() else "no split") + " + " + (
         f"label_pattern {label_pattern!r}" if pattern is not None
         else "class folders" if kinds["folder"] >= kinds["filename"] else "class codes in file names")
-    report = _index_report(index, root, layout, mapping, skipped, empty_classes=empty, inferred_naming=inferred)
+    report = _index_report(index, root, layout, mapping, skipped, empty_classes=empty, inferred_naming=inferred,
+                           unreadable_classes=unreadable_classes)
     if verbose:
         print_report(report)
     return index, report
@@ -660,6 +690,8 @@ def print_report(report: dict) -> None:
             print(f"    {dup} == {orig}")
     for name in report["empty_classes"]:
         print(f"  WARNING: class folder '{name}' holds no images")
+    for name, n in report.get("unreadable_classes", {}).items():
+        print(f"  WARNING: class '{name}': {n} image files found, none could be read (listed below)")
     for path, why in report["skipped"][:20]:
         print(f"  skipped {path}: {why}")
     if len(report["skipped"]) > 20:

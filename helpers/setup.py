@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import shutil
 import sys
 import tempfile
@@ -101,15 +102,58 @@ def temp_path(path: str | Path, tag: str = "tmp") -> Path:
     return path.with_name(f"{path.name}.{tag}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
 
 
+_TEMP_NAME = re.compile(r"\.(?:tmp|partial|stale)-(\d+)(?:-[0-9a-f]{8})?$")
+
+
+def remove_stale_temps(folder: str | Path) -> list[Path]:
+    """Remove temporary files and folders (``<name>.tmp|partial|stale-<pid>[-<random>]``) of dead processes.
+
+    A process killed mid-write (SIGKILL, power loss) cannot clean up after itself; the next
+    writer in the same folder does. Temporaries of live processes, this one included, are
+    kept. Returns what was removed.
+    """
+    import psutil
+
+    folder, removed = Path(folder), []
+    if not folder.is_dir():
+        return removed
+    for entry in folder.iterdir():
+        m = _TEMP_NAME.search(entry.name)
+        if m and int(m.group(1)) != os.getpid() and not psutil.pid_exists(int(m.group(1))):
+            shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
+            removed.append(entry)
+    return removed
+
+
+def output_folder(workdir: str | Path, name: str) -> Path:
+    """``workdir/name``, created, once the working directory is known to take files.
+
+    A read-only or full working directory stops here, in the Configuration cell, with what
+    to do, instead of deep inside the first step that writes.
+    """
+    out = Path(workdir) / name
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = temp_path(out / ".write-test")
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as e:
+        raise OSError(e.errno, f"the working directory {Path(workdir).resolve()} cannot be written ({e.strerror}): "
+                      "set `workdir` to a folder you can write; the data can stay where it is (`data_path`)") from e
+    return out
+
+
 def atomic_write(path: str | Path, write: Callable[[Path], object], tag: str = "tmp") -> Path:
     """``write(tmp)`` to a unique temporary sibling, then rename it to ``path``.
 
     Readers see the old file or the new one, never a partial one; concurrent writers never
     share a temporary file; a failed write (a full disk, say) removes its temporary file and
-    leaves the old ``path`` intact. ``tag`` names the temporary file (``<name>.<tag>-<pid>-<random>``).
+    leaves the old ``path`` intact; temporaries left in the folder by killed processes are
+    removed first. ``tag`` names the temporary file (``<name>.<tag>-<pid>-<random>``).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(path.parent)
     tmp = temp_path(path, tag)
     try:
         write(tmp)

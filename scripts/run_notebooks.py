@@ -23,7 +23,6 @@ NOTEBOOKS = ("DFER_GCViT", "GReFEL")
 def run_notebook(name: str, out_dir: Path, parameters: dict) -> Path:
     """Execute ``<name>.ipynb`` from the repo root with papermill and return the executed copy
     (``<name>-<YYYYmmdd-HHMMSS>-<pid>.ipynb``: never shared with another execution)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
     out = out_dir / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.ipynb"
     print(f"{name}: executing -> {out}", flush=True)
     pm.execute_notebook(ROOT / f"{name}.ipynb", out, parameters=parameters, cwd=str(ROOT),
@@ -45,7 +44,14 @@ def main(argv: list[str] | None = None) -> int:
             params[k] = ast.literal_eval(v)
         except (ValueError, SyntaxError):
             params[k] = v
-    runs = Path(args.workdir) / "runs"
+    sys.path.insert(0, str(ROOT))
+    from helpers import output_folder
+
+    try:  # a read-only or full working directory: say so before any notebook starts
+        runs = output_folder(args.workdir, "runs")
+    except OSError as e:
+        print(f"run_notebooks: {e.strerror}", file=sys.stderr)
+        return 2
     failed = []
     for name in args.only or NOTEBOOKS:
         t0 = time.time()

@@ -79,6 +79,21 @@ def test_empty_class_reported_and_corrupt_file_skipped_with_warning(tmp_path):
     assert [p.endswith("broken.jpg") for p, _ in report["skipped"]] == [True]
 
 
+def test_a_class_whose_files_are_all_unreadable_is_said_so_and_all_unreadable_is_an_error(tmp_path, capsys):
+    for i in range(3):
+        write_image(tmp_path / "d" / "happy" / f"{i}.png", value=i * 40)
+    for i in range(2):
+        (tmp_path / "d" / "sad" / f"{i}.jpg").parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "d" / "sad" / f"{i}.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    with pytest.warns(UserWarning, match="not a readable image"):
+        index, report = H.discover_dataset(tmp_path / "d")
+    assert report["unreadable_classes"] == {"sad": 2} and report["empty_classes"] == []
+    assert "class 'sad': 2 image files found, none could be read" in capsys.readouterr().out
+    shutil.rmtree(tmp_path / "d" / "happy")
+    with pytest.warns(UserWarning), pytest.raises(H.DatasetError, match=r"2 image files found, but none could be read"):
+        H.discover_dataset(tmp_path / "d", verbose=False)
+
+
 def test_exact_duplicates_are_flagged(tmp_path):
     write_image(tmp_path / "happy" / "01_HA_mr_001.png", value=77)
     shutil.copy(tmp_path / "happy" / "01_HA_mr_001.png", tmp_path / "happy" / "1_HA_mr_001.png")

@@ -116,3 +116,24 @@ def test_zip_with_corrupt_member_data_is_an_error(tmp_path):
 def test_missing_archive_is_a_clear_error(tmp_path):
     with pytest.raises(H.DatasetError, match="nope.zip: no such archive"):
         H.extract_archive(tmp_path / "nope.zip", tmp_path / "ex")
+
+
+def test_a_zip_bomb_is_refused_before_anything_is_written(tmp_path):
+    z = tmp_path / "bomb.zip"  # ~20 KB on disk, 20 MB of zeros inside (1000x): past the stated 100x limit
+    with zipfile.ZipFile(z, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("faces/angry/a.png", b"\0" * 20_000_000)
+    assert z.stat().st_size < 100_000
+    with pytest.raises(H.DatasetError, match=r"bomb\.zip: refusing to extract.*expand to 20,000,000 bytes.*100x"):
+        H.extract_archive(z, tmp_path / "ex", verbose=False)
+    assert not (tmp_path / "ex").exists() or not any((tmp_path / "ex").iterdir())
+
+
+def test_a_tar_gz_bomb_is_refused_too(tmp_path):
+    t = tmp_path / "bomb.tar.gz"
+    with tarfile.open(t, "w:gz") as tf:
+        info = tarfile.TarInfo("faces/angry/a.png")
+        info.size = 20_000_000
+        tf.addfile(info, io.BytesIO(b"\0" * info.size))
+    with pytest.raises(H.DatasetError, match=r"bomb\.tar\.gz: refusing to extract.*decompression bomb"):
+        H.extract_archive(t, tmp_path / "ex", verbose=False)
+    assert not (tmp_path / "ex").exists() or not any((tmp_path / "ex").iterdir())
