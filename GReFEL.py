@@ -48,11 +48,14 @@ print(f"torch {torch.__version__} on {device}, {torch.get_num_threads()} threads
 # run
 profile = "smoke"              # "smoke" | "cpu" | "gpu" | "paper"
 workdir = "data-exploration"   # where archives are looked for and outputs land
-data_path = None               # FERPlus archive or folder | None: search workdir, else the generated demo
+data_path = None               # FERPlus (archive, folder, CSV) or any labelled face dataset | None: search workdir, else the generated demo
+label_pattern = None           # other datasets: regex naming classes in file names, (?P<label>..) [, (?P<subject>..)]
+labels_csv = None              # other datasets: CSV with path,label[,subject,group,split]
 seed = 42                      # int
 # data
 image_size = None              # px, side of the cached crops (FER+ images are 48 px)
 max_per_split = None           # int: first N images of each split for quick runs | None: all
+val_fraction = None            # datasets without their own splits: share held out for validation (and again for test)
 soft_labels = None             # True: train on the vote distributions | False: majority labels
 # model
 backbone = None                # timm CNN whose three stages make the feature pyramid, e.g. "resnet18", "resnet50"
@@ -94,7 +97,8 @@ ema = None                     # smoothing of probabilities over frames, in [0, 
 # ## Configuration
 
 # %%
-COMMON = dict(video_source=None, video_frames=30, ema=0.6, max_per_split=None, soft_labels=False, dropout=0.1,
+COMMON = dict(video_source=None, video_frames=30, ema=0.6, max_per_split=None, val_fraction=0.1, soft_labels=False,
+              label_pattern=None, labels_csv=None, dropout=0.1,
               backbone_args=None, components="full", label_smoothing=0.1, augment_erasing=0.25, tta_flip=True,
               lambda_cls=1.0, lambda_anchor=1.0, lambda_center=1.0, anchor_margin=2.0, class_weighted=False,
               balanced_sampling=False, clip_grad=1.0, amp="auto", early_stopping=None)
@@ -122,8 +126,8 @@ PROFILES = {
               "num_workers": 4},
 }
 config = H.resolve_config(profile, PROFILES, dict(
-    workdir=workdir, data_path=data_path, seed=seed, image_size=image_size,
-    max_per_split=max_per_split, soft_labels=soft_labels, backbone=backbone, backbone_args=backbone_args,
+    workdir=workdir, data_path=data_path, label_pattern=label_pattern, labels_csv=labels_csv, seed=seed,
+    image_size=image_size, max_per_split=max_per_split, val_fraction=val_fraction, soft_labels=soft_labels, backbone=backbone, backbone_args=backbone_args,
     weights=weights, components=components, label_smoothing=label_smoothing, augment_erasing=augment_erasing,
     tta_flip=tta_flip, embed_dim=embed_dim, num_heads=num_heads, depth=depth,
     patch_sizes=patch_sizes, window=window, num_anchors_per_class=num_anchors_per_class, dropout=dropout,
@@ -140,39 +144,54 @@ out_dir = H.output_folder(workdir, "GReFEL")  # stops here if the working direct
 print(json.dumps(config, indent=1))
 
 # %% [markdown]
-# ## Find and extract FERPlus
+# ## Find and extract the data
 # Any archive or folder with "ferplus" or "fer2013" in its name in the working directory, or
-# `data_path`. Three forms are accepted: (a) the rendered `FER2013Train|Valid|Test/*.png`
+# `data_path`. Three FERPlus forms are accepted: (a) the rendered `FER2013Train|Valid|Test/*.png`
 # folders with `label.csv`; (b) the original `fer2013.csv` with the FERPlus votes in
 # `fer2013new.csv`; (c) a custom `emotion,pixels,Usage` or `emotion,image,Usage` CSV. CSVs are
 # rendered once into layout (a). Without any, a generated demo in layout (a) is used, and
-# the results say so.
+# the results say so. **Other datasets** work too, read by the same data layer as
+# DFER_GCViT: class folders, the known file-name schemes (KMU-FED, CK+, JAFFE, KDEF, RaFD),
+# `label_pattern`, or an annotation CSV (`labels_csv`, or as `data_path`). They have no votes
+# (`soft_labels` needs FER+), their faces are detected when they are not crops already, and
+# without their own splits a stratified random train/val/test split is made (`val_fraction`).
 
 # %%
 source, data_kind = H.locate_dataset(workdir, config["data_path"], ("*ferplus*", "*fer2013*"), "FERPlus",
                                      H.make_demo_ferplus, "ferplus-demo.zip", seed=config["seed"],
                                      also_files=(".csv",))
-data_root = H.prepare_ferplus(source, workdir / "extracted")
+index, report = H.read_labelled_faces(source, workdir / "extracted", label_pattern=config["label_pattern"],
+                                      labels_csv=config["labels_csv"])
+ferplus = report["ferplus"]
+if config["soft_labels"] and not ferplus:
+    raise ValueError(f"soft_labels=True trains on FER+'s annotator votes; {source} has one label per image: "
+                     "set soft_labels=False")
+dataset_name = "FER+" if ferplus else Path(str(source)).name.split(".")[0]
 
 # %% [markdown]
 # ## Labels and counts
-# Majority vote over the ten annotators; images whose majority is "unknown" or "not a
-# face" are excluded, as in the standard FER+ protocol. Class order is FER+'s.
+# FER+: majority vote over the ten annotators; images whose majority is "unknown" or "not a
+# face" are excluded, as in the standard FER+ protocol, and the class order is FER+'s. Other
+# datasets: their classes in alphabetical order.
 
 # %%
-index, report = H.read_ferplus(data_root)
-index = index[index["label"] != ""]
-if config["max_per_split"]:
-    index = index.groupby("split", group_keys=False).head(config["max_per_split"]).reset_index(drop=True)
-    print(f"Using the first {config['max_per_split']} labelled images of each split")
-class_names = list(H.FERPLUS_CLASSES)
-counts = index.groupby(["split", "label"]).size().unstack(fill_value=0).reindex(columns=class_names, fill_value=0)
-H.plot_class_distribution({s: row.to_dict() for s, row in counts.iterrows()}, title="FER+ majority labels",
+if config["max_per_split"]:  # quick runs: the first N images of each split
+    n = config["max_per_split"]
+    if index["split"].ne("").any():
+        index = index.groupby("split", group_keys=False).head(n).reset_index(drop=True)
+    else:  # no splits: N in all, the first of every class
+        index = index.groupby("label", group_keys=False).head(max(1, n // index["label"].nunique())).reset_index(drop=True)
+    print(f"Using a subset for a quick run: {len(index)} images (max_per_split={n})")
+class_names = list(H.FERPLUS_CLASSES) if ferplus else sorted(index["label"].unique())
+counts = (index.assign(split=index["split"].replace("", "(no split)")).groupby(["split", "label"]).size()
+          .unstack(fill_value=0).reindex(columns=class_names, fill_value=0))
+H.plot_class_distribution({s: row.to_dict() for s, row in counts.iterrows()},
+                          title=f"{dataset_name} labels" + (" (majority vote)" if ferplus else ""),
                           save_path=out_dir / "class_distribution.png")
 counts
 
 # %%
-samples = index[index["split"] == "train"].groupby("label").head(6)
+samples = index[index["split"].isin(["train", ""])].groupby("label").head(6)
 H.plot_sample_grid([H.load_image(p, 1) for p in samples["path"]], list(samples["label"]),
                    save_path=out_dir / "samples.png");
 
@@ -182,20 +201,36 @@ H.plot_sample_grid([H.load_image(p, 1) for p in samples["path"]], list(samples["
 # wheel, so it works offline; the model's licence is non-commercial, as it was trained on
 # iBUG 300-W). FER+ images are already face crops, so the predictor runs with a fixed box
 # on the whole crop: it always answers, in a few ms, and crops where the points collapse
-# are flagged as failures. Images, votes and landmarks go to one HDF5 file.
+# are flagged as failures. Other datasets' whole frames (KMU-FED's car interiors) are first
+# cropped to the face dlib's detector finds (boxes cached by content), then landmarked the
+# same way. Images, votes (FER+) and landmarks go to one HDF5 file.
 
 # %%
+face_crop = not report["pre_cropped"]
+if face_crop:
+    tag = Path(str(source)).name.split(".")[0].lower()
+    index = H.detect_faces(index, workdir / "cache" / f"{tag}_faces.csv")
+    print(f"Faces found in {int(index['face_found'].sum())}/{len(index)} images; the others are used whole")
 landmarker = H.LandmarkDetector()
 subset = f"_first{config['max_per_split']}" if config["max_per_split"] else ""
-cache_name = f"ferplus_{data_kind.split()[-1]}{subset}_{config['image_size']}px_lm.h5"
-cache_path = H.build_hdf5_cache(index, workdir / "cache" / cache_name, class_names, config["image_size"],
-                                channels=1, face_crop=False, extra_columns=("votes",), landmarker=landmarker)
+cache_tag = f"ferplus_{data_kind.split()[-1]}" if ferplus else f"{Path(str(source)).name.split('.')[0].lower()}_{len(index)}img"
+cache_path = H.build_hdf5_cache(index, workdir / "cache" / f"{cache_tag}{subset}_{config['image_size']}px_lm.h5",
+                                class_names, config["image_size"], channels=1, face_crop=face_crop,
+                                extra_columns=("votes",) if ferplus else (), landmarker=landmarker)
 meta, cache_attrs = H.read_cache_meta(cache_path)
 with h5py.File(cache_path, "r") as f:
     landmark_ok, mean_shape = f["landmarks_ok"][:], f["landmarks"][:][f["landmarks_ok"][:]].mean(0)
 print(f"Landmarks: {int(landmark_ok.sum())}/{len(landmark_ok)} ok, {int((~landmark_ok).sum())} flagged "
       "(flagged crops keep dlib's points; the flag is stored for analysis)")
-meta.groupby("split").size()
+if {"train", "val", "test"} <= set(meta["split"]):  # the archive's own splits (FER+: FER2013Train/Valid/Test)
+    idx = {s: np.flatnonzero(meta["split"].to_numpy() == s) for s in ("train", "val", "test")}
+else:  # none of its own: one stratified random split, duplicates kept on one side
+    (idx,) = H.make_folds(meta, "given", val_fraction=config["val_fraction"], seed=config["seed"])
+    idx = {s: np.asarray(idx[s]) for s in ("train", "val", "test")}
+    print("No train/val/test splits in the data: a stratified random split "
+          f"({', '.join(f'{s} {len(v)}' for s, v in idx.items())})")
+test_paths = index.set_index("rel_path").loc[meta["rel_path"].to_numpy()[idx["test"]], "path"]  # for the demos
+pd.Series({s: len(v) for s, v in idx.items()}, name="images")
 
 # %% [markdown]
 # ## Model
@@ -523,8 +558,6 @@ def build_grefel(cfg: dict, num_classes: int, weights: str = "none") -> GReFELMo
 
 # %%
 H.require(globals(), config="Configuration", meta="Landmarks and the HDF5 cache", GReFELModel="Model")
-split_of = meta["split"].to_numpy()
-idx = {s: np.flatnonzero(split_of == s) for s in ("train", "val", "test")}
 # ImageNet statistics for pretrained CNNs; from scratch there are none to match
 norm = ({"mean": H.IMAGENET_MEAN, "std": H.IMAGENET_STD} if config["weights"] != "none"
         else {"mean": (0.5,) * 3, "std": (0.5,) * 3})
@@ -695,7 +728,7 @@ metrics = evaluator.evaluate(test_loader, test_out)
 reliability = evaluator.analyze_reliability_balancing(test_loader, test_out)
 confidence_stats = evaluator.analyze_confidence_distribution(test_loader, test_out,
                                                              save_path=run_dir / "confidence_distribution.png")
-print(f"test accuracy {metrics['accuracy']:.4f} (8 classes, majority vote{', flip TTA' if config['tta_flip'] else ''}; "
+print(f"test accuracy {metrics['accuracy']:.4f} ({len(class_names)} classes{', majority vote' if ferplus else ''}{', flip TTA' if config['tta_flip'] else ''}; "
       f"one view {accuracy_single_view:.4f}), macro F1 {metrics['f1_macro']:.4f}; "
       f"without reliability balancing {reliability['accuracy_without']:.4f}; "
       f"{reliability['share_changed']:.1%} of predictions changed by it")
@@ -703,15 +736,16 @@ print(f"ECE {metrics_uncalibrated['ece']:.4f} -> {metrics['ece']:.4f} after temp
 pd.DataFrame(metrics["per_class"]).T
 
 # %%
-H.plot_confusion_matrix(metrics["confusion_matrix"], class_names, title="FER+ test",
+H.plot_confusion_matrix(metrics["confusion_matrix"], class_names, title=f"{dataset_name} test",
                         save_path=run_dir / "confusion_matrix.png")
 H.plot_reliability_diagram({"before scaling": test_out["final_probs"],
                             "after scaling": evaluator.calibrated(torch.as_tensor(test_out["final_probs"])).numpy()},
                            test_out["y"], save_path=run_dir / "reliability_diagram.png");
 
 # %%
-example = index[index["split"] == "test"].iloc[0]
-print(example["image"], "(majority:", example["label"] + ")", "->", evaluator.predict_single_image(example["path"]))
+example = test_paths.iloc[0]
+print(Path(example).name, f"(label: {class_names[meta['label'].iloc[idx['test'][0]]]})", "->",
+      evaluator.predict_single_image(example))
 
 # %% [markdown]
 # ## Save results
@@ -729,7 +763,9 @@ best = H.load_checkpoint(run["best_path"])
 H.save_checkpoint(run_dir / "final_model.pth", **{**best, "temperature": temperature, "run_key": run_key})
 results = {
     "notebook": "GReFEL", "run_key": run_key, "run_dir": str(run_dir), "data": data_kind, "source": str(source), "config": config,
-    "dataset": {"splits": report["splits"], "excluded_unknown_or_nf": report["excluded_unknown_or_nf"],
+    "dataset": {"name": dataset_name, "ferplus": ferplus, "face_detection": face_crop, "splits": report["splits"],
+                "excluded_unknown_or_nf": report.get("excluded_unknown_or_nf"),
+                "inferred_naming": report.get("inferred_naming"),
                 "counts": {s: {c: int(v) for c, v in row.items()} for s, row in counts.iterrows()},
                 "used": {s: int(len(v)) for s, v in idx.items()}},
     "metrics": {"test": metrics, "test_uncalibrated": metrics_uncalibrated, "reliability_balancing": reliability,
@@ -817,7 +853,7 @@ source_video = config["video_source"]
 if source_video is None:
     source_video = export_dir / "test_clip.avi"
     writer = cv2.VideoWriter(str(source_video), cv2.VideoWriter_fourcc(*"MJPG"), 10, (192, 192))
-    for p in index[index["split"] == "test"]["path"].iloc[: config["video_frames"]]:
+    for p in test_paths.iloc[: config["video_frames"]]:
         writer.write(cv2.cvtColor(cv2.resize(H.load_image(p, 1), (192, 192)), cv2.COLOR_GRAY2BGR))
     writer.release()
 video_summary = H.run_video(source_video, H.Backend("onnx", files["onnx"]), class_names, cache_attrs["preprocess"],

@@ -28,7 +28,8 @@ from .setup import (atomic_write, config_fingerprint, environment_info, output_f
 from .data import (CLASS_ALIASES, FERPLUS_CLASSES, FERPLUS_COLUMNS, VOTE_COLUMNS, DatasetError,
                    discover_dataset, extract_archive, file_sha256, find_archive, find_ferplus_root, index_dataset,
                    infer_naming, locate_dataset, load_image, normalise_class, prepare_ferplus, print_report,
-                   read_annotations_csv, read_ferplus, render_fer2013_csv, write_annotations)
+                   read_annotations_csv, read_ferplus, read_labelled_faces, render_fer2013_csv,
+                   write_annotations)
 from .demo import make_demo_ferplus, make_demo_kmufed
 from .faces import FaceDetector, LandmarkDetector, crop_face, detect_faces, dlib_model_path
 from .cache import H5Dataset, build_hdf5_cache, cache_fingerprint, read_cache_meta
@@ -60,7 +61,7 @@ __all__ = [
     "locate_dataset",
     "extract_archive", "file_sha256", "load_image", "normalise_class", "discover_dataset", "infer_naming",
     "print_report", "write_annotations", "read_annotations_csv", "find_ferplus_root", "read_ferplus", "render_fer2013_csv",
-    "prepare_ferplus",
+    "prepare_ferplus", "read_labelled_faces",
     # demo
     "make_demo_kmufed", "make_demo_ferplus",
     # faces

@@ -956,6 +956,43 @@ def render_fer2013_csv(csv_path: str | Path, out_dir: str | Path, votes_csv: str
         return target
 
 
+def _is_fer2013_csv(path: Path) -> bool:
+    """A CSV whose header has a ``pixels`` or ``image`` column of rendered faces (FER2013 forms (b), (c))."""
+    with open(path, newline="", encoding="utf-8", errors="replace") as f:
+        header = [c.strip().lower() for c in f.readline().split(",")]
+    return "emotion" in header and ("pixels" in header or "image" in header)
+
+
+def read_labelled_faces(source: str | Path, out_dir: str | Path, label_pattern: str | None = None,
+                        labels_csv: str | Path | None = None, verbose: bool = True) -> tuple[pd.DataFrame, dict]:
+    """FERPlus in any of its forms, with its votes, or any other labelled dataset the data layer reads.
+
+    FERPlus (the rendered tree, ``fer2013.csv`` + ``fer2013new.csv``, or a custom FER2013-style
+    CSV; see :func:`prepare_ferplus`) keeps FER+'s eight classes in FER+'s order, its
+    splits and the vote columns (soft labels), and leaves out unknown / not-a-face majorities.
+    Anything else (class folders, known file-name schemes, ``label_pattern``, an annotation CSV
+    as ``source`` or ``labels_csv``) goes through :func:`index_dataset`: canonical class
+    names, the archive's splits if any, subject ids where they can be had, no votes.
+
+    Returns:
+        ``(index, report)``; ``report["ferplus"]`` says which, ``report["pre_cropped"]``
+        whether the images are face crops already.
+    """
+    source = Path(source)
+    generic = label_pattern is not None or labels_csv is not None
+    if source.suffix.lower() == ".csv" and not generic and not _is_fer2013_csv(source):
+        source, labels_csv, generic = source.parent, source, True  # an annotation CSV: paths relative to it
+    if not generic:
+        root = source if source.suffix.lower() == ".csv" else extract_archive(source, out_dir, verbose=verbose)
+        if root.is_file() or find_ferplus_root(root) is not None or any(map(_is_fer2013_csv, root.rglob("*.csv"))):
+            index, report = read_ferplus(prepare_ferplus(source, out_dir, verbose=verbose), verbose=verbose)
+            return (index[index["label"] != ""].reset_index(drop=True),
+                    {**report, "ferplus": True, "pre_cropped": True, "num_subjects": 0})
+    root = extract_archive(source, out_dir, verbose=verbose)
+    index, report = index_dataset(root, verbose=verbose, label_pattern=label_pattern, labels_csv=labels_csv)
+    return index, {**report, "ferplus": False}
+
+
 def prepare_ferplus(source: str | Path, out_dir: str | Path, verbose: bool = True) -> Path:
     """Any FERPlus form -> a folder :func:`read_ferplus` reads.
 

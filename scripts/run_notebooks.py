@@ -23,6 +23,7 @@ NOTEBOOKS = ("DFER_GCViT", "GReFEL")
 def run_notebook(name: str, out_dir: Path, parameters: dict) -> Path:
     """Execute ``<name>.ipynb`` from the repo root with papermill and return the executed copy
     (``<name>-<YYYYmmdd-HHMMSS>-<pid>.ipynb``: never shared with another execution)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
     out = out_dir / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.ipynb"
     print(f"{name}: executing -> {out}", flush=True)
     pm.execute_notebook(ROOT / f"{name}.ipynb", out, parameters=parameters, cwd=str(ROOT),

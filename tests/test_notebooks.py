@@ -172,6 +172,23 @@ def test_grefel_notebook_on_generated_demo(tmp_path):
     check_grefel_results(r, tmp_path / "GReFEL")
 
 
+def test_grefel_notebook_on_whole_frames_without_votes_or_splits(demo_kmu_zip, tmp_path):
+    """Any labelled dataset, not only FER+: KMU-FED-style whole frames in class folders get their faces
+    detected, then landmarks; one stratified random split; soft labels (FER+'s votes) are refused."""
+    r = _run("GReFEL", tmp_path, data_path=str(demo_kmu_zip), video_frames=5)
+    d = r["dataset"]
+    assert d["ferplus"] is False and d["face_detection"] is True and d["name"] == demo_kmu_zip.name.split(".")[0]
+    classes = ["angry", "disgust", "fear", "happy", "sad", "surprise"]
+    assert list(d["counts"]["(no split)"]) == classes and all(n > 0 for n in d["counts"]["(no split)"].values())
+    assert sum(d["used"].values()) == r["cache"]["report"]["num_cached"] and min(d["used"].values()) > 0
+    assert torch.load(tmp_path / "GReFEL" / "best_model.pth", weights_only=True)["class_names"] == classes
+    assert len(r["metrics"]["test"]["confusion_matrix"]) == len(classes)
+    with h5py.File(r["cache"]["path"]) as f:
+        assert "votes" not in f and f["landmarks"].shape == (f["images"].shape[0], 68, 2)
+    with pytest.raises(Exception, match="soft_labels=True trains on FER\\+'s annotator votes"):
+        _run("GReFEL", tmp_path / "soft", data_path=str(demo_kmu_zip), soft_labels=True)
+
+
 def test_dfer_notebook_on_real_kmu_fed_subject_protocol_and_ckplus(kmu_zip, ckplus_zip, tmp_path):
     r = _run("DFER_GCViT", tmp_path, data_path=str(kmu_zip), cross_data_path=str(ckplus_zip), max_folds=2)
     assert r["data"] == "real" and r["dataset"]["num_images"] == 1106
