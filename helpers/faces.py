@@ -114,7 +114,8 @@ def detect_faces(index: pd.DataFrame, cache_path: str | Path, detector: FaceDete
                  save_every: int = 100, progress: bool = True) -> pd.DataFrame:
     """Face boxes for every image of an index, cached and resumable.
 
-    Boxes are stored in ``cache_path`` (CSV) keyed by content hash and detector settings;
+    Boxes are stored in ``cache_path`` (CSV) keyed by content hash and detector settings
+    (boxes of other settings stay in the file, so switching settings back costs nothing);
     a rerun detects only images not in the cache, and the cache is saved atomically every
     ``save_every`` images so that an interrupted run resumes where it stopped.
 
@@ -135,16 +136,19 @@ def detect_faces(index: pd.DataFrame, cache_path: str | Path, detector: FaceDete
     cache_path = Path(cache_path)
     key = hashlib.sha1(json.dumps(detector.params, sort_keys=True).encode()).hexdigest()[:12]
     with output_lock(cache_path, "face boxes"):
+        columns = ["sha1", "params", *BOX_COLUMNS, "face_score"]
         cached: dict[str, list] = {}
+        others = pd.DataFrame(columns=columns)  # boxes of other detector settings: kept, not used
         if cache_path.exists():
             old = pd.read_csv(cache_path, dtype={"sha1": str, "params": str})
-            old = old[old["params"] == key]
-            cached = {r.sha1: [r.face_x, r.face_y, r.face_w, r.face_h, r.face_score] for r in old.itertuples()}
+            mine = old["params"] == key
+            others = old.loc[~mine, columns]
+            cached = {r.sha1: [r.face_x, r.face_y, r.face_w, r.face_h, r.face_score] for r in old[mine].itertuples()}
         todo = [r for r in index.drop_duplicates("sha1").itertuples() if r.sha1 not in cached]
 
         def save():
-            rows = [[s, key, *v] for s, v in cached.items()]
-            frame = pd.DataFrame(rows, columns=["sha1", "params", *BOX_COLUMNS, "face_score"])
+            frame = pd.DataFrame([[s, key, *v] for s, v in cached.items()], columns=columns)
+            frame = pd.concat([others, frame], ignore_index=True) if len(others) else frame
             atomic_write(cache_path, lambda tmp: frame.to_csv(tmp, index=False))
 
         unreadable = []

@@ -45,7 +45,10 @@ def test_detect_faces_uses_and_resumes_its_cache(demo_kmu_zip, tmp_path):
     np.testing.assert_allclose(both[H.faces.BOX_COLUMNS].iloc[:10].to_numpy(),
                                first[H.faces.BOX_COLUMNS].to_numpy())
     H.detect_faces(index.iloc[:15], cache, Counting(passes=((200, 0),)), progress=False)
-    assert Counting.calls == 30  # other detector settings: not taken from the cache
+    assert Counting.calls == 30  # other detector settings: not taken from the cache ...
+    H.detect_faces(index.iloc[:15], cache, Counting(), progress=False)
+    assert Counting.calls == 30  # ... nor do they push the first settings' boxes out of it
+    assert pd.read_csv(cache)["params"].nunique() == 2
 
 
 def test_detector_errors_are_never_cached_as_no_face(demo_kmu_zip, tmp_path):
