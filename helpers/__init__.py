@@ -24,7 +24,8 @@ Notebooks import this package; it never reads notebook globals.
 """
 
 from .setup import (atomic_write, config_fingerprint, environment_info, output_folder, output_lock, publish_run,
-                    remove_stale_temps, require, resolve_config, save_json, select_device, temp_path)
+                    mps_dtype_guard, remove_stale_temps, require, resolve_config, save_json, select_device,
+                    temp_path)
 from .data import (CLASS_ALIASES, FERPLUS_CLASSES, FERPLUS_COLUMNS, VOTE_COLUMNS, DatasetError,
                    discover_dataset, extract_archive, file_sha256, find_archive, find_ferplus_root, index_dataset,
                    infer_naming, locate_dataset, load_image, normalise_class, prepare_ferplus, print_report,
@@ -53,7 +54,7 @@ from .recipes import (build_classifier, classifier_transforms, cross_dataset, ev
 
 __all__ = [
     # setup
-    "resolve_config", "config_fingerprint", "select_device", "environment_info", "save_json", "atomic_write", "output_folder",
+    "resolve_config", "config_fingerprint", "select_device", "mps_dtype_guard", "environment_info", "save_json", "atomic_write", "output_folder",
     "remove_stale_temps",
     "temp_path", "output_lock", "publish_run", "require",
     # data

@@ -235,7 +235,8 @@ class H5Dataset:
         in_memory: load the selected images into RAM once (small datasets).
         landmarks: also return the normalised landmarks (and pass them to the transform
             as keypoints in pixels).
-        soft_labels: return the normalised ``votes`` row instead of the class index.
+        soft_labels: return the vote distribution over FER+'s eight emotions (float32, sums to
+            1; the unknown and not-a-face votes left out) instead of the class index.
     """
 
     def __init__(self, path: str | Path, indices: np.ndarray | None = None, transform=None,
@@ -278,7 +279,11 @@ class H5Dataset:
         import torch
 
         x = self.image(i)
-        y = self._votes[i] / max(self._votes[i][:8].sum(), 1) if self.soft_labels else int(self.labels[i])
+        if self.soft_labels:  # FER+'s eight emotions' votes (unknown / not-a-face left out), as float32
+            emotions = self._votes[i][:8].astype(np.float32)
+            y = emotions / max(float(emotions.sum()), 1.0)
+        else:
+            y = int(self.labels[i])
         if self.landmarks:
             size = x.shape[0]
             pts = self._lm[i] * size

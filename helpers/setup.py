@@ -75,6 +75,37 @@ def select_device(preference: str = "auto"):
     return torch.device("cpu")
 
 
+@contextlib.contextmanager
+def mps_dtype_guard(what: str = "this step") -> Iterator[None]:
+    """Fail on any float64 tensor an operation takes or makes, as Apple's MPS backend would.
+
+    MPS has no float64: a float64 tensor on the way (a NumPy array turned into a tensor, a
+    Python float promoted, a ``.double()``) stops an MPS run. This guard, a
+    ``TorchDispatchMode`` that sees every operation (backward included), makes the same
+    mistake fail on any machine, naming the operation. Used by the tests to keep the MPS path
+    honest where no Mac is at hand.
+    """
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    class _Guard(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            for side, values in (("takes", (args, kwargs)), ("makes", None)):
+                if side == "makes":
+                    out = func(*args, **kwargs)
+                    values = out
+                for t in tree_leaves(values):
+                    if isinstance(t, torch.Tensor) and t.dtype == torch.float64:
+                        raise TypeError(f"{func} {side} a float64 tensor in {what}: Apple MPS has no float64; "
+                                        "use float32 (e.g. torch.as_tensor(x, dtype=torch.float32))")
+            return out
+
+    with _Guard():
+        yield
+
+
 def environment_info() -> dict:
     """Versions and hardware, saved with every result."""
     import importlib.metadata as md

@@ -99,14 +99,20 @@ def make_loader(dataset, batch_size: int, shuffle: bool, num_workers: int = 0, d
 
 # ----------------------------------------------------------------------------- optimiser & schedule
 
-def build_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
-    """AdamW over trainable parameters; biases and norm weights get no weight decay."""
+def build_optimizer(model: nn.Module, lr: float, weight_decay: float, fused: bool | None = None) -> torch.optim.AdamW:
+    """AdamW over trainable parameters; biases and norm weights get no weight decay.
+
+    ``fused``: one fused kernel for the whole update (``None``: on when every parameter is on
+    CUDA, where it saves a launch per parameter tensor; the CPU keeps the default loop).
+    """
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
             (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr)
+    if fused is None:
+        fused = all(p.is_cuda for g in groups for p in g["params"]) and any(g["params"] for g in groups)
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, fused=fused or None)
 
 
 def build_scheduler(optimizer, num_epochs: int, steps_per_epoch: int, warmup_epochs: float = 0.0,
@@ -184,6 +190,9 @@ def resolve_amp(amp: str, device) -> torch.dtype | None:
 
 # ----------------------------------------------------------------------------- epochs
 
+SYNC_EVERY = 50  # training steps between host reads of the running loss (progress bar, NaN check)
+
+
 def _to_device(batch, device):
     *inputs, y = batch
     nb = torch.device(device).type == "cuda"
@@ -202,8 +211,12 @@ def train_one_epoch(model: nn.Module, loader, optimizer, scheduler, loss_fn: Cal
     from tqdm.auto import tqdm
 
     model.train()
-    total, correct, loss_sum = 0, 0, 0.0
-    steps = len(loader)
+    # Running sums stay on the device: the host reads them (a sync) only every SYNC_EVERY steps.
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    bad_step = torch.full((), -1, device=device, dtype=torch.long)  # first step with a NaN/inf loss
+    bad_loss = torch.zeros((), device=device)
+    total, steps = 0, len(loader)
     bar = tqdm(loader, desc=f"epoch {epoch + 1}/{num_epochs} train", leave=False, disable=not progress)
     for step, batch in enumerate(bar):
         inputs, y = _to_device(batch, device)
@@ -214,10 +227,9 @@ def train_one_epoch(model: nn.Module, loader, optimizer, scheduler, loss_fn: Cal
         with torch.autocast(torch.device(device).type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             outputs = model(*inputs)
             loss = loss_fn(outputs, y, frac)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"loss is {loss.item()} at epoch {epoch + 1}, step {step + 1}: training stopped. The last good "
-                "checkpoint is kept; lower the learning rate, enable gradient clipping or turn AMP off.")
+        first_bad = (bad_step < 0) & ~torch.isfinite(loss.detach())
+        bad_step = torch.where(first_bad, step, bad_step)
+        bad_loss = torch.where(first_bad, loss.detach().float(), bad_loss)
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()
@@ -233,12 +245,18 @@ def train_one_epoch(model: nn.Module, loader, optimizer, scheduler, loss_fn: Cal
             optimizer.step()
         scheduler.step()
         hard = y if y.ndim == 1 else y.argmax(-1)  # soft targets: compare with their argmax
-        n = len(hard)
-        total += n
-        loss_sum += loss.item() * n
-        correct += (output_probs(outputs).argmax(-1) == hard).sum().item()
-        bar.set_postfix(loss=f"{loss_sum / total:.4f}", acc=f"{correct / total:.3f}")
-    loss_sum, correct, total = distributed.all_reduce_sum([loss_sum, correct, total], device)
+        total += len(hard)
+        loss_sum += loss.detach().float() * len(hard)
+        correct += (output_probs(outputs).argmax(-1) == hard).sum()
+        if (step + 1) % SYNC_EVERY == 0 or step + 1 == steps:
+            if bad_step.item() >= 0:  # weights may be NaN since then; no checkpoint of them is written
+                raise FloatingPointError(
+                    f"loss is {bad_loss.item()} at epoch {epoch + 1}, step {bad_step.item() + 1}: training stopped. "
+                    "The last good checkpoint is kept; lower the learning rate, enable gradient clipping or turn "
+                    "AMP off.")
+            bar.set_postfix(loss=f"{loss_sum.item() / total:.4f}", acc=f"{correct.item() / total:.3f}")
+    sums = distributed.all_reduce_sum([loss_sum.item(), correct.item(), total], device)
+    loss_sum, correct, total = sums
     return {"loss": loss_sum / max(1, total), "acc": correct / max(1, total), "samples": int(total)}
 
 
