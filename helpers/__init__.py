@@ -49,6 +49,7 @@ from .plots import (plot_class_distribution, plot_confidence_histograms, plot_co
                     plot_reliability_diagram, plot_sample_grid, plot_training_curves)
 from .export import (Backend, Predictor, ProbabilityModel, export_metadata, export_onnx, export_torchscript,
                      quantize_onnx_int8, read_onnx_metadata, run_video)
+from .device_data import BatchAugment, DeviceBatches, use_device_data
 from .recipes import (build_classifier, classifier_transforms, cross_dataset, evaluate_fold, launch_torchrun,
                       pretrain_classifier, read_run_spec, run_spec, train_fold, write_run_spec)
 
@@ -92,6 +93,7 @@ __all__ = [
     "Predictor", "ProbabilityModel", "export_metadata", "export_onnx", "export_torchscript", "quantize_onnx_int8",
     "read_onnx_metadata", "Backend", "run_video",
     # recipes
+    "BatchAugment", "DeviceBatches", "use_device_data",
     "build_classifier", "classifier_transforms", "write_run_spec", "read_run_spec", "train_fold", "evaluate_fold",
     "launch_torchrun", "pretrain_classifier", "cross_dataset", "run_spec",
 ]
