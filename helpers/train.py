@@ -174,11 +174,16 @@ def resolve_amp(amp: str, device) -> torch.dtype | None:
     """The autocast dtype for ``amp`` on ``device``, or None for full precision.
 
     Args:
-        amp: ``"auto"`` (bf16 on CUDA when supported, else fp16; off on CPU and MPS),
-            ``"fp16"``, ``"bf16"`` or ``"off"``.
+        amp: ``"auto"`` (bf16 on CUDA when supported, else fp16; fp16 on Apple MPS where this
+            torch has autocast for it, said otherwise; off on CPU), ``"fp16"``, ``"bf16"`` or ``"off"``.
         device: the training device.
     """
     kind = torch.device(device).type
+    if amp == "auto" and kind == "mps":
+        if torch.amp.autocast_mode.is_autocast_available("mps"):
+            return torch.float16
+        print(f"AMP: torch {torch.__version__} has no autocast on MPS; training in float32")
+        return None
     if amp == "off" or (amp == "auto" and kind != "cuda"):
         return None
     if amp == "auto":

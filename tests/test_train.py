@@ -142,6 +142,9 @@ def test_amp_selection_and_bf16_on_cpu(demo_cache, tmp_path):
     assert H.resolve_amp("bf16", "cpu") == torch.bfloat16 and H.resolve_amp("fp16", "cpu") == torch.float16
     with pytest.raises(ValueError):
         H.resolve_amp("fp8", "cpu")
+    # Apple MPS: fp16 autocast where this torch has it, else float32 and a message (no Mac here: the choice only)
+    assert H.resolve_amp("auto", "mps") == (torch.float16 if torch.amp.autocast_mode.is_autocast_available("mps")
+                                            else None)
     cache, classes = demo_cache
     _, run = _fit(cache, classes, tmp_path, num_epochs=1, amp="bf16")
     assert np.isfinite(run["history"][0]["train_loss"])
