@@ -118,8 +118,10 @@ def make_folds(meta: pd.DataFrame, protocol: str, num_folds: int = 10, val_fract
         groups = dup
     else:
         if (meta["subject"] == "").any():
-            raise ValueError("protocol 'subject' needs a subject id for every image; this dataset's file names "
-                             "carry none (use 'kfold' or 'given')")
+            missing = int((meta["subject"] == "").sum())
+            raise ValueError(f"protocol 'subject' needs a subject id for every image; {missing} of {len(meta)} have "
+                             "none. Give them with label_pattern (a (?P<subject>...) group), an annotation CSV's "
+                             "subject column (labels_csv), or a known naming scheme; or use 'kfold' or 'given'")
         groups = _linked_groups(meta["subject"].to_numpy(), meta["sha1"].to_numpy())
         num_folds = min(num_folds, len(np.unique(groups)))
     out = []

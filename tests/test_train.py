@@ -271,6 +271,12 @@ def _meta(n_subjects=6, per=12, dup=True):
     return meta
 
 
+def test_subject_protocol_without_subject_ids_says_how_to_give_them():
+    meta = pd.DataFrame({"label": [0, 1] * 10, "subject": ["s1"] * 18 + ["", ""], "sha1": [str(i) for i in range(20)]})
+    with pytest.raises(ValueError, match=r"2 of 20 have none. Give them with label_pattern .*subject column"):
+        H.make_folds(meta, "subject", num_folds=2)
+
+
 def test_subject_folds_never_share_a_subject():
     meta = _meta()
     folds = H.make_folds(meta, "subject", num_folds=3)
