@@ -557,7 +557,8 @@ def build_grefel(cfg: dict, num_classes: int, weights: str = "none") -> GReFELMo
                        backbone_args=cfg["backbone_args"], weights=weights, components=cfg["components"])
 
 # %%
-H.require(globals(), config="Configuration", meta="Landmarks and the HDF5 cache", GReFELModel="Model")
+H.require(globals(), config="Configuration", meta="Landmarks and the HDF5 cache", idx="Landmarks and the HDF5 cache",
+          GReFELModel="Model")
 # ImageNet statistics for pretrained CNNs; from scratch there are none to match
 norm = ({"mean": H.IMAGENET_MEAN, "std": H.IMAGENET_STD} if config["weights"] != "none"
         else {"mean": (0.5,) * 3, "std": (0.5,) * 3})

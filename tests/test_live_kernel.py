@@ -56,7 +56,8 @@ NOTEBOOKS = {
     # name: (config cell, first and last cell of Train..Save, the cache cell, another input size)
     "DFER_GCViT": ("config = H.resolve_config(", "run_key = H.config_fingerprint(", "H.publish_run(",
                    "cache_path = H.build_hdf5_cache(", {"image_size": 32}),
-    "GReFEL": ("config = H.resolve_config(", "split_of = meta[", "H.publish_run(", "cache_path = H.build_hdf5_cache(",
+    "GReFEL": ("config = H.resolve_config(", "H.require(globals(), config=\"Configuration\", meta=", "H.publish_run(",
+               "cache_path = H.build_hdf5_cache(",
                {"image_size": 64, "patch_sizes": [16, 8, 4], "window": 4}),
 }
 
