@@ -166,7 +166,8 @@ ferplus = report["ferplus"]
 if config["soft_labels"] and not ferplus:
     raise ValueError(f"soft_labels=True trains on FER+'s annotator votes; {source} has one label per image: "
                      "set soft_labels=False")
-dataset_name = "FER+" if ferplus else Path(str(source)).name.split(".")[0]
+source_stem = Path(str(source)).name.split(".")[0]  # names this dataset's caches (kmu-fed-demo.zip -> kmu-fed-demo)
+dataset_name = "FER+" if ferplus else source_stem
 
 # %% [markdown]
 # ## Labels and counts
@@ -208,12 +209,11 @@ H.plot_sample_grid([H.load_image(p, 1) for p in samples["path"]], list(samples["
 # %%
 face_crop = not report["pre_cropped"]
 if face_crop:
-    tag = Path(str(source)).name.split(".")[0].lower()
-    index = H.detect_faces(index, workdir / "cache" / f"{tag}_faces.csv")
+    index = H.detect_faces(index, workdir / "cache" / f"{source_stem.lower()}_faces.csv")
     print(f"Faces found in {int(index['face_found'].sum())}/{len(index)} images; the others are used whole")
 landmarker = H.LandmarkDetector()
 subset = f"_first{config['max_per_split']}" if config["max_per_split"] else ""
-cache_tag = f"ferplus_{data_kind.split()[-1]}" if ferplus else f"{Path(str(source)).name.split('.')[0].lower()}_{len(index)}img"
+cache_tag = f"ferplus_{data_kind.split()[-1]}" if ferplus else f"{source_stem.lower()}_{len(index)}img"
 cache_path = H.build_hdf5_cache(index, workdir / "cache" / f"{cache_tag}{subset}_{config['image_size']}px_lm.h5",
                                 class_names, config["image_size"], channels=1, face_crop=face_crop,
                                 extra_columns=("votes",) if ferplus else (), landmarker=landmarker)

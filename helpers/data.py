@@ -982,13 +982,12 @@ def read_labelled_faces(source: str | Path, out_dir: str | Path, label_pattern: 
     generic = label_pattern is not None or labels_csv is not None
     if source.suffix.lower() == ".csv" and not generic and not _is_fer2013_csv(source):
         source, labels_csv, generic = source.parent, source, True  # an annotation CSV: paths relative to it
-    if not generic:
-        root = source if source.suffix.lower() == ".csv" else extract_archive(source, out_dir, verbose=verbose)
-        if root.is_file() or find_ferplus_root(root) is not None or any(map(_is_fer2013_csv, root.rglob("*.csv"))):
-            index, report = read_ferplus(prepare_ferplus(source, out_dir, verbose=verbose), verbose=verbose)
-            return (index[index["label"] != ""].reset_index(drop=True),
-                    {**report, "ferplus": True, "pre_cropped": True, "num_subjects": 0})
-    root = extract_archive(source, out_dir, verbose=verbose)
+    root = source if source.suffix.lower() == ".csv" else extract_archive(source, out_dir, verbose=verbose)
+    if not generic and (root.is_file() or find_ferplus_root(root) is not None
+                        or any(map(_is_fer2013_csv, root.rglob("*.csv")))):
+        index, report = read_ferplus(prepare_ferplus(source, out_dir, verbose=verbose), verbose=verbose)
+        return (index[index["label"] != ""].reset_index(drop=True),
+                {**report, "ferplus": True, "pre_cropped": True, "num_subjects": 0})
     index, report = index_dataset(root, verbose=verbose, label_pattern=label_pattern, labels_csv=labels_csv)
     return index, {**report, "ferplus": False}
 

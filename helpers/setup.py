@@ -89,17 +89,17 @@ def mps_dtype_guard(what: str = "this step") -> Iterator[None]:
     from torch.utils._python_dispatch import TorchDispatchMode
     from torch.utils._pytree import tree_leaves
 
+    def check(func, side: str, values) -> None:
+        if any(isinstance(t, torch.Tensor) and t.dtype == torch.float64 for t in tree_leaves(values)):
+            raise TypeError(f"{func} {side} a float64 tensor in {what}: Apple MPS has no float64; "
+                            "use float32 (e.g. torch.as_tensor(x, dtype=torch.float32))")
+
     class _Guard(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             kwargs = kwargs or {}
-            for side, values in (("takes", (args, kwargs)), ("makes", None)):
-                if side == "makes":
-                    out = func(*args, **kwargs)
-                    values = out
-                for t in tree_leaves(values):
-                    if isinstance(t, torch.Tensor) and t.dtype == torch.float64:
-                        raise TypeError(f"{func} {side} a float64 tensor in {what}: Apple MPS has no float64; "
-                                        "use float32 (e.g. torch.as_tensor(x, dtype=torch.float32))")
+            check(func, "takes", (args, kwargs))
+            out = func(*args, **kwargs)
+            check(func, "makes", out)
             return out
 
     with _Guard():
