@@ -88,6 +88,7 @@ clip_grad = None               # max gradient norm | None: off
 amp = None                     # "auto" | "fp16" | "bf16" | "off"
 early_stopping = None          # epochs without val improvement | None: never
 num_workers = None             # DataLoader worker processes
+torch_compile = None           # torch.compile the training step: "auto" (CUDA only) | True | False
 # export
 video_source = None            # video file or camera index for the video demo | None: a clip of test images
 video_frames = None            # int: frames of the video demo
@@ -101,7 +102,7 @@ COMMON = dict(video_source=None, video_frames=30, ema=0.6, max_per_split=None, v
               label_pattern=None, labels_csv=None, dropout=0.1,
               backbone_args=None, components="full", label_smoothing=0.1, augment_erasing=0.25, tta_flip=True,
               lambda_cls=1.0, lambda_anchor=1.0, lambda_center=1.0, anchor_margin=2.0, class_weighted=False,
-              balanced_sampling=False, clip_grad=1.0, amp="auto", early_stopping=None)
+              balanced_sampling=False, clip_grad=1.0, amp="auto", early_stopping=None, torch_compile="auto")
 PROFILES = {
     # minutes on 2 CPU cores: 200 images per split, a tiny ResNet, two epochs; checks the plumbing
     "smoke": {**COMMON, "image_size": 48, "max_per_split": 200, "backbone": "resnet18", "weights": "none",
@@ -134,7 +135,7 @@ config = H.resolve_config(profile, PROFILES, dict(
     num_epochs=num_epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup_epochs=warmup_epochs,
     lambda_cls=lambda_cls, lambda_anchor=lambda_anchor, lambda_center=lambda_center, anchor_margin=anchor_margin,
     class_weighted=class_weighted, balanced_sampling=balanced_sampling, clip_grad=clip_grad, amp=amp,
-    early_stopping=early_stopping, num_workers=num_workers, video_source=video_source, video_frames=video_frames,
+    early_stopping=early_stopping, num_workers=num_workers, torch_compile=torch_compile, video_source=video_source, video_frames=video_frames,
     ema=ema))
 # fail here, before the data work, on an unknown backbone or a pyramid the input size cannot give
 H.create_feature_pyramid(config["backbone"], config["image_size"], config["patch_sizes"],
@@ -584,7 +585,7 @@ loss_fn = grefel_loss(model, config["lambda_cls"], config["lambda_anchor"], conf
 backbone_info = model.features.backbone_info  # stages, channels, weights source (and a file's SHA-256)
 print(f"GReFEL ({config['components']}) {param_counts['total']:,} parameters; train {len(idx['train'])}, val {len(idx['val'])}, "
       f"test {len(idx['test'])}; device {device}")
-run_key = H.config_fingerprint(config, exclude=("workdir", "video_source", "video_frames", "ema", "tta_flip"),
+run_key = H.config_fingerprint(config, exclude=("workdir", "video_source", "video_frames", "ema", "tta_flip", "torch_compile"),
                                contents={"data": cache_attrs["fingerprint"],  # new data or weights: a new run
                                          "weights": backbone_info.get("sha256")})
 run_dir = out_dir / "runs" / (f"{config['profile']}_{config['components']}_{config['image_size']}px_"
@@ -592,7 +593,7 @@ run_dir = out_dir / "runs" / (f"{config['profile']}_{config['components']}_{conf
 run = H.fit(model, train_loader, val_loader, run_dir, num_epochs=config["num_epochs"], lr=config["lr"],
             weight_decay=config["weight_decay"], device=device, loss_fn=loss_fn, seed=config["seed"],
             warmup_epochs=config["warmup_epochs"], clip_grad=config["clip_grad"], amp=config["amp"],
-            early_stopping=config["early_stopping"], config=config,
+            early_stopping=config["early_stopping"], config=config, torch_compile=config["torch_compile"],
             extra_state={"class_names": class_names, "preprocess": cache_attrs["preprocess"], "norm": norm},
             run_key=run_key)
 H.plot_training_curves(run["history"], save_path=run_dir / "training_curve.png");
@@ -776,6 +777,7 @@ results = {
     "model": {"components": config["components"], "backbone": backbone_info, "parameters": param_counts,
               "best": run["best"], "epochs_run": run["epochs_run"]},
     "wall_time_s": {"train": run["wall_s"]},
+    "compile": run["compile"],  # torch.compile: used, its compile time, or why not
     "landmarks": {"detector": "dlib shape_predictor_68_face_landmarks (fixed box on the crop)",
                   "ok": int(landmark_ok.sum()), "failed": int((~landmark_ok).sum())},
     "cache": {"path": str(cache_path), **cache_attrs},

@@ -67,7 +67,6 @@ def measure(args, path: str, compiled: bool, cache: Path, classes: list[str], de
     loss_fn = H.cross_entropy_loss(0.1)
     optimizer = H.build_optimizer(model, 1e-4, 0.05)
     amp_dtype = H.resolve_amp(args.amp, device)
-    run_model = torch.compile(model) if compiled else model
     dev_type = torch.device(device).type
 
     def batches():
@@ -75,6 +74,10 @@ def measure(args, path: str, compiled: bool, cache: Path, classes: list[str], de
             yield from loader
 
     it = batches()
+    model.train()
+    # compiled as fit compiles it (H.compile_for_training: forward and backward on one batch, timed)
+    run_model, compile_info = H.compile_for_training(model, compiled, [next(it)], loss_fn, device, amp_dtype,
+                                                     progress=False)
 
     def step():
         inputs, y = next(it)
@@ -113,7 +116,8 @@ def measure(args, path: str, compiled: bool, cache: Path, classes: list[str], de
     x, y = next(it)
     flops = step_flops(model, x.to(device), y.to(device), loss_fn)
     ips = args.steps * args.batch / wall
-    return {"path": path, "compiled": compiled, "images_per_s": round(ips, 1),
+    return {"path": path, "compiled": compile_info["used"], "compile_s": compile_info["compile_s"],
+            "images_per_s": round(ips, 1),
             "step_ms": round(1000 * wall / args.steps, 1), "warmup_s": round(warmup_s, 1),
             "gpu_busy": None if busy is None else round(busy, 3),
             "peak_mem_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if dev_type == "cuda" else None,
@@ -142,8 +146,11 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         cache = make_cache(Path(tmp) / "c.h5", args.images, args.size)
         classes = H.read_cache_meta(cache)[1]["class_names"]
-        rows = [measure(args, p, c, cache, classes, device) for p in args.paths
-                for c in ((False, True) if args.compile else (False,))]
+        rows = []
+        for p in args.paths:
+            for c in ((False, True) if args.compile else (False,)):
+                rows.append(measure(args, p, c, cache, classes, device))
+                print(json.dumps(rows[-1]), flush=True)  # each row as it is measured: a killed run keeps them
     print(f"{args.model} {args.size} px, batch {args.batch}, {args.augment} augmentation, amp {args.amp}, "
           f"{device} ({torch.cuda.get_device_name(0) if device.type == 'cuda' else f'{torch.get_num_threads()} threads'})")
     keys = list(rows[0])

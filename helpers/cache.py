@@ -257,6 +257,16 @@ class H5Dataset:
             order = np.argsort(np.argsort(self.indices))
             self._images = self._images[order]
         self._h5, self._pid = None, None
+        import torch
+
+        # the epoch's seed, in shared memory so that persistent DataLoader workers see each new one
+        self._epoch_seed = torch.full((1,), -1, dtype=torch.int64).share_memory_()
+
+    def set_epoch_seed(self, seed: int) -> None:
+        """Seed the augmentation of every item from ``(seed, row)``: an item's augmentation then depends on
+        the epoch and the item alone, not on which worker loads it, how many workers there are or whether
+        they persist across epochs (``fit`` calls this every epoch; exact resume relies on it)."""
+        self._epoch_seed[0] = int(seed)
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -279,6 +289,11 @@ class H5Dataset:
         import torch
 
         x = self.image(i)
+        seed = int(self._epoch_seed[0])
+        if seed >= 0 and self.transform is not None:
+            target = getattr(self.transform, "compose", self.transform)  # KeypointCompose wraps an A.Compose
+            if hasattr(target, "set_random_seed"):
+                target.set_random_seed((seed * 1_000_003 + int(self.indices[i])) % 2**32)
         if self.soft_labels:  # FER+'s eight emotions' votes (unknown / not-a-face left out), as float32
             emotions = self._votes[i][:8].astype(np.float32)
             y = emotions / max(float(emotions.sum()), 1.0)

@@ -242,7 +242,13 @@ class LandmarkDetector:
         self.inset, self.min_spread = inset, min_spread
         self.settings = {"model": "dlib shape_predictor_68_face_landmarks", "inset": inset, "min_spread": min_spread}
         self._dlib = dlib
-        self._predictor = dlib.shape_predictor(str(dlib_model_path("shape_predictor_68_face_landmarks.dat")))
+        self._predictor = None  # loaded on the first crop: a cache built elsewhere is reused without the model file
+
+    @property
+    def predictor(self):
+        if self._predictor is None:
+            self._predictor = self._dlib.shape_predictor(str(dlib_model_path("shape_predictor_68_face_landmarks.dat")))
+        return self._predictor
 
     def __call__(self, crop: np.ndarray) -> tuple[np.ndarray, bool]:
         """``(points (68, 2) in crop pixels, ok)`` for a uint8 crop (H x W or H x W x C)."""
@@ -250,7 +256,7 @@ class LandmarkDetector:
         gray = np.ascontiguousarray(gray)
         h, w = gray.shape
         d = int(round(self.inset * min(h, w)))
-        shape = self._predictor(gray, self._dlib.rectangle(d, d, w - 1 - d, h - 1 - d))
+        shape = self.predictor(gray, self._dlib.rectangle(d, d, w - 1 - d, h - 1 - d))
         pts = np.array([(p.x, p.y) for p in shape.parts()], np.float32)
         ok = bool(pts.std(axis=0).mean() >= self.min_spread * min(h, w))
         return pts, ok

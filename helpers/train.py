@@ -83,7 +83,10 @@ def make_loader(dataset, batch_size: int, shuffle: bool, num_workers: int = 0, d
         seed: the distributed sampler's shuffle seed (the same on every rank).
     """
     pin = device is not None and torch.device(device).type == "cuda"
-    common = dict(num_workers=num_workers, pin_memory=pin, worker_init_fn=seed_worker, persistent_workers=False)
+    # workers persist across epochs (no restart cost each epoch); H5Dataset seeds each item's augmentation
+    # from the epoch's seed, so results do not depend on the workers
+    common = dict(num_workers=num_workers, pin_memory=pin, worker_init_fn=seed_worker,
+                  persistent_workers=num_workers > 0)
     if distributed.is_distributed():
         if sampler is not None:
             raise ValueError("an explicit sampler cannot be sharded across processes: under torchrun use "
@@ -93,8 +96,12 @@ def make_loader(dataset, batch_size: int, shuffle: bool, num_workers: int = 0, d
                 dataset, batch_sampler=distributed.ShardedBatchSampler(len(dataset), batch_size), **common)
         # drop_last here trims the epoch to a multiple of the world size: shares stay disjoint
         sampler = torch.utils.data.DistributedSampler(dataset, shuffle=True, seed=seed, drop_last=True)
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None,
-                                       sampler=sampler, drop_last=drop_last, **common)
+    if shuffle and sampler is None:  # its own generator, reseeded by fit every epoch: workers draw nothing from it
+        sampler = torch.utils.data.RandomSampler(dataset, generator=torch.Generator().manual_seed(seed))
+    # the workers' base seeds come from the loader's own generator, so the global RNG (dropout) is the same
+    # with and without workers
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last,
+                                       generator=torch.Generator().manual_seed(seed), **common)
 
 
 # ----------------------------------------------------------------------------- optimiser & schedule
@@ -222,7 +229,10 @@ def train_one_epoch(model: nn.Module, loader, optimizer, scheduler, loss_fn: Cal
     bad_step = torch.full((), -1, device=device, dtype=torch.long)  # first step with a NaN/inf loss
     bad_loss = torch.zeros((), device=device)
     total, steps = 0, len(loader)
-    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{num_epochs} train", leave=False, disable=not progress)
+    # iter() once: tqdm.auto would call it twice, and every call restarts the workers' prefetch (and, with
+    # workers, draws a second shuffle)
+    bar = tqdm(iter(loader), total=steps, desc=f"epoch {epoch + 1}/{num_epochs} train", leave=False,
+               disable=not progress)
     for step, batch in enumerate(bar):
         inputs, y = _to_device(batch, device)
         frac = (epoch + step / max(1, steps)) / max(1, num_epochs)  # share of training done
@@ -285,7 +295,7 @@ def evaluate(model: nn.Module, loader, device, loss_fn: Callable | None = None, 
 
     model.eval()
     ys, probs, single, loss_sum = [], [], [], 0.0
-    for batch in tqdm(loader, desc="eval", leave=False, disable=not progress):
+    for batch in tqdm(iter(loader), total=len(loader), desc="eval", leave=False, disable=not progress):
         inputs, y = _to_device(batch, device)
         with torch.autocast(torch.device(device).type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             outputs = model(*inputs)
@@ -342,6 +352,58 @@ def _plain(obj):
     return str(obj)
 
 
+# ----------------------------------------------------------------------------- compile
+
+def compile_for_training(model: nn.Module, torch_compile: bool | str, loader, loss_fn: Callable, device, amp_dtype=None,
+                         progress: bool = True) -> tuple[nn.Module, dict]:
+    """``torch.compile(model)``, compiled now on one training batch, or ``model`` with the reason.
+
+    Args:
+        model: what training steps call (the module, or its DistributedDataParallel wrapper).
+        torch_compile: ``"auto"`` (on CUDA only: there it pays back its compile time within an epoch
+            or two; on a CPU or MPS it often does not), ``True`` or ``False``.
+        loader: the training batches ``(*inputs, y)``: a forward and backward pass on the first compiles
+            both graphs before the first epoch, so a failure shows here and the compile time is
+            measured apart from training. Gradients are cleared and buffers (BatchNorm
+            statistics) restored afterwards: the warm-up step leaves no trace in the weights.
+        loss_fn: ``loss_fn(outputs, y, progress)``.
+        amp_dtype: the autocast dtype of training, or None.
+
+    Returns:
+        ``(module to train, info)``; ``info`` is ``{"requested", "used", "compile_s", "why"}``.
+        A compile that fails falls back to eager training, said loudly and recorded in ``why``.
+    """
+    kind = torch.device(device).type
+    if torch_compile not in ("auto", True, False):
+        raise ValueError(f"torch_compile must be 'auto', True or False, not {torch_compile!r}")
+    info = {"requested": torch_compile, "used": False, "compile_s": None, "why": None}
+    if torch_compile is False or (torch_compile == "auto" and kind != "cuda"):
+        info["why"] = "off" if torch_compile is False else f"auto: off on {kind} (on CUDA only)"
+        return model, info
+    core = getattr(model, "module", model)
+    saved = {name: b.detach().clone() for name, b in core.named_buffers()}
+    t0 = time.time()
+    try:
+        compiled = torch.compile(model)
+        inputs, y = _to_device(next(iter(loader)), device)
+        with torch.autocast(kind, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            loss = loss_fn(compiled(*inputs), y, 0.0)
+        loss.backward()
+    except Exception as e:  # noqa: BLE001 - any compiler failure: train eagerly, say so and record it
+        info["why"] = f"torch.compile failed, training eagerly: {type(e).__name__}: {str(e).splitlines()[0][:300]}"
+        print(f"WARNING: {info['why']}")
+        return model, info
+    finally:
+        core.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for name, b in core.named_buffers():
+                b.copy_(saved[name])
+    info.update(used=True, compile_s=round(time.time() - t0, 1), why="compiled (torch.compile, default mode)")
+    if progress:
+        print(f"torch.compile: forward and backward compiled in {info['compile_s']} s")
+    return compiled, info
+
+
 # ----------------------------------------------------------------------------- fit
 
 def fit(model: nn.Module, train_loader, val_loader, out_dir: str | Path, *, num_epochs: int, lr: float,
@@ -350,7 +412,8 @@ def fit(model: nn.Module, train_loader, val_loader, out_dir: str | Path, *, num_
         clip_grad: float | None = 1.0, amp: str = "auto", monitor: str = "val_acc",
         early_stopping: int | None = None, resume: bool = True, config: dict | None = None,
         extra_state: dict | None = None, on_epoch_end: Callable[[dict], None] | None = None,
-        run_key: str | None = None, progress: bool = True, find_unused_parameters: bool = False) -> dict:
+        run_key: str | None = None, progress: bool = True, find_unused_parameters: bool = False,
+        torch_compile: bool | str = False) -> dict:
     """Train with checkpoints, history, early stopping and resume.
 
     Args:
@@ -378,6 +441,9 @@ def fit(model: nn.Module, train_loader, val_loader, out_dir: str | Path, *, num_
         progress: tqdm bars and a line per epoch (rank 0 only under torchrun).
         find_unused_parameters: passed to DistributedDataParallel (a model with branches
             that some steps skip needs it).
+        torch_compile: ``torch.compile`` the training step: ``"auto"`` (CUDA only), ``True`` or ``False``
+            (see :func:`compile_for_training`; evaluation stays eager; checkpoints hold the plain
+            module's weights either way).
 
     Under torchrun the model is wrapped in DistributedDataParallel here, every rank runs the
     same epochs on its share of the data, validation figures are those of the whole
@@ -386,7 +452,7 @@ def fit(model: nn.Module, train_loader, val_loader, out_dir: str | Path, *, num_
 
     Returns:
         ``{"history": [...], "best": {...}, "best_path", "last_path", "epochs_run", "stopped_early",
-        "wall_s", "world_size"}``.
+        "wall_s", "world_size", "compile"}``.
     """
     out_dir = Path(out_dir)
     device = torch.device(device)
@@ -433,6 +499,11 @@ def fit(model: nn.Module, train_loader, val_loader, out_dir: str | Path, *, num_
         if distributed.is_distributed():
             model = nn.parallel.DistributedDataParallel(core, device_ids=[device.index] if device.type == "cuda" else None,
                                                         find_unused_parameters=find_unused_parameters)
+        compile_info = {"requested": torch_compile, "used": False, "compile_s": None, "why": "nothing left to train"}
+        if start < num_epochs and not stopped:
+            model.train()
+            model, compile_info = compile_for_training(model, torch_compile, train_loader, loss_fn, device, amp_dtype,
+                                                       progress)
         t0 = time.time()
         for epoch in range(start, num_epochs):
             if stopped:
@@ -440,9 +511,15 @@ def fit(model: nn.Module, train_loader, val_loader, out_dir: str | Path, *, num_
             # Everything random in this epoch derives from (seed, epoch, rank): resume replays it exactly.
             epoch_seed = (seed * 1000 + epoch) * world + rank  # one process: seed * 1000 + epoch, as before DDP
             torch.manual_seed(epoch_seed)
-            _reseed_transform(train_loader.dataset, epoch_seed)
+            if hasattr(train_loader.dataset, "set_epoch_seed"):  # per item: workers can persist across epochs
+                train_loader.dataset.set_epoch_seed(epoch_seed)
+            else:
+                _reseed_transform(train_loader.dataset, epoch_seed)
             if hasattr(train_loader.sampler, "set_epoch"):
                 train_loader.sampler.set_epoch(epoch)
+            for gen in (getattr(train_loader, "generator", None), getattr(train_loader.sampler, "generator", None)):
+                if isinstance(gen, torch.Generator):  # the shuffle (or weighted draw) of this epoch, resumable
+                    gen.manual_seed(epoch_seed)
             te = time.time()
             tr = train_one_epoch(model, train_loader, optimizer, scheduler, loss_fn, device, epoch, num_epochs,
                                  scaler, amp_dtype, clip_grad, progress)
@@ -480,4 +557,5 @@ def fit(model: nn.Module, train_loader, val_loader, out_dir: str | Path, *, num_
             print(f"Early stopping: no {monitor} improvement for {early_stopping} epochs")
         distributed.barrier()  # the other ranks may read best_model.pth next
         return {"history": history, "best": best, "best_path": best_path, "last_path": last_path,
-                "epochs_run": len(history), "stopped_early": stopped, "wall_s": time.time() - t0, "world_size": world}
+                "epochs_run": len(history), "stopped_early": stopped, "wall_s": time.time() - t0, "world_size": world,
+                "compile": compile_info}

@@ -64,6 +64,27 @@ def test_interrupted_run_resumes_to_the_same_result(demo_cache, tmp_path, worker
     assert other["history"][-1]["train_loss"] != pytest.approx(full["history"][-1]["train_loss"], rel=1e-6)
 
 
+def test_workers_persist_across_epochs_and_the_result_does_not_depend_on_them(demo_cache, tmp_path):
+    """Each item's augmentation is seeded from (epoch seed, row): no workers, or two persistent ones that
+    live through all epochs, train the same model."""
+    cache, classes = demo_cache
+    train, _ = _loaders(cache, workers=2)
+    assert train.persistent_workers
+    _, alone = _fit(cache, classes, tmp_path / "w0", workers=0)
+    _, pooled = _fit(cache, classes, tmp_path / "w2", workers=2)
+    for a, b in zip(alone["history"], pooled["history"]):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
+        assert a["val_acc"] == pytest.approx(b["val_acc"])
+    # and the epochs really differ in their augmentation (the seed reaches the persistent workers)
+    ds = H.H5Dataset(cache, np.arange(4), H.build_transform("seed", 32, channels=1))
+    ds.set_epoch_seed(1)
+    first = torch.stack([ds[i][0] for i in range(4)])
+    ds.set_epoch_seed(2)
+    assert not torch.equal(first, torch.stack([ds[i][0] for i in range(4)]))
+    ds.set_epoch_seed(1)
+    assert torch.equal(first, torch.stack([ds[i][0] for i in range(4)]))
+
+
 def test_run_killed_mid_epoch_resumes_to_the_uninterrupted_result(demo_cache, tmp_path):
     """A real kill: SIGKILL of a training process in the middle of epoch 2 (no exception, no cleanup),
     then a rerun resumes from epoch 1's last.pth and ends with the uninterrupted run's weights."""
@@ -355,3 +376,39 @@ def test_resume_refuses_a_checkpoint_written_with_other_settings(demo_cache, tmp
     same = {"weights": "w.pth"}
     assert H.config_fingerprint(same, contents={"weights": "aa"}) != H.config_fingerprint(same, contents={"weights": "bb"})
     assert H.config_fingerprint(same, contents={"weights": "aa"}) == H.config_fingerprint(same, contents={"weights": "aa"})
+
+
+def test_torch_compile_warm_up_leaves_no_trace_and_records_its_time(demo_cache, tmp_path):
+    """torch_compile=True compiles forward and backward on one batch before training: the weights,
+    BatchNorm statistics and gradients are as they were, and the compiled model trains like the eager one."""
+    cache, classes = demo_cache
+    torch.manual_seed(0)
+    model = TinyNet(len(classes)).train()
+    model.body[5].p = 0.0  # compiled dropout draws other random numbers than eager: compare without it
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    train, _ = _loaders(cache)
+    loss_fn = H.cross_entropy_loss()
+    compiled, info = H.compile_for_training(model, True, train, loss_fn, "cpu", progress=False)
+    assert info["used"] and info["compile_s"] > 0 and compiled is not model
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # running stats restored
+    assert all(p.grad is None for p in model.parameters())
+    x, y = next(iter(train))
+    assert torch.allclose(loss_fn(compiled(x), y, 0.0), loss_fn(model(x), y, 0.0), atol=1e-5)
+
+
+def test_torch_compile_auto_is_off_on_cpu_and_a_failed_compile_trains_eagerly_saying_so(
+        demo_cache, tmp_path, monkeypatch, capsys):
+    cache, classes = demo_cache
+    _, run = _fit(cache, classes, tmp_path / "auto", num_epochs=1, torch_compile="auto")
+    assert run["compile"] == {"requested": "auto", "used": False, "compile_s": None, "why": "auto: off on cpu (on CUDA only)"}
+
+    def broken(model, **kw):
+        raise RuntimeError("no C++ compiler found\nmore detail")
+
+    monkeypatch.setattr(torch, "compile", broken)
+    _, run = _fit(cache, classes, tmp_path / "failed", num_epochs=1, torch_compile=True)
+    assert not run["compile"]["used"] and "RuntimeError: no C++ compiler found" in run["compile"]["why"]
+    assert "WARNING: torch.compile failed, training eagerly" in capsys.readouterr().out
+    assert len(run["history"]) == 1 and np.isfinite(run["history"][0]["train_loss"])
+    with pytest.raises(ValueError, match="torch_compile must be"):
+        _fit(cache, classes, tmp_path / "bad", num_epochs=1, torch_compile="yes")
