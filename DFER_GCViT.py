@@ -80,6 +80,7 @@ tta_flip = None                # True: test predictions average each image and i
 pretrain_data_path = None      # FER+ (any labelled faces) to train the GCViT on first | "auto": a *ferplus* archive in workdir | None: off
 pretrain_epochs = None         # epochs of that pre-training
 pretrain_lr = None             # its peak learning rate (FER+ from scratch: 3e-4; 1e-3 collapses to one class)
+pretrain_augment = None        # its augmentation recipe: "seed" | "nir" | None: the run's `augment`
 # optim
 num_epochs = None              # epochs per fold
 batch_size = None              # images per step
@@ -112,7 +113,7 @@ ema = None                     # smoothing of probabilities over frames, in [0, 
 COMMON = dict(export=True, video_source=None, video_frames=None, ema=0.6, channels=1, face_crop=True, face_margin=0.25, no_face="full", max_images=None, val_fraction=0.1,
               max_folds=None, nproc=None, allow_random_init=False, finetune="full", frozen_stages=0, dropout=0.3,
               label_smoothing=0.0, class_weighted=False, clip_grad=1.0, amp="auto", early_stopping=None,
-              pretrain_data_path=None, pretrain_epochs=8, pretrain_lr=3e-4, augment="seed", augment_erasing=0.0,
+              pretrain_data_path=None, pretrain_epochs=8, pretrain_lr=3e-4, pretrain_augment=None, augment="seed", augment_erasing=0.0,
               tta_flip=False, data_on_device="auto", torch_compile="auto")
 PROFILES = {
     # minutes on 2 CPU cores: a tiny subset, one fold, two epochs; checks the plumbing, not accuracy
@@ -142,6 +143,7 @@ config = H.resolve_config(profile, PROFILES, dict(
     num_folds=num_folds, max_folds=max_folds, val_fraction=val_fraction, model_name=model_name, weights=weights,
     allow_random_init=allow_random_init, finetune=finetune, frozen_stages=frozen_stages, dropout=dropout,
     pretrain_data_path=pretrain_data_path, pretrain_epochs=pretrain_epochs, pretrain_lr=pretrain_lr,
+    pretrain_augment=pretrain_augment,
     augment=augment, augment_erasing=augment_erasing, tta_flip=tta_flip,
     num_epochs=num_epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup_epochs=warmup_epochs,
     label_smoothing=label_smoothing, class_weighted=class_weighted, clip_grad=clip_grad, amp=amp,
@@ -274,7 +276,7 @@ if pretrain_source == "auto":
               "profile's recipe; subject accuracy is far lower without it.\n" + "=" * 72)
 if pretrain_source:
     pretraining = H.pretrain_classifier(pretrain_source, workdir, config, device, config["pretrain_epochs"],
-                                        config["pretrain_lr"])
+                                        config["pretrain_lr"], augment=config["pretrain_augment"])
     config["weights"] = pretraining["checkpoint"]
     print(f"pre-trained on {pretrain_source}: test accuracy {pretraining['test']['accuracy']:.4f} "
           f"({pretraining['epochs']} epochs, {pretraining['wall_s'] / 60:.1f} min); the folds start from it")

@@ -171,7 +171,7 @@ def _cache_at_run_size(index, source: str | Path, prefix: str, workdir: Path, co
 
 
 def pretrain_classifier(data_path: str | Path, workdir: str | Path, config: dict, device, num_epochs: int,
-                        lr: float, progress: bool = True) -> dict:
+                        lr: float, progress: bool = True, augment: str | None = None) -> dict:
     """Train the run's classifier on another labelled dataset first (e.g. FER+), or reuse that training.
 
     The source is indexed as the notebook indexes data (FERPlus: its own splits and
@@ -186,6 +186,8 @@ def pretrain_classifier(data_path: str | Path, workdir: str | Path, config: dict
         workdir: the notebook's working directory (extraction, cache, run folders).
         config: the main run's config (model, size, channels, batch, augmentation, seed).
         device: where to train. num_epochs, lr: the pre-training schedule.
+        augment: the pre-training's augmentation recipe (None: the run's ``augment``); a run
+            that changes only its own recipe then reuses the same pre-training.
 
     Returns:
         ``{"data", "checkpoint", "sha256", "class_names", "epochs", "lr", "test": {accuracy,
@@ -199,7 +201,8 @@ def pretrain_classifier(data_path: str | Path, workdir: str | Path, config: dict
     meta, attrs = read_cache_meta(cache)
     folds = make_folds(meta, "given", val_fraction=config.get("val_fraction", 0.1), seed=config["seed"])
     pconfig = {**config, "protocol": "given", "num_epochs": num_epochs, "lr": lr,
-               "warmup_epochs": min(config["warmup_epochs"], 1), "pretrain_data_path": None}
+               "warmup_epochs": min(config["warmup_epochs"], 1), "pretrain_data_path": None,
+               "augment": augment or config.get("augment", "seed")}
     recipe = {k: pconfig.get(k) for k in (*CONFIG_KEYS, "augment", "augment_erasing")}
     run_key = config_fingerprint(recipe, contents={"data": attrs["fingerprint"]})
     name = Path(str(data_path)).name.split(".")[0].lower()

@@ -129,6 +129,11 @@ def test_dfer_notebook_trains_on_ferplus_and_its_weights_start_a_kmu_run(tmp_pat
     written = last.stat().st_mtime_ns
     again = _run("DFER_GCViT", tmp_path / "kmu", pretrain_data_path=str(fer_zip), pretrain_epochs=1)
     assert again["pretraining"]["sha256"] == pre["sha256"] and last.stat().st_mtime_ns == written
+    # a run that changes only its own augmentation, the pre-training's pinned (pretrain_augment), reuses it too
+    nir = _run("DFER_GCViT", tmp_path / "kmu", pretrain_data_path=str(fer_zip), pretrain_epochs=1, augment="nir",
+               pretrain_augment="seed")
+    assert nir["pretraining"]["sha256"] == pre["sha256"] and last.stat().st_mtime_ns == written
+    assert nir["config"]["augment"] == "nir" and nir["run_dir"] != kmu["run_dir"]
 
 
 GREFEL_FILES = ("class_distribution.png", "samples.png", "training_curve.png", "confusion_matrix.png",
