@@ -89,6 +89,7 @@ amp = None                     # "auto" | "fp16" | "bf16" | "off"
 early_stopping = None          # epochs without val improvement | None: never
 num_workers = None             # DataLoader worker processes
 torch_compile = None           # torch.compile the training step: "auto" (CUDA only) | True | False
+data_on_device = None          # "auto" (CUDA: the training split on the GPU, augmented there in batches) | True | False
 # export
 video_source = None            # video file or camera index for the video demo | None: a clip of test images
 video_frames = None            # int: frames of the video demo
@@ -102,7 +103,8 @@ COMMON = dict(video_source=None, video_frames=30, ema=0.6, max_per_split=None, v
               label_pattern=None, labels_csv=None, dropout=0.1,
               backbone_args=None, components="full", label_smoothing=0.1, augment_erasing=0.25, tta_flip=True,
               lambda_cls=1.0, lambda_anchor=1.0, lambda_center=1.0, anchor_margin=2.0, class_weighted=False,
-              balanced_sampling=False, clip_grad=1.0, amp="auto", early_stopping=None, torch_compile="auto")
+              balanced_sampling=False, clip_grad=1.0, amp="auto", early_stopping=None, torch_compile="auto",
+              data_on_device="auto")
 PROFILES = {
     # minutes on 2 CPU cores: 200 images per split, a tiny ResNet, two epochs; checks the plumbing
     "smoke": {**COMMON, "image_size": 48, "max_per_split": 200, "backbone": "resnet18", "weights": "none",
@@ -135,7 +137,7 @@ config = H.resolve_config(profile, PROFILES, dict(
     num_epochs=num_epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup_epochs=warmup_epochs,
     lambda_cls=lambda_cls, lambda_anchor=lambda_anchor, lambda_center=lambda_center, anchor_margin=anchor_margin,
     class_weighted=class_weighted, balanced_sampling=balanced_sampling, clip_grad=clip_grad, amp=amp,
-    early_stopping=early_stopping, num_workers=num_workers, torch_compile=torch_compile, video_source=video_source, video_frames=video_frames,
+    early_stopping=early_stopping, num_workers=num_workers, torch_compile=torch_compile, data_on_device=data_on_device, video_source=video_source, video_frames=video_frames,
     ema=ema))
 # fail here, before the data work, on an unknown backbone or a pyramid the input size cannot give
 H.create_feature_pyramid(config["backbone"], config["image_size"], config["patch_sizes"],
@@ -542,7 +544,10 @@ def grefel_loss(model: GReFELModel, lambda_cls: float = 1.0, lambda_anchor: floa
 # training done before every step, which ramps the trust `tau` from 0 to 1 over the first
 # half. Augmentation is the seed README's (resize, random crop, flip, colour jitter,
 # rotation) plus random erasing (`augment_erasing`); the landmarks follow every geometric
-# transform, flips included. The targets are smoothed by `label_smoothing`.
+# transform, flips included. The targets are smoothed by `label_smoothing`. On CUDA
+# (`data_on_device="auto"`) the training split is held on the GPU and this recipe runs there
+# in batches (`H.BatchAugment("grefel")`, landmarks moved with the images; equal in
+# distribution to the albumentations pipeline, tested), so no CPU worker feeds the model.
 
 # %% tags=["grefel-model"]
 def build_grefel(cfg: dict, num_classes: int, weights: str = "none") -> GReFELModel:
@@ -572,8 +577,20 @@ sampler = None
 if config["balanced_sampling"]:
     w = 1.0 / np.bincount(train_ds.labels, minlength=len(class_names))[train_ds.labels]
     sampler = torch.utils.data.WeightedRandomSampler(w, len(w), generator=torch.Generator().manual_seed(config["seed"]))
-train_loader = H.make_loader(train_ds, config["batch_size"], shuffle=True, num_workers=config["num_workers"],
-                             device=device, drop_last=True, sampler=sampler)
+# on CUDA the split can live on the GPU, augmented there in batches (landmarks moved with the images)
+if config["balanced_sampling"] and config["data_on_device"] is True:
+    raise ValueError("balanced_sampling draws batches with a weighted sampler, a DataLoader path: set "
+                     "data_on_device=False or balanced_sampling=False")
+on_device, why = ((False, "balanced_sampling: the DataLoader path") if config["balanced_sampling"] else
+                  H.use_device_data(config["data_on_device"], device, train_ds, "grefel"))
+if on_device:
+    train_loader = H.DeviceBatches(train_ds, H.BatchAugment("grefel", config["image_size"], norm["mean"], norm["std"],
+                                                           erasing=config["augment_erasing"]),
+                                   config["batch_size"], drop_last=True, device=device)
+else:
+    train_loader = H.make_loader(train_ds, config["batch_size"], shuffle=True, num_workers=config["num_workers"],
+                                 device=device, drop_last=True, sampler=sampler)
+print(f"training data: {'on the device, augmented in batches' if on_device else 'DataLoader'} ({why})")
 val_loader = H.make_loader(H.H5Dataset(cache_path, idx["val"], eval_tf, in_memory=True, landmarks=True),
                            config["batch_size"], shuffle=False, device=device)
 H.seed_everything(config["seed"])
@@ -585,7 +602,8 @@ loss_fn = grefel_loss(model, config["lambda_cls"], config["lambda_anchor"], conf
 backbone_info = model.features.backbone_info  # stages, channels, weights source (and a file's SHA-256)
 print(f"GReFEL ({config['components']}) {param_counts['total']:,} parameters; train {len(idx['train'])}, val {len(idx['val'])}, "
       f"test {len(idx['test'])}; device {device}")
-run_key = H.config_fingerprint(config, exclude=("workdir", "video_source", "video_frames", "ema", "tta_flip", "torch_compile"),
+run_key = H.config_fingerprint(config, exclude=("workdir", "video_source", "video_frames", "ema", "tta_flip", "torch_compile",
+                                        "data_on_device"),
                                contents={"data": cache_attrs["fingerprint"],  # new data or weights: a new run
                                          "weights": backbone_info.get("sha256")})
 run_dir = out_dir / "runs" / (f"{config['profile']}_{config['components']}_{config['image_size']}px_"
@@ -778,6 +796,7 @@ results = {
               "best": run["best"], "epochs_run": run["epochs_run"]},
     "wall_time_s": {"train": run["wall_s"]},
     "compile": run["compile"],  # torch.compile: used, its compile time, or why not
+    "training_data": {"on_device": on_device, "why": why},  # DataLoader or on the device (data_on_device), and why
     "landmarks": {"detector": "dlib shape_predictor_68_face_landmarks (fixed box on the crop)",
                   "ok": int(landmark_ok.sum()), "failed": int((~landmark_ok).sum())},
     "cache": {"path": str(cache_path), **cache_attrs},

@@ -21,9 +21,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .augment import IMAGENET_MEAN, IMAGENET_STD
+from .augment import FLIP_PERMUTATION_68, IMAGENET_MEAN, IMAGENET_STD
 
-RECIPES = ("seed", "nir", "eval")
+RECIPES = ("seed", "nir", "grefel", "eval")
 
 
 def _uniform(n: int, low: float, high: float, device) -> torch.Tensor:
@@ -34,22 +34,42 @@ def _chance(n: int, p: float, device) -> torch.Tensor:
     return torch.rand(n, device=device) < p
 
 
+def _warp(x: torch.Tensor, linear: torch.Tensor, offset: torch.Tensor, points: torch.Tensor | None = None):
+    """Warp images by the per-sample map  out = linear @ in + offset  in grid coordinates ([-1, 1] from
+    edge to edge, ``align_corners=False``), bilinear, black outside; ``points`` (B, L, 2) in the
+    same coordinates follow the same map. Returns the images, or ``(images, points)``."""
+    (a, b), (c, d) = linear[:, 0].unbind(-1), linear[:, 1].unbind(-1)   # 2x2 inverse by hand (any backend)
+    inv = torch.stack([torch.stack([d, -b], -1), torch.stack([-c, a], -1)], -2) / (a * d - b * c)[:, None, None]
+    theta = torch.cat([inv, -(inv @ offset[..., None])], -1)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    out = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    if points is None:
+        return out
+    return out, points @ linear.transpose(1, 2) + offset[:, None, :]
+
+
 def _affine(x: torch.Tensor, on: torch.Tensor, degrees: float, translate: float = 0.0,
-            scale: tuple[float, float] = (1.0, 1.0)) -> torch.Tensor:
+            scale: tuple[float, float] = (1.0, 1.0), points: torch.Tensor | None = None):
     """Rotate by U(-degrees, degrees), scale by U(scale), shift by U(-translate, translate) of the side,
-    about the centre, bilinear, black outside (albumentations ``Affine``/``Rotate``, constant border 0)."""
+    about the centre, bilinear, black outside (albumentations ``Affine``/``Rotate``, constant border 0);
+    ``points`` in grid coordinates follow (see :func:`_warp`)."""
     n, dev = x.shape[0], x.device
     angle = torch.deg2rad(_uniform(n, -degrees, degrees, dev))
     s = _uniform(n, *scale, dev)
     t = _uniform(n * 2, -translate, translate, dev).view(n, 2) * 2  # normalised coordinates span 2
     cos, sin = torch.cos(angle), torch.sin(angle)
-    # affine_grid maps output to input coordinates: the inverse of  out = s R in + t
-    inv = torch.stack([torch.stack([cos, sin], -1), torch.stack([-sin, cos], -1)], -2) / s[:, None, None]
-    theta = torch.cat([inv, -(inv @ t[..., None])], -1)
-    identity = torch.eye(2, 3, device=dev).expand(n, 2, 3)
-    theta = torch.where(on[:, None, None], theta, identity)
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    linear = torch.stack([torch.stack([cos, -sin], -1), torch.stack([sin, cos], -1)], -2) * s[:, None, None]
+    linear = torch.where(on[:, None, None], linear, torch.eye(2, device=dev).expand(n, 2, 2))
+    return _warp(x, linear, torch.where(on[:, None], t, torch.zeros_like(t)), points)
+
+
+def _to_grid(points: torch.Tensor, size: int) -> torch.Tensor:
+    """Landmarks as the cache stores them (pixel / side, pixel centres at integers) -> grid coordinates."""
+    return (2 * points * size + 1) / size - 1
+
+
+def _from_grid(points: torch.Tensor, size: int) -> torch.Tensor:
+    return ((points + 1) * size / 2 - 0.5) / size
 
 
 def _gaussian_kernel(size: int, device) -> torch.Tensor:
@@ -122,24 +142,31 @@ class BatchAugment(torch.nn.Module):
             when ``mean`` has three entries (as ``A.ToRGB``).
         erasing: probability of random erasing (training recipes).
 
-    Call with a (B, C, H, W) uint8 tensor; returns (B, 3 or C, S, S) float32, normalised.
+    Call with a (B, C, H, W) uint8 tensor; returns (B, 3 or C, S, S) float32, normalised. The
+    ``"grefel"`` recipe also takes the (B, 68, 2) landmarks (as the cache stores them, in [0, 1])
+    and returns ``(images, landmarks)``: the landmarks follow every geometric transform, and a
+    flip also swaps their left/right indices, as :class:`helpers.augment.KeypointCompose` does.
     """
 
     def __init__(self, kind: str, image_size: int, mean: tuple = IMAGENET_MEAN, std: tuple = IMAGENET_STD,
                  erasing: float = 0.0):
         super().__init__()
         if kind not in RECIPES:
-            raise ValueError(f"BatchAugment has the recipes {RECIPES}, not {kind!r} (the 'grefel' recipe moves "
-                             "landmarks: it stays on the CPU path)")
+            raise ValueError(f"BatchAugment has the recipes {RECIPES}, not {kind!r}")
         self.kind, self.size, self.erasing = kind, int(image_size), float(erasing)
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def forward(self, images: torch.Tensor, landmarks: torch.Tensor | None = None):
         x = images.float()
         n, dev = x.shape[0], x.device
         if x.shape[-2:] != (self.size, self.size):
             x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False)
+        if self.kind == "grefel":
+            if landmarks is None:
+                raise ValueError("the 'grefel' recipe moves landmarks: call it with (images, landmarks)")
+            x, points = self._grefel(x, _to_grid(landmarks.float(), self.size))
+            return self._finish(x), _from_grid(points, self.size)
         if self.kind != "eval":
             flip = _chance(n, 0.5, dev)
             x = torch.where(flip[:, None, None, None], x.flip(-1), x)
@@ -157,11 +184,43 @@ class BatchAugment(torch.nn.Module):
             sigma = _uniform(n, 0.02, 0.08, dev) * 255
             noise = torch.randn_like(x) * sigma[:, None, None, None]
             x = torch.where(_chance(n, 0.3, dev)[:, None, None, None], (x + noise).clamp(0, 255), x)
+        return self._finish(x)
+
+    def _finish(self, x: torch.Tensor) -> torch.Tensor:
+        """Random erasing (training recipes), 1 -> 3 channels where the model takes 3, normalisation."""
         if self.erasing and self.kind != "eval":
-            x = _erase(x, _chance(n, self.erasing, dev))
+            x = _erase(x, _chance(x.shape[0], self.erasing, x.device))
         if x.shape[1] == 1 and self.mean.shape[1] == 3:
             x = x.expand(-1, 3, -1, -1)
         return (x / 255 - self.mean) / self.std
+
+    def _grefel(self, x: torch.Tensor, points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The GReFEL seed README's recipe: resize to 256/224 of the side and a random crop back, flip
+        p .5 (landmark indices mirrored), colour jitter p .8 (brightness and contrast 0.4 in random
+        order; saturation and hue do nothing to grey faces), rotation U(-15, 15) p .5."""
+        n, dev, size = x.shape[0], x.device, self.size
+        k = round(size * 256 / 224) / size
+        crop = torch.randint(0, round(size * k) - size + 1, (n, 2), device=dev).float()  # crop corner, px
+        flip = _chance(n, 0.5, dev)
+        sign = torch.where(flip, -1.0, 1.0)
+        linear = torch.diag_embed(torch.stack([sign * k, torch.full_like(sign, k)], -1))
+        offset = (k - 1 - 2 * crop / size) * torch.stack([sign, torch.ones_like(sign)], -1)
+        x, points = _warp(x, linear, offset, points)
+        points = torch.where(flip[:, None, None], points[:, torch.as_tensor(FLIP_PERMUTATION_68, device=dev)], points)
+        jitter = _chance(n, 0.8, dev)
+        brightness, contrast = _uniform(n, 0.6, 1.4, dev), _uniform(n, 0.6, 1.4, dev)
+        first = _chance(n, 0.5, dev)  # brightness before contrast, or after
+
+        def bright(t):
+            return (t * brightness[:, None, None, None]).clamp(0, 255)
+
+        def contr(t):
+            mean = t.mean((1, 2, 3), keepdim=True)
+            return (mean + contrast[:, None, None, None] * (t - mean)).clamp(0, 255)
+
+        jittered = torch.where(first[:, None, None, None], contr(bright(x)), bright(contr(x)))
+        x = torch.where(jitter[:, None, None, None], jittered, x)
+        return _affine(x, _chance(n, 0.5, dev), degrees=15, points=points)
 
     @staticmethod
     def _brightness_contrast(x: torch.Tensor, p: float, limit: float = 0.3) -> torch.Tensor:
@@ -188,8 +247,11 @@ def use_device_data(setting, device, dataset, recipe: str, memory_share: float =
         reasons.append(f"the {recipe!r} augmentation has no batched version")
     if distributed.is_distributed():
         reasons.append("torchrun shards batches with a DistributedSampler (one process only for now)")
-    if getattr(dataset, "_images", None) is None or dataset.soft_labels or dataset.landmarks:
-        reasons.append("the dataset is not an in-memory image/label split")
+    if getattr(dataset, "_images", None) is None:
+        reasons.append("the dataset is not held in memory")
+    elif recipe in RECIPES and bool(dataset.landmarks) != (recipe == "grefel"):
+        reasons.append("landmarks go with the 'grefel' recipe only" if dataset.landmarks
+                       else "the 'grefel' recipe needs the landmarks")
     if setting is True and reasons:
         raise ValueError(f"data_on_device=True cannot work here: {'; '.join(reasons)}")
     if setting is True:
@@ -217,7 +279,9 @@ class DeviceBatches:
     augmentation parameters from torch's generator there (``fit`` reseeds it every epoch).
 
     Args:
-        dataset: an ``H5Dataset`` with ``in_memory=True`` (hard labels).
+        dataset: an ``H5Dataset`` with ``in_memory=True``; with ``landmarks=True`` batches are
+            ``(images, landmarks, y)`` (the ``"grefel"`` recipe moves them), with
+            ``soft_labels=True`` ``y`` is the vote distribution, as the dataset gives them.
         augment: a :class:`BatchAugment`.
         batch_size, drop_last: as for a DataLoader.
         device: where the data and the augmentation live.
@@ -228,12 +292,19 @@ class DeviceBatches:
     def __init__(self, dataset, augment: BatchAugment, batch_size: int, drop_last: bool, device):
         if getattr(dataset, "_images", None) is None:
             raise ValueError("DeviceBatches needs an H5Dataset built with in_memory=True")
-        if dataset.soft_labels or dataset.landmarks:
-            raise ValueError("DeviceBatches serves images with hard labels (no landmarks, no soft labels)")
+        if bool(dataset.landmarks) != (augment.kind == "grefel"):
+            raise ValueError(f"the {augment.kind!r} recipe with landmarks={dataset.landmarks}: landmarks go with "
+                             "the 'grefel' recipe, and it needs them")
         self.dataset, self.batch_size, self.drop_last = dataset, int(batch_size), drop_last
         self.device = torch.device(device)
         self.images = torch.from_numpy(np.ascontiguousarray(dataset._images)).permute(0, 3, 1, 2).to(self.device)
         self.labels = torch.as_tensor(dataset.labels, dtype=torch.long).to(self.device)
+        self.targets = self.labels
+        if dataset.soft_labels:  # FER+'s eight emotions' votes, as H5Dataset gives them
+            votes = torch.as_tensor(dataset._votes[:, :8], dtype=torch.float32)
+            self.targets = (votes / votes.sum(1, keepdim=True).clamp_min(1.0)).to(self.device)
+        self.landmarks = (torch.as_tensor(dataset._lm, dtype=torch.float32).to(self.device) if dataset.landmarks
+                          else None)
         self.augment = augment.to(self.device)
 
     @property
@@ -249,5 +320,8 @@ class DeviceBatches:
         for k in range(len(self)):
             idx = order[k * self.batch_size:(k + 1) * self.batch_size]
             with torch.no_grad():
-                x = self.augment(self.images[idx])
-            yield x, self.labels[idx]  # outside no_grad: the caller's step runs with gradients
+                if self.landmarks is None:
+                    out = (self.augment(self.images[idx]),)
+                else:
+                    out = self.augment(self.images[idx], self.landmarks[idx])
+            yield *out, self.targets[idx]  # outside no_grad: the caller's step runs with gradients

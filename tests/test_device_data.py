@@ -45,8 +45,68 @@ def test_eval_recipe_is_resize_and_normalise_only(face):
 
 
 def test_unknown_recipe_is_refused():
-    with pytest.raises(ValueError, match="'grefel' recipe moves landmarks"):
-        H.BatchAugment("grefel", 64)
+    with pytest.raises(ValueError, match="BatchAugment has the recipes"):
+        H.BatchAugment("strong", 64)
+    with pytest.raises(ValueError, match="call it with \\(images, landmarks\\)"):
+        H.BatchAugment("grefel", 64)(torch.zeros(2, 1, 64, 64, dtype=torch.uint8))
+
+
+@pytest.fixture(scope="module")
+def face_landmarks(face):
+    """The face's 68 landmarks from dlib, normalised as the cache stores them."""
+    points, ok = H.LandmarkDetector()(face)
+    assert ok
+    return points / face.shape[0]
+
+
+def test_batched_grefel_recipe_matches_albumentations_for_images_and_landmarks(face, face_landmarks):
+    """GReFEL's recipe (resize and random crop, flip with mirrored landmark indices, colour jitter, rotation,
+    erasing) in batches against the albumentations KeypointCompose: images and landmarks alike."""
+    size = face.shape[0]
+    t = H.build_transform("grefel", size, (0.5,) * 3, (0.5,) * 3, channels=1, keypoints=True, erasing=0.25)
+    t.compose.set_random_seed(0)
+    outs = [t(image=face[..., None], keypoints=face_landmarks * size) for _ in range(N)]
+    cpu = torch.stack([o["image"] for o in outs])
+    cpu_lm = torch.as_tensor(np.stack([o["keypoints"] for o in outs]) / size, dtype=torch.float32)
+    torch.manual_seed(0)
+    batch = torch.from_numpy(face[None, None]).expand(N, 1, -1, -1).contiguous()
+    lm = torch.as_tensor(face_landmarks, dtype=torch.float32).expand(N, -1, -1)
+    dev, dev_lm = H.BatchAugment("grefel", size, (0.5,) * 3, (0.5,) * 3, erasing=0.25)(batch, lm)
+    assert dev.shape == cpu.shape == (N, 3, size, size) and dev_lm.shape == cpu_lm.shape == (N, 68, 2)
+    assert (cpu.mean(0) - dev.mean(0)).abs().mean() < 0.05
+    assert dev.std(0).mean().item() == pytest.approx(cpu.std(0).mean().item(), rel=0.05)
+    means_c, means_d = cpu.mean((1, 2, 3)), dev.mean((1, 2, 3))
+    assert means_d.std().item() == pytest.approx(means_c.std().item(), rel=0.08)
+    # landmarks: the same average position and spread of every point (to a tenth of a pixel: 0.1 / 64)
+    assert (cpu_lm.mean(0) - dev_lm.mean(0)).abs().max() < 0.1 / size * 20
+    assert (cpu_lm.std(0) - dev_lm.std(0)).abs().mean() < 0.1 / size * 5
+    # mirrored indices: the left eye's outer corner (36) stays left of the right eye's (45) in every sample
+    for points in (cpu_lm, dev_lm):
+        assert (points[:, 36, 0] < points[:, 45, 0]).all()
+
+
+def test_batched_grefel_landmarks_follow_the_image(face_landmarks):
+    """A bright 3x3 dot drawn at each of a few landmarks ends up where the returned landmarks say."""
+    size, pick = 64, [30, 36, 45, 48, 54]  # inner points: the zoom of the crop can push the jaw out
+    img = torch.zeros(1, 1, size, size, dtype=torch.uint8)
+    pts = torch.as_tensor(face_landmarks, dtype=torch.float32)
+    torch.manual_seed(1)
+    aug = H.BatchAugment("grefel", size, (0.0,), (1.0,))
+    for i in pick:
+        one = img.clone()
+        x, y = (pts[i] * size).round().long()
+        one[0, 0, y - 1:y + 2, x - 1:x + 2] = 255  # a 3x3 dot centred on the landmark
+        out, moved = aug(one.expand(64, -1, -1, -1).contiguous(), pts.expand(64, -1, -1))
+        # where the dot went (brightest pixel) vs where landmark i went (its own or its mirror's index)
+        flat = out[:, 0].reshape(64, -1).argmax(1)
+        found = torch.stack([flat % size, flat // size], -1).float()
+        mirrored = torch.as_tensor(H.augment.FLIP_PERMUTATION_68)
+        at = torch.where(((moved[:, i] * size - found).norm(dim=-1) <
+                          (moved[:, mirrored[i]] * size - found).norm(dim=-1))[:, None],
+                         moved[:, i], moved[:, mirrored[i]]) * size
+        visible = out[:, 0].amax((1, 2)) > 0.3  # rotated or cropped out of the frame: nothing to find
+        assert visible.float().mean() > 0.8
+        assert (at - found).norm(dim=-1)[visible].median() < 1.5
 
 
 def test_device_batches_keep_images_with_their_labels_and_replay_under_the_same_seed(demo_cache):
@@ -101,6 +161,8 @@ def test_data_on_device_auto_is_off_on_cpu_and_true_says_why_it_cannot(demo_cach
     assert H.use_device_data("auto", "cpu", ds, "nir") == (False, "auto: cpu (the CPU path: DataLoader workers)")
     assert H.use_device_data(True, "cpu", ds, "nir")[0] is True  # asked for: it works on any device
     with pytest.raises(ValueError, match="no batched version"):
+        H.use_device_data(True, "cpu", ds, "strong")
+    with pytest.raises(ValueError, match="needs the landmarks"):
         H.use_device_data(True, "cpu", ds, "grefel")
-    with pytest.raises(ValueError, match="not an in-memory image/label split"):
+    with pytest.raises(ValueError, match="not held in memory"):
         H.use_device_data(True, "cpu", H.H5Dataset(cache), "nir")
