@@ -85,6 +85,8 @@ pretrain_augment = None        # its augmentation recipe: "seed" | "nir" | None:
 num_epochs = None              # epochs per fold
 batch_size = None              # images per step
 lr = None                      # peak learning rate (AdamW)
+lr_scaling = None              # "none" | "sqrt" (AdamW) | "linear": scale lr from lr_reference_batch to batch_size
+lr_reference_batch = None      # the batch size lr was chosen for | None: the profile's batch_size
 weight_decay = None            # AdamW decoupled weight decay
 warmup_epochs = None           # linear warm-up, epochs
 label_smoothing = None         # cross-entropy label smoothing
@@ -114,7 +116,8 @@ COMMON = dict(export=True, video_source=None, video_frames=None, ema=0.6, channe
               max_folds=None, nproc=None, allow_random_init=False, finetune="full", frozen_stages=0, dropout=0.3,
               label_smoothing=0.0, class_weighted=False, clip_grad=1.0, amp="auto", early_stopping=None,
               pretrain_data_path=None, pretrain_epochs=8, pretrain_lr=3e-4, pretrain_augment=None, augment="seed", augment_erasing=0.0,
-              tta_flip=False, data_on_device="auto", torch_compile="auto")
+              tta_flip=False, data_on_device="auto", torch_compile="auto",
+              lr_scaling="none", lr_reference_batch=None)
 PROFILES = {
     # minutes on 2 CPU cores: a tiny subset, one fold, two epochs; checks the plumbing, not accuracy
     "smoke": {**COMMON, "image_size": 64, "max_images": 120, "protocol": "subject", "num_folds": 3, "max_folds": 1,
@@ -145,12 +148,15 @@ config = H.resolve_config(profile, PROFILES, dict(
     pretrain_data_path=pretrain_data_path, pretrain_epochs=pretrain_epochs, pretrain_lr=pretrain_lr,
     pretrain_augment=pretrain_augment,
     augment=augment, augment_erasing=augment_erasing, tta_flip=tta_flip,
-    num_epochs=num_epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup_epochs=warmup_epochs,
+    num_epochs=num_epochs, batch_size=batch_size, lr=lr, lr_scaling=lr_scaling,
+    lr_reference_batch=lr_reference_batch, weight_decay=weight_decay, warmup_epochs=warmup_epochs,
     label_smoothing=label_smoothing, class_weighted=class_weighted, clip_grad=clip_grad, amp=amp,
     early_stopping=early_stopping, num_workers=num_workers, data_on_device=data_on_device, torch_compile=torch_compile, nproc=nproc, cross_data_path=cross_data_path, export=export,
     video_source=video_source, video_frames=video_frames, ema=ema))
 # Fail here, not deep inside timm, if the model cannot take this input size or these weights.
 H.validate_gcvit_size(config["model_name"], config["image_size"], config["weights"])
+# the learning-rate rule for other batch sizes (recorded in config): lr was chosen at the profile's batch
+config["lr_reference_batch"] = config["lr_reference_batch"] or PROFILES[profile]["batch_size"]
 workdir = Path(config["workdir"])
 out_dir = H.output_folder(workdir, "DFER_GCViT")  # stops here if the working directory cannot be written
 print(json.dumps(config, indent=1))
@@ -309,7 +315,8 @@ norm = model.data_config()
 train_tf, eval_tf = H.classifier_transforms(config, norm)  # what each fold's training uses
 amp_dtype = H.resolve_amp(config["amp"], device)
 print(f"device {device}, AMP {amp_dtype}, protocol {config['protocol']} ({len(folds)} folds), "
-      f"{config['num_epochs']} epochs x batch {config['batch_size']}, AdamW lr {config['lr']} wd {config['weight_decay']}, "
+      f"{config['num_epochs']} epochs x batch {config['batch_size']}, AdamW lr {H.fold_lr(config):.3g} "
+      f"({config['lr']} at batch {config['lr_reference_batch']}, lr_scaling {config['lr_scaling']!r}) wd {config['weight_decay']}, "
       f"cosine with {config['warmup_epochs']} warm-up epochs, clip {config['clip_grad']}, "
       f"label smoothing {config['label_smoothing']}, class weights {config['class_weighted']}")
 print("train transform:", train_tf)
@@ -459,6 +466,7 @@ results = {
     "wall_time_s": {"train_per_fold": [r["wall_s"] for r in fold_runs], "train_total": sum(r["wall_s"] for r in fold_runs)},
     "training_data": fold_runs[0].get("training_data"),  # DataLoader or on the device (data_on_device), and why
     "compile": [r.get("compile") for r in fold_runs],  # torch.compile per fold: used, compile time, or why not
+    "lr_effective": H.fold_lr(config),  # config lr scaled by lr_scaling from lr_reference_batch to the batch
     "dataset": {k: report.get(k) for k in ("layout", "num_images", "counts", "splits", "num_subjects", "duplicates",
                                            "skipped", "pre_cropped", "inferred_naming")},
     "face_detection": face_stats, "cache": {"path": str(cache_path), **cache_attrs},

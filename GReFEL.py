@@ -73,6 +73,8 @@ dropout = None                 # ViT and head dropout
 num_epochs = None              # epochs
 batch_size = None              # images per step (reliability attention runs over the batch)
 lr = None                      # peak learning rate (AdamW)
+lr_scaling = None              # "none" | "sqrt" (AdamW) | "linear": scale lr from lr_reference_batch to batch_size
+lr_reference_batch = None      # the batch size lr was chosen for | None: the profile's batch_size
 weight_decay = None            # AdamW decoupled weight decay
 warmup_epochs = None           # linear warm-up, epochs
 label_smoothing = None         # in [0, 1): smoothing of the NLL targets
@@ -104,7 +106,7 @@ COMMON = dict(video_source=None, video_frames=30, ema=0.6, max_per_split=None, v
               backbone_args=None, components="full", label_smoothing=0.1, augment_erasing=0.25, tta_flip=True,
               lambda_cls=1.0, lambda_anchor=1.0, lambda_center=1.0, anchor_margin=2.0, class_weighted=False,
               balanced_sampling=False, clip_grad=1.0, amp="auto", early_stopping=None, torch_compile="auto",
-              data_on_device="auto")
+              data_on_device="auto", lr_scaling="none", lr_reference_batch=None)
 PROFILES = {
     # minutes on 2 CPU cores: 200 images per split, a tiny ResNet, two epochs; checks the plumbing
     "smoke": {**COMMON, "image_size": 48, "max_per_split": 200, "backbone": "resnet18", "weights": "none",
@@ -134,7 +136,8 @@ config = H.resolve_config(profile, PROFILES, dict(
     weights=weights, components=components, label_smoothing=label_smoothing, augment_erasing=augment_erasing,
     tta_flip=tta_flip, embed_dim=embed_dim, num_heads=num_heads, depth=depth,
     patch_sizes=patch_sizes, window=window, num_anchors_per_class=num_anchors_per_class, dropout=dropout,
-    num_epochs=num_epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup_epochs=warmup_epochs,
+    num_epochs=num_epochs, batch_size=batch_size, lr=lr, lr_scaling=lr_scaling,
+    lr_reference_batch=lr_reference_batch, weight_decay=weight_decay, warmup_epochs=warmup_epochs,
     lambda_cls=lambda_cls, lambda_anchor=lambda_anchor, lambda_center=lambda_center, anchor_margin=anchor_margin,
     class_weighted=class_weighted, balanced_sampling=balanced_sampling, clip_grad=clip_grad, amp=amp,
     early_stopping=early_stopping, num_workers=num_workers, torch_compile=torch_compile, data_on_device=data_on_device, video_source=video_source, video_frames=video_frames,
@@ -142,6 +145,8 @@ config = H.resolve_config(profile, PROFILES, dict(
 # fail here, before the data work, on an unknown backbone or a pyramid the input size cannot give
 H.create_feature_pyramid(config["backbone"], config["image_size"], config["patch_sizes"],
                          backbone_args=config["backbone_args"])
+# the learning-rate rule for other batch sizes (recorded in config): lr was chosen at the profile's batch
+config["lr_reference_batch"] = config["lr_reference_batch"] or PROFILES[profile]["batch_size"]
 workdir = Path(config["workdir"])
 out_dir = H.output_folder(workdir, "GReFEL")  # stops here if the working directory cannot be written
 print(json.dumps(config, indent=1))
@@ -608,7 +613,8 @@ run_key = H.config_fingerprint(config, exclude=("workdir", "video_source", "vide
                                          "weights": backbone_info.get("sha256")})
 run_dir = out_dir / "runs" / (f"{config['profile']}_{config['components']}_{config['image_size']}px_"
                               f"d{config['embed_dim']}_{run_key}")
-run = H.fit(model, train_loader, val_loader, run_dir, num_epochs=config["num_epochs"], lr=config["lr"],
+lr = H.scaled_lr(config["lr"], config["batch_size"], config["lr_reference_batch"], config["lr_scaling"])
+run = H.fit(model, train_loader, val_loader, run_dir, num_epochs=config["num_epochs"], lr=lr,
             weight_decay=config["weight_decay"], device=device, loss_fn=loss_fn, seed=config["seed"],
             warmup_epochs=config["warmup_epochs"], clip_grad=config["clip_grad"], amp=config["amp"],
             early_stopping=config["early_stopping"], config=config, torch_compile=config["torch_compile"],
@@ -796,6 +802,7 @@ results = {
               "best": run["best"], "epochs_run": run["epochs_run"]},
     "wall_time_s": {"train": run["wall_s"]},
     "compile": run["compile"],  # torch.compile: used, its compile time, or why not
+    "lr_effective": lr,  # config lr scaled by lr_scaling from lr_reference_batch to batch_size
     "training_data": {"on_device": on_device, "why": why},  # DataLoader or on the device (data_on_device), and why
     "landmarks": {"detector": "dlib shape_predictor_68_face_landmarks (fixed box on the crop)",
                   "ok": int(landmark_ok.sum()), "failed": int((~landmark_ok).sum())},

@@ -42,7 +42,7 @@ from .models import (TimmClassifier, WeightsUnavailableError, count_parameters, 
 from .distributed import (ShardedBatchSampler, barrier, get_rank, get_world_size, init_distributed, is_distributed,
                           is_main, shutdown)
 from .train import (build_optimizer, build_scheduler, class_weights_from_labels, compile_for_training,
-                    cross_entropy_loss, evaluate, fit,
+                    cross_entropy_loss, evaluate, fit, scaled_lr,
                     load_checkpoint, make_loader, output_probs, resolve_amp, save_checkpoint, seed_everything,
                     train_one_epoch)
 from .metrics import compute_metrics, expected_calibration_error, fit_temperature, fold_summary, sequence_metrics
@@ -51,7 +51,7 @@ from .plots import (plot_class_distribution, plot_confidence_histograms, plot_co
 from .export import (Backend, Predictor, ProbabilityModel, export_metadata, export_onnx, export_torchscript,
                      quantize_onnx_int8, read_onnx_metadata, run_video)
 from .device_data import BatchAugment, DeviceBatches, use_device_data
-from .recipes import (build_classifier, classifier_transforms, cross_dataset, evaluate_fold, launch_torchrun,
+from .recipes import (build_classifier, classifier_transforms, cross_dataset, evaluate_fold, fold_lr, launch_torchrun,
                       pretrain_classifier, read_run_spec, run_spec, train_fold, write_run_spec)
 
 __all__ = [
@@ -81,7 +81,7 @@ __all__ = [
     # train
     "seed_everything", "make_loader", "build_optimizer", "build_scheduler", "cross_entropy_loss",
     "class_weights_from_labels", "output_probs", "resolve_amp", "train_one_epoch", "evaluate",
-    "save_checkpoint", "load_checkpoint", "fit", "compile_for_training",
+    "save_checkpoint", "load_checkpoint", "fit", "compile_for_training", "scaled_lr",
     # distributed
     "init_distributed", "shutdown", "is_distributed", "get_rank", "get_world_size", "is_main", "barrier",
     "ShardedBatchSampler",
@@ -95,6 +95,6 @@ __all__ = [
     "read_onnx_metadata", "Backend", "run_video",
     # recipes
     "BatchAugment", "DeviceBatches", "use_device_data",
-    "build_classifier", "classifier_transforms", "write_run_spec", "read_run_spec", "train_fold", "evaluate_fold",
+    "build_classifier", "classifier_transforms", "write_run_spec", "read_run_spec", "train_fold", "evaluate_fold", "fold_lr",
     "launch_torchrun", "pretrain_classifier", "cross_dataset", "run_spec",
 ]

@@ -29,7 +29,7 @@ from .metrics import compute_metrics, sequence_metrics
 from .models import create_classifier, set_finetune_strategy
 from .setup import config_fingerprint, environment_info, save_json
 from .splits import make_folds
-from .train import (class_weights_from_labels, cross_entropy_loss, evaluate, fit, load_checkpoint, make_loader,
+from .train import (class_weights_from_labels, scaled_lr, cross_entropy_loss, evaluate, fit, load_checkpoint, make_loader,
                     resolve_amp, seed_everything)
 
 SPEC_KEYS = ("task", "config", "cache_path", "class_names", "folds", "run_dir", "run_key")
@@ -100,6 +100,14 @@ def classifier_transforms(config: dict, norm: dict):
             build_transform("eval", size, norm["mean"], norm["std"], channels=ch))
 
 
+def fold_lr(config: dict) -> float:
+    """The learning rate a fold trains with: ``lr`` scaled by ``lr_scaling`` from ``lr_reference_batch`` to the
+    global batch (the per-process batch times the processes under torchrun), see :func:`scaled_lr`."""
+    batch = config["batch_size"] * distributed.get_world_size()
+    return scaled_lr(config["lr"], batch, config.get("lr_reference_batch") or config["batch_size"],
+                     config.get("lr_scaling", "none"))
+
+
 def train_fold(spec: dict, fold: int, device, progress: bool = True) -> dict:
     """Train fold ``fold`` (0-based) of a run spec into ``run_dir/fold_{fold+1}``.
 
@@ -131,7 +139,8 @@ def train_fold(spec: dict, fold: int, device, progress: bool = True) -> dict:
     val_loader = make_loader(H5Dataset(spec["cache_path"], f["val"], eval_tf, in_memory=True), bs, shuffle=False,
                              device=device)
     _, cache_attrs = read_cache_meta(spec["cache_path"])
-    run = fit(model, train_loader, val_loader, _fold_dir(spec, fold), num_epochs=config["num_epochs"], lr=config["lr"],
+    lr = fold_lr(config)
+    run = fit(model, train_loader, val_loader, _fold_dir(spec, fold), num_epochs=config["num_epochs"], lr=lr,
               weight_decay=config["weight_decay"], device=device, loss_fn=loss_fn, seed=config["seed"],
               warmup_epochs=config["warmup_epochs"], clip_grad=config["clip_grad"], amp=config["amp"],
               early_stopping=config["early_stopping"], config=config, run_key=spec["run_key"], progress=progress,
@@ -204,6 +213,8 @@ def pretrain_classifier(data_path: str | Path, workdir: str | Path, config: dict
                "warmup_epochs": min(config["warmup_epochs"], 1), "pretrain_data_path": None,
                "augment": augment or config.get("augment", "seed")}
     recipe = {k: pconfig.get(k) for k in (*CONFIG_KEYS, "augment", "augment_erasing")}
+    if pconfig.get("lr_scaling", "none") != "none":  # keyed only when used: unscaled pre-trainings keep their keys
+        recipe.update(lr_scaling=pconfig["lr_scaling"], lr_reference_batch=pconfig.get("lr_reference_batch"))
     run_key = config_fingerprint(recipe, contents={"data": attrs["fingerprint"]})
     name = Path(str(data_path)).name.split(".")[0].lower()
     run_dir = workdir / "DFER_GCViT" / "pretrain" / f"{name}_{config['model_name']}_{config['image_size']}px_{run_key}"
@@ -306,7 +317,9 @@ def run_spec(path: str | Path, folds: list[int] | None = None, device: str = "au
     main = distributed.is_main()
     if main and progress:
         print(f"{world} process(es) on {dev}: batch {config['batch_size']} per process = global batch "
-              f"{config['batch_size'] * world}; lr {config['lr']} as configured (not rescaled)")
+              f"{config['batch_size'] * world}; lr {fold_lr(config):.3g} ({config['lr']} at batch "
+              f"{config.get('lr_reference_batch') or config['batch_size']}, lr_scaling "
+              f"{config.get('lr_scaling', 'none')!r})")
     per_fold = []
     for k in chosen:
         if main and progress:
@@ -324,7 +337,7 @@ def run_spec(path: str | Path, folds: list[int] | None = None, device: str = "au
                                    if trained else None)})
     results = {"spec": str(Path(path).resolve()), "folds": per_fold, "world_size": world,
                "batch_size_per_process": config["batch_size"], "global_batch_size": config["batch_size"] * world,
-               "lr": config["lr"], "lr_scaling": "none", "backend": torch.distributed.get_backend()
+               "lr": fold_lr(config), "lr_scaling": config.get("lr_scaling", "none"), "backend": torch.distributed.get_backend()
                if distributed.is_distributed() else None, "device": str(dev), "environment": environment_info()}
     if main:
         save_json(results, Path(spec["run_dir"]) / "train_results.json")

@@ -106,6 +106,25 @@ def make_loader(dataset, batch_size: int, shuffle: bool, num_workers: int = 0, d
 
 # ----------------------------------------------------------------------------- optimiser & schedule
 
+LR_SCALING = ("none", "sqrt", "linear")
+
+
+def scaled_lr(lr: float, batch_size: int, reference_batch: int, rule: str = "none") -> float:
+    """The learning rate for ``batch_size`` when ``lr`` was chosen at ``reference_batch``.
+
+    ``rule``: ``"none"`` (``lr`` as it is), ``"sqrt"`` (``lr * sqrt(batch / reference)``, the
+    rule for Adam-type optimisers such as AdamW, Malladi et al. 2022) or ``"linear"``
+    (``lr * batch / reference``, Goyal et al. 2017, for SGD with a warm-up). Under torchrun
+    ``batch_size`` is the global batch (per process x processes).
+    """
+    if rule not in LR_SCALING:
+        raise ValueError(f"lr_scaling must be one of {LR_SCALING}, not {rule!r}")
+    if batch_size <= 0 or reference_batch <= 0:
+        raise ValueError(f"batch sizes must be positive, not {batch_size} and {reference_batch}")
+    ratio = batch_size / reference_batch
+    return lr * {"none": 1.0, "sqrt": math.sqrt(ratio), "linear": ratio}[rule]
+
+
 def build_optimizer(model: nn.Module, lr: float, weight_decay: float, fused: bool | None = None) -> torch.optim.AdamW:
     """AdamW over trainable parameters; biases and norm weights get no weight decay.
 

@@ -412,3 +412,16 @@ def test_torch_compile_auto_is_off_on_cpu_and_a_failed_compile_trains_eagerly_sa
     assert len(run["history"]) == 1 and np.isfinite(run["history"][0]["train_loss"])
     with pytest.raises(ValueError, match="torch_compile must be"):
         _fit(cache, classes, tmp_path / "bad", num_epochs=1, torch_compile="yes")
+
+
+def test_learning_rate_rules_for_other_batch_sizes():
+    assert H.scaled_lr(1e-3, 128, 32, "none") == 1e-3
+    assert H.scaled_lr(1e-3, 128, 32, "sqrt") == pytest.approx(2e-3)
+    assert H.scaled_lr(1e-3, 128, 32, "linear") == pytest.approx(4e-3)
+    assert H.scaled_lr(1e-3, 16, 32, "linear") == pytest.approx(5e-4)
+    # a fold's lr: the global batch under torchrun, the profile's batch as the reference by default
+    cfg = {"lr": 1e-4, "batch_size": 256, "lr_reference_batch": 32, "lr_scaling": "sqrt"}
+    assert H.fold_lr(cfg) == pytest.approx(1e-4 * 8 ** 0.5)
+    assert H.fold_lr({"lr": 1e-4, "batch_size": 256}) == 1e-4
+    with pytest.raises(ValueError, match="lr_scaling must be one of"):
+        H.scaled_lr(1e-3, 64, 32, "square")
