@@ -583,19 +583,9 @@ if config["balanced_sampling"]:
     w = 1.0 / np.bincount(train_ds.labels, minlength=len(class_names))[train_ds.labels]
     sampler = torch.utils.data.WeightedRandomSampler(w, len(w), generator=torch.Generator().manual_seed(config["seed"]))
 # on CUDA the split can live on the GPU, augmented there in batches (landmarks moved with the images)
-if config["balanced_sampling"] and config["data_on_device"] is True:
-    raise ValueError("balanced_sampling draws batches with a weighted sampler, a DataLoader path: set "
-                     "data_on_device=False or balanced_sampling=False")
-on_device, why = ((False, "balanced_sampling: the DataLoader path") if config["balanced_sampling"] else
-                  H.use_device_data(config["data_on_device"], device, train_ds, "grefel"))
-if on_device:
-    train_loader = H.DeviceBatches(train_ds, H.BatchAugment("grefel", config["image_size"], norm["mean"], norm["std"],
-                                                           erasing=config["augment_erasing"]),
-                                   config["batch_size"], drop_last=True, device=device)
-else:
-    train_loader = H.make_loader(train_ds, config["batch_size"], shuffle=True, num_workers=config["num_workers"],
-                                 device=device, drop_last=True, sampler=sampler)
-print(f"training data: {'on the device, augmented in batches' if on_device else 'DataLoader'} ({why})")
+train_loader, training_data = H.training_batches(
+    train_ds, "grefel", config["image_size"], norm, config["augment_erasing"], config["batch_size"],
+    config["data_on_device"], device, num_workers=config["num_workers"], sampler=sampler, seed=config["seed"])
 val_loader = H.make_loader(H.H5Dataset(cache_path, idx["val"], eval_tf, in_memory=True, landmarks=True),
                            config["batch_size"], shuffle=False, device=device)
 H.seed_everything(config["seed"])
@@ -613,7 +603,7 @@ run_key = H.config_fingerprint(config, exclude=("workdir", "video_source", "vide
                                          "weights": backbone_info.get("sha256")})
 run_dir = out_dir / "runs" / (f"{config['profile']}_{config['components']}_{config['image_size']}px_"
                               f"d{config['embed_dim']}_{run_key}")
-lr = H.scaled_lr(config["lr"], config["batch_size"], config["lr_reference_batch"], config["lr_scaling"])
+lr = H.fold_lr(config)  # lr scaled by lr_scaling from lr_reference_batch to batch_size
 run = H.fit(model, train_loader, val_loader, run_dir, num_epochs=config["num_epochs"], lr=lr,
             weight_decay=config["weight_decay"], device=device, loss_fn=loss_fn, seed=config["seed"],
             warmup_epochs=config["warmup_epochs"], clip_grad=config["clip_grad"], amp=config["amp"],
@@ -803,7 +793,7 @@ results = {
     "wall_time_s": {"train": run["wall_s"]},
     "compile": run["compile"],  # torch.compile: used, its compile time, or why not
     "lr_effective": lr,  # config lr scaled by lr_scaling from lr_reference_batch to batch_size
-    "training_data": {"on_device": on_device, "why": why},  # DataLoader or on the device (data_on_device), and why
+    "training_data": training_data,  # DataLoader or on the device (data_on_device), and why
     "landmarks": {"detector": "dlib shape_predictor_68_face_landmarks (fixed box on the crop)",
                   "ok": int(landmark_ok.sum()), "failed": int((~landmark_ok).sum())},
     "cache": {"path": str(cache_path), **cache_attrs},

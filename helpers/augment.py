@@ -62,6 +62,13 @@ class KeypointCompose:
         return f"KeypointCompose({self.compose!r})"
 
 
+def seed_transform(transform, seed: int) -> None:
+    """Reseed an albumentations pipeline (or a :class:`KeypointCompose` around one); others are left alone."""
+    target = getattr(transform, "compose", transform)
+    if hasattr(target, "set_random_seed"):
+        target.set_random_seed(seed)
+
+
 def build_transform(kind: str, image_size: int, mean: tuple = IMAGENET_MEAN, std: tuple = IMAGENET_STD,
                     channels: int = 3, keypoints: bool = False, erasing: float = 0.0):
     """An albumentations pipeline ending in normalisation and a C x H x W tensor.

@@ -20,6 +20,7 @@ import h5py
 import numpy as np
 import pandas as pd
 
+from .augment import seed_transform
 from .setup import atomic_write, output_lock
 from .data import DatasetError, load_image
 from .faces import BOX_COLUMNS, NO_FACE_POLICIES, crop_face
@@ -290,10 +291,8 @@ class H5Dataset:
 
         x = self.image(i)
         seed = int(self._epoch_seed[0])
-        if seed >= 0 and self.transform is not None:
-            target = getattr(self.transform, "compose", self.transform)  # KeypointCompose wraps an A.Compose
-            if hasattr(target, "set_random_seed"):
-                target.set_random_seed((seed * 1_000_003 + int(self.indices[i])) % 2**32)
+        if seed >= 0:
+            seed_transform(self.transform, (seed * 1_000_003 + int(self.indices[i])) % 2**32)
         if self.soft_labels:  # FER+'s eight emotions' votes (unknown / not-a-face left out), as float32
             emotions = self._votes[i][:8].astype(np.float32)
             y = emotions / max(float(emotions.sum()), 1.0)

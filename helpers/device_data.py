@@ -325,3 +325,35 @@ class DeviceBatches:
                 else:
                     out = self.augment(self.images[idx], self.landmarks[idx])
             yield *out, self.targets[idx]  # outside no_grad: the caller's step runs with gradients
+
+
+def training_batches(dataset, recipe: str, image_size: int, norm: dict, erasing: float, batch_size: int,
+                     data_on_device, device, num_workers: int = 0, sampler=None, seed: int = 0,
+                     progress: bool = True):
+    """The training batches of a notebook: on the device (:class:`DeviceBatches` with the batched
+    ``recipe``) where :func:`use_device_data` says so, else a DataLoader (``dataset``'s own transform).
+
+    An explicit ``sampler`` (e.g. class-balanced) is a DataLoader feature: with it ``"auto"`` keeps
+    the DataLoader and ``True`` is refused. The choice and its reason are printed.
+
+    Returns:
+        ``(batches, {"on_device": bool, "why": str})``; incomplete last batches are dropped when
+        the split is larger than one batch (no BatchNorm step on a lone sample).
+    """
+    from .train import make_loader
+
+    if sampler is not None and data_on_device is True:
+        raise ValueError("an explicit sampler (e.g. balanced_sampling) needs the DataLoader path: set "
+                         "data_on_device=False, or drop the sampler")
+    on_device, why = ((False, "a sampler is given: the DataLoader path") if sampler is not None
+                      else use_device_data(data_on_device, device, dataset, recipe))
+    drop_last = len(dataset) > batch_size
+    if on_device:  # the split on the device as uint8, augmented there in batches: no CPU worker in between
+        batches = DeviceBatches(dataset, BatchAugment(recipe, image_size, norm["mean"], norm["std"], erasing=erasing),
+                                batch_size, drop_last=drop_last, device=device)
+    else:
+        batches = make_loader(dataset, batch_size, shuffle=True, num_workers=num_workers, device=device,
+                              drop_last=drop_last, sampler=sampler, seed=seed)
+    if progress:
+        print(f"training data: {'on the device, augmented in batches' if on_device else 'DataLoader'} ({why})")
+    return batches, {"on_device": on_device, "why": why}

@@ -24,7 +24,7 @@ from . import distributed
 from .augment import build_transform
 from .cache import H5Dataset, build_hdf5_cache, read_cache_meta
 from .data import extract_archive, file_sha256, index_dataset
-from .device_data import BatchAugment, DeviceBatches, use_device_data
+from .device_data import training_batches
 from .metrics import compute_metrics, sequence_metrics
 from .models import create_classifier, set_finetune_strategy
 from .setup import config_fingerprint, environment_info, save_json
@@ -125,17 +125,10 @@ def train_fold(spec: dict, fold: int, device, progress: bool = True) -> dict:
     weights = class_weights_from_labels(train_ds.labels, len(class_names)) if config["class_weighted"] else None
     loss_fn = cross_entropy_loss(config["label_smoothing"], weights)
     bs = config["batch_size"]
-    # drop_last avoids a BatchNorm step on one sample (the head has BatchNorm1d)
-    on_device, why = use_device_data(config.get("data_on_device", "auto"), device, train_ds, config.get("augment", "seed"))
-    if on_device:  # the split on the GPU as uint8, augmented there in batches: no CPU worker in between
-        augment = BatchAugment(config.get("augment", "seed"), config["image_size"], norm["mean"], norm["std"],
-                               erasing=config.get("augment_erasing", 0.0))
-        train_loader = DeviceBatches(train_ds, augment, bs, drop_last=len(f["train"]) > bs, device=device)
-    else:
-        train_loader = make_loader(train_ds, bs, shuffle=True, num_workers=config["num_workers"], device=device,
-                                   drop_last=len(f["train"]) > bs, seed=config["seed"])
-    if progress:
-        print(f"training data: {'on the device, augmented in batches' if on_device else 'DataLoader'} ({why})")
+    train_loader, training_data = training_batches(
+        train_ds, config.get("augment", "seed"), config["image_size"], norm, config.get("augment_erasing", 0.0), bs,
+        config.get("data_on_device", "auto"), device, num_workers=config["num_workers"], seed=config["seed"],
+        progress=progress)
     val_loader = make_loader(H5Dataset(spec["cache_path"], f["val"], eval_tf, in_memory=True), bs, shuffle=False,
                              device=device)
     _, cache_attrs = read_cache_meta(spec["cache_path"])
@@ -146,7 +139,7 @@ def train_fold(spec: dict, fold: int, device, progress: bool = True) -> dict:
               early_stopping=config["early_stopping"], config=config, run_key=spec["run_key"], progress=progress,
               torch_compile=config.get("torch_compile", False), extra_state={"class_names": class_names, "preprocess": cache_attrs["preprocess"], "norm": norm})
     return {**run, "weights": weights_info, "parameters": counts, "norm": norm,
-            "training_data": {"on_device": on_device, "why": why}}
+            "training_data": training_data}
 
 
 def evaluate_fold(spec: dict, fold: int, checkpoint: str | Path, part: str, device) -> dict:

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import distributed
+from .augment import seed_transform
 from .setup import atomic_write, config_fingerprint, output_lock, save_json
 
 
@@ -46,10 +47,7 @@ def seed_everything(seed: int) -> None:
 
 
 def _reseed_transform(dataset, seed: int) -> None:
-    transform = getattr(dataset, "transform", None)
-    target = getattr(transform, "compose", transform)  # KeypointCompose wraps an A.Compose
-    if hasattr(target, "set_random_seed"):
-        target.set_random_seed(seed)
+    seed_transform(getattr(dataset, "transform", None), seed)
 
 
 def seed_worker(worker_id: int) -> None:
