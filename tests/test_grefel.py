@@ -201,6 +201,26 @@ def test_ablation_rows_output_plain_softmax_and_train_without_anchors(g, compone
     assert same == (components != "geometry")
 
 
+@pytest.mark.parametrize("components", ["pyramid", "full"])
+def test_fusion_class_token_starts_as_the_backbone_rows_feature(g, components):
+    """With the transformer's residual branches silenced, the fused feature is the backbone row's exactly."""
+    torch.manual_seed(0)
+    fused = g["GReFELModel"](**{**SMALL, "components": components}).features.eval()
+    plain = g["GReFELModel"](**{**SMALL, "components": "backbone"}).features.eval()
+    plain.cnn.load_state_dict(fused.cnn.state_dict())
+    plain.proj[0].load_state_dict(fused.proj[-1].state_dict())
+    images, landmarks, _ = g["create_dummy_data"](3, 48)
+    with torch.no_grad():
+        assert not torch.allclose(fused(images, landmarks), plain(images, landmarks), atol=1e-3)
+        for layer in fused.vit.layers:
+            for lin in (layer.self_attn.out_proj, layer.linear2):
+                lin.weight.zero_(), lin.bias.zero_()
+        fused.cls.zero_()
+        torch.testing.assert_close(fused(images, landmarks), plain(images, landmarks))
+        fused.cls.normal_()  # the learned offset moves it
+        assert not torch.allclose(fused(images, landmarks), plain(images, landmarks), atol=1e-3)
+
+
 def test_pyramid_stages_are_chosen_by_grid_size_and_bad_sizes_say_what_works(g):
     model = g["GReFELModel"](**SMALL)
     assert model.features.backbone_info["out_indices"] == [1, 2, 3]     # ResNet strides 4/8/16 at 48 px
