@@ -78,6 +78,7 @@ lr_reference_batch = None      # the batch size lr was chosen for | None: the pr
 weight_decay = None            # AdamW decoupled weight decay
 warmup_epochs = None           # linear warm-up, epochs
 label_smoothing = None         # in [0, 1): smoothing of the NLL targets
+augment = None                 # "grefel" (seed README: zoom-crop, flip, colour jitter, rotation) | "shift" (flip, shift, rotation; no zoom)
 augment_erasing = None         # probability of random erasing (occlusions: hands, glasses) in training
 tta_flip = None                # True: average the test prediction of each image and its mirror image
 lambda_cls = None              # weight of the classification NLL
@@ -103,7 +104,8 @@ ema = None                     # smoothing of probabilities over frames, in [0, 
 # %%
 COMMON = dict(video_source=None, video_frames=30, ema=0.6, max_per_split=None, val_fraction=0.1, soft_labels=False,
               label_pattern=None, labels_csv=None, dropout=0.1,
-              backbone_args=None, components="full", label_smoothing=0.1, augment_erasing=0.25, tta_flip=True,
+              backbone_args=None, components="full", label_smoothing=0.1, augment="grefel", augment_erasing=0.25,
+              tta_flip=True,
               lambda_cls=1.0, lambda_anchor=1.0, lambda_center=1.0, anchor_margin=2.0, class_weighted=False,
               balanced_sampling=False, clip_grad=1.0, amp="auto", early_stopping=None, torch_compile="auto",
               data_on_device="auto", lr_scaling="none", lr_reference_batch=None)
@@ -133,7 +135,8 @@ PROFILES = {
 config = H.resolve_config(profile, PROFILES, dict(
     workdir=workdir, data_path=data_path, label_pattern=label_pattern, labels_csv=labels_csv, seed=seed,
     image_size=image_size, max_per_split=max_per_split, val_fraction=val_fraction, soft_labels=soft_labels, backbone=backbone, backbone_args=backbone_args,
-    weights=weights, components=components, label_smoothing=label_smoothing, augment_erasing=augment_erasing,
+    weights=weights, components=components, label_smoothing=label_smoothing, augment=augment,
+    augment_erasing=augment_erasing,
     tta_flip=tta_flip, embed_dim=embed_dim, num_heads=num_heads, depth=depth,
     patch_sizes=patch_sizes, window=window, num_anchors_per_class=num_anchors_per_class, dropout=dropout,
     num_epochs=num_epochs, batch_size=batch_size, lr=lr, lr_scaling=lr_scaling,
@@ -142,7 +145,9 @@ config = H.resolve_config(profile, PROFILES, dict(
     class_weighted=class_weighted, balanced_sampling=balanced_sampling, clip_grad=clip_grad, amp=amp,
     early_stopping=early_stopping, num_workers=num_workers, torch_compile=torch_compile, data_on_device=data_on_device, video_source=video_source, video_frames=video_frames,
     ema=ema))
-# fail here, before the data work, on an unknown backbone or a pyramid the input size cannot give
+# fail here, before the data work, on an unknown recipe or backbone, or a pyramid the input size cannot give
+if config["augment"] not in ("grefel", "shift"):
+    raise ValueError(f"augment must be 'grefel' or 'shift', not {config['augment']!r}")
 H.create_feature_pyramid(config["backbone"], config["image_size"], config["patch_sizes"],
                          backbone_args=config["backbone_args"])
 # the learning-rate rule for other batch sizes (recorded in config): lr was chosen at the profile's batch
@@ -557,12 +562,14 @@ def grefel_loss(model: GReFELModel, lambda_cls: float = 1.0, lambda_anchor: floa
 # The shared engine (`H.fit`): AdamW, cosine schedule, clipping, AMP on CUDA, checkpoints
 # and resume, with the GReFEL loss plugged in. The engine tells the model the share of
 # training done before every step, which ramps the trust `tau` from 0 to 1 over the first
-# half. Augmentation is the seed README's (resize, random crop, flip, colour jitter,
-# rotation) plus random erasing (`augment_erasing`); the landmarks follow every geometric
-# transform, flips included. The targets are smoothed by `label_smoothing`. On CUDA
-# (`data_on_device="auto"`) the training split is held on the GPU and this recipe runs there
-# in batches (`H.BatchAugment("grefel")`, landmarks moved with the images; equal in
-# distribution to the albumentations pipeline, tested), so no CPU worker feeds the model.
+# half. Augmentation (`augment`) is the seed README's by default (`"grefel"`: resize to 8/7,
+# random crop, flip, colour jitter, rotation), or `"shift"` (flip, shifts of up to 1/8 of the
+# side, rotation up to 10 degrees, no zoom: training sees faces at the size the test shows,
+# as a plain CNN's flips-and-shifts recipe), both with random erasing (`augment_erasing`); the
+# landmarks follow every geometric transform, flips included. The targets are smoothed by
+# `label_smoothing`. On CUDA (`data_on_device="auto"`) the training split is held on the GPU
+# and the recipe runs there in batches (`H.BatchAugment`, landmarks moved with the images; equal
+# in distribution to the albumentations pipeline, tested), so no CPU worker feeds the model.
 
 # %% tags=["grefel-model"]
 def build_grefel(cfg: dict, num_classes: int, weights: str = "none") -> GReFELModel:
@@ -583,8 +590,8 @@ H.require(globals(), config="Configuration", meta="Landmarks and the HDF5 cache"
 # ImageNet statistics for pretrained CNNs; from scratch there are none to match
 norm = ({"mean": H.IMAGENET_MEAN, "std": H.IMAGENET_STD} if config["weights"] != "none"
         else {"mean": (0.5,) * 3, "std": (0.5,) * 3})
-train_tf = H.build_transform("grefel", config["image_size"], norm["mean"], norm["std"], channels=1, keypoints=True,
-                             erasing=config["augment_erasing"])
+train_tf = H.build_transform(config["augment"], config["image_size"], norm["mean"], norm["std"], channels=1,
+                             keypoints=True, erasing=config["augment_erasing"])
 eval_tf = H.build_transform("eval", config["image_size"], norm["mean"], norm["std"], channels=1, keypoints=True)
 train_ds = H.H5Dataset(cache_path, idx["train"], train_tf, in_memory=True, landmarks=True,
                        soft_labels=config["soft_labels"])
@@ -594,7 +601,7 @@ if config["balanced_sampling"]:
     sampler = torch.utils.data.WeightedRandomSampler(w, len(w), generator=torch.Generator().manual_seed(config["seed"]))
 # on CUDA the split can live on the GPU, augmented there in batches (landmarks moved with the images)
 train_loader, training_data = H.training_batches(
-    train_ds, "grefel", config["image_size"], norm, config["augment_erasing"], config["batch_size"],
+    train_ds, config["augment"], config["image_size"], norm, config["augment_erasing"], config["batch_size"],
     config["data_on_device"], device, num_workers=config["num_workers"], sampler=sampler, seed=config["seed"])
 val_loader = H.make_loader(H.H5Dataset(cache_path, idx["val"], eval_tf, in_memory=True, landmarks=True),
                            config["batch_size"], shuffle=False, device=device)

@@ -3,7 +3,8 @@
 Four recipes, sizes as parameters: ``"seed"`` (the DFER-GCViT seed notebook's), ``"nir"``
 (for near-infrared in-car frames: shifts, scale and small rotations, brightness, contrast and
 gamma, blur, sensor noise), ``"grefel"`` (the GReFEL seed README's: resize to 8/7 of the size,
-random crop, flip, colour jitter, rotation) and ``"eval"`` (resize and normalise). Landmarks, when given, follow every
+random crop, flip, colour jitter, rotation), ``"shift"`` (flips, shifts and small rotations at the
+test scale, a plain CNN's recipe) and ``"eval"`` (resize and normalise). Landmarks, when given, follow every
 geometric transform; on a horizontal flip their indices are also swapped left <-> right
 (albumentations moves the points but cannot know that point 36, a left-eye corner, becomes
 a right-eye corner).
@@ -78,7 +79,9 @@ def build_transform(kind: str, image_size: int, mean: tuple = IMAGENET_MEAN, std
             Gaussian blur p 0.2), ``"nir"`` (flip 0.5; shift +-6%, scale 0.9-1.1, rotation
             +-10 deg p 0.7; brightness/contrast 0.3 p 0.7; gamma 0.7-1.5 p 0.5; Gaussian or
             motion blur p 0.3; Gaussian noise p 0.3), ``"grefel"`` (resize to 8/7 size, random crop, flip,
-            colour jitter 0.4/0.4/0.4/0.1, rotation 15 deg) or ``"eval"`` (resize only).
+            colour jitter 0.4/0.4/0.4/0.1, rotation 15 deg), ``"shift"`` (flip 0.5; shift +-1/8 of the
+            side and rotation +-10 deg, always; no zoom, so faces keep the size ``"eval"`` shows) or
+            ``"eval"`` (resize only).
         image_size: output side in pixels.
         mean, std: per-channel normalisation (from the timm data config when a timm model
             is used); for 1-channel input the first entry is used.
@@ -109,10 +112,13 @@ def build_transform(kind: str, image_size: int, mean: tuple = IMAGENET_MEAN, std
         geometric = [A.Resize(big, big), A.RandomCrop(size, size), A.HorizontalFlip(p=0.5),
                      A.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1, p=0.8),
                      A.Rotate(limit=15, p=0.5, **rotate)]
+    elif kind == "shift":
+        geometric = [A.Resize(size, size), A.HorizontalFlip(p=0.5),
+                     A.Affine(translate_percent=(-0.125, 0.125), rotate=(-10, 10), p=1.0, **rotate)]
     elif kind == "eval":
         geometric = [A.Resize(size, size)]
     else:
-        raise ValueError(f"kind must be 'seed', 'nir', 'grefel' or 'eval', not {kind!r}")
+        raise ValueError(f"kind must be 'seed', 'nir', 'grefel', 'shift' or 'eval', not {kind!r}")
     if erasing and kind != "eval":
         geometric.append(A.Erasing(p=erasing))
     tail = []

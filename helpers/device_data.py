@@ -23,7 +23,8 @@ import torch.nn.functional as F
 
 from .augment import FLIP_PERMUTATION_68, IMAGENET_MEAN, IMAGENET_STD
 
-RECIPES = ("seed", "nir", "grefel", "eval")
+RECIPES = ("seed", "nir", "grefel", "shift", "eval")
+LANDMARK_RECIPES = ("grefel", "shift")  # GReFEL's recipes: they move the landmarks with the images
 
 
 def _uniform(n: int, low: float, high: float, device) -> torch.Tensor:
@@ -136,14 +137,14 @@ class BatchAugment(torch.nn.Module):
     """A :func:`helpers.augment.build_transform` recipe on a batch of uint8 images, on their device.
 
     Args:
-        kind: ``"seed"``, ``"nir"`` or ``"eval"`` (resize and normalise only).
+        kind: ``"seed"``, ``"nir"``, ``"grefel"``, ``"shift"`` or ``"eval"`` (resize and normalise only).
         image_size: output side in pixels (input of another size is resized, bilinear).
         mean, std: per-channel normalisation; 1-channel images are repeated to 3 channels
             when ``mean`` has three entries (as ``A.ToRGB``).
         erasing: probability of random erasing (training recipes).
 
     Call with a (B, C, H, W) uint8 tensor; returns (B, 3 or C, S, S) float32, normalised. The
-    ``"grefel"`` recipe also takes the (B, 68, 2) landmarks (as the cache stores them, in [0, 1])
+    ``"grefel"`` and ``"shift"`` recipes also take the (B, 68, 2) landmarks (as the cache stores them, in [0, 1])
     and returns ``(images, landmarks)``: the landmarks follow every geometric transform, and a
     flip also swaps their left/right indices, as :class:`helpers.augment.KeypointCompose` does.
     """
@@ -162,10 +163,11 @@ class BatchAugment(torch.nn.Module):
         n, dev = x.shape[0], x.device
         if x.shape[-2:] != (self.size, self.size):
             x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False)
-        if self.kind == "grefel":
+        if self.kind in LANDMARK_RECIPES:
             if landmarks is None:
-                raise ValueError("the 'grefel' recipe moves landmarks: call it with (images, landmarks)")
-            x, points = self._grefel(x, _to_grid(landmarks.float(), self.size))
+                raise ValueError(f"the {self.kind!r} recipe moves landmarks: call it with (images, landmarks)")
+            recipe = self._grefel if self.kind == "grefel" else self._shift
+            x, points = recipe(x, _to_grid(landmarks.float(), self.size))
             return self._finish(x), _from_grid(points, self.size)
         if self.kind != "eval":
             flip = _chance(n, 0.5, dev)
@@ -223,6 +225,21 @@ class BatchAugment(torch.nn.Module):
         return _affine(x, _chance(n, 0.5, dev), degrees=15, points=points)
 
     @staticmethod
+    def _flip(x: torch.Tensor, points: torch.Tensor, flip: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mirror the chosen samples and their landmarks (indices swapped left <-> right)."""
+        x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        mirrored = points[:, torch.as_tensor(FLIP_PERMUTATION_68, device=x.device)] * torch.tensor([-1.0, 1.0],
+                                                                                                  device=x.device)
+        return x, torch.where(flip[:, None, None], mirrored, points)
+
+    def _shift(self, x: torch.Tensor, points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Flip p .5 (landmark indices mirrored), then shift U(-1/8, 1/8) of the side and rotate
+        U(-10, 10) deg, always, about the centre; no zoom."""
+        x, points = self._flip(x, points, _chance(x.shape[0], 0.5, x.device))
+        return _affine(x, torch.ones(x.shape[0], dtype=torch.bool, device=x.device), degrees=10, translate=0.125,
+                       points=points)
+
+    @staticmethod
     def _brightness_contrast(x: torch.Tensor, p: float, limit: float = 0.3) -> torch.Tensor:
         """``x * alpha + beta * 255``, alpha = 1 + U(-limit, limit), beta = U(-limit, limit), clipped (albumentations)."""
         n, dev = x.shape[0], x.device
@@ -249,9 +266,9 @@ def use_device_data(setting, device, dataset, recipe: str, memory_share: float =
         reasons.append("torchrun shards batches with a DistributedSampler (one process only for now)")
     if getattr(dataset, "_images", None) is None:
         reasons.append("the dataset is not held in memory")
-    elif recipe in RECIPES and bool(dataset.landmarks) != (recipe == "grefel"):
-        reasons.append("landmarks go with the 'grefel' recipe only" if dataset.landmarks
-                       else "the 'grefel' recipe needs the landmarks")
+    elif recipe in RECIPES and bool(dataset.landmarks) != (recipe in LANDMARK_RECIPES):
+        reasons.append(f"landmarks go with the {LANDMARK_RECIPES} recipes only" if dataset.landmarks
+                       else f"the {recipe!r} recipe needs the landmarks")
     if setting is True and reasons:
         raise ValueError(f"data_on_device=True cannot work here: {'; '.join(reasons)}")
     if setting is True:
@@ -280,7 +297,7 @@ class DeviceBatches:
 
     Args:
         dataset: an ``H5Dataset`` with ``in_memory=True``; with ``landmarks=True`` batches are
-            ``(images, landmarks, y)`` (the ``"grefel"`` recipe moves them), with
+            ``(images, landmarks, y)`` (the ``"grefel"`` and ``"shift"`` recipes move them), with
             ``soft_labels=True`` ``y`` is the vote distribution, as the dataset gives them.
         augment: a :class:`BatchAugment`.
         batch_size, drop_last: as for a DataLoader.
@@ -292,9 +309,9 @@ class DeviceBatches:
     def __init__(self, dataset, augment: BatchAugment, batch_size: int, drop_last: bool, device):
         if getattr(dataset, "_images", None) is None:
             raise ValueError("DeviceBatches needs an H5Dataset built with in_memory=True")
-        if bool(dataset.landmarks) != (augment.kind == "grefel"):
+        if bool(dataset.landmarks) != (augment.kind in LANDMARK_RECIPES):
             raise ValueError(f"the {augment.kind!r} recipe with landmarks={dataset.landmarks}: landmarks go with "
-                             "the 'grefel' recipe, and it needs them")
+                             f"the {LANDMARK_RECIPES} recipes, and they need them")
         self.dataset, self.batch_size, self.drop_last = dataset, int(batch_size), drop_last
         self.device = torch.device(device)
         self.images = torch.from_numpy(np.ascontiguousarray(dataset._images)).permute(0, 3, 1, 2).to(self.device)

@@ -59,11 +59,13 @@ def face_landmarks(face):
     return points / face.shape[0]
 
 
-def test_batched_grefel_recipe_matches_albumentations_for_images_and_landmarks(face, face_landmarks):
-    """GReFEL's recipe (resize and random crop, flip with mirrored landmark indices, colour jitter, rotation,
-    erasing) in batches against the albumentations KeypointCompose: images and landmarks alike."""
+@pytest.mark.parametrize("recipe", ["grefel", "shift"])
+def test_batched_landmark_recipes_match_albumentations_for_images_and_landmarks(face, face_landmarks, recipe):
+    """GReFEL's recipes ("grefel": resize and random crop, flip with mirrored landmark indices, colour jitter,
+    rotation; "shift": flip, shift and rotation) with erasing, in batches against the albumentations
+    KeypointCompose: images and landmarks alike."""
     size = face.shape[0]
-    t = H.build_transform("grefel", size, (0.5,) * 3, (0.5,) * 3, channels=1, keypoints=True, erasing=0.25)
+    t = H.build_transform(recipe, size, (0.5,) * 3, (0.5,) * 3, channels=1, keypoints=True, erasing=0.25)
     t.compose.set_random_seed(0)
     outs = [t(image=face[..., None], keypoints=face_landmarks * size) for _ in range(N)]
     cpu = torch.stack([o["image"] for o in outs])
@@ -71,7 +73,7 @@ def test_batched_grefel_recipe_matches_albumentations_for_images_and_landmarks(f
     torch.manual_seed(0)
     batch = torch.from_numpy(face[None, None]).expand(N, 1, -1, -1).contiguous()
     lm = torch.as_tensor(face_landmarks, dtype=torch.float32).expand(N, -1, -1)
-    dev, dev_lm = H.BatchAugment("grefel", size, (0.5,) * 3, (0.5,) * 3, erasing=0.25)(batch, lm)
+    dev, dev_lm = H.BatchAugment(recipe, size, (0.5,) * 3, (0.5,) * 3, erasing=0.25)(batch, lm)
     assert dev.shape == cpu.shape == (N, 3, size, size) and dev_lm.shape == cpu_lm.shape == (N, 68, 2)
     assert (cpu.mean(0) - dev.mean(0)).abs().mean() < 0.05
     assert dev.std(0).mean().item() == pytest.approx(cpu.std(0).mean().item(), rel=0.05)
@@ -85,13 +87,14 @@ def test_batched_grefel_recipe_matches_albumentations_for_images_and_landmarks(f
         assert (points[:, 36, 0] < points[:, 45, 0]).all()
 
 
-def test_batched_grefel_landmarks_follow_the_image(face_landmarks):
+@pytest.mark.parametrize("recipe", ["grefel", "shift"])
+def test_batched_landmarks_follow_the_image(face_landmarks, recipe):
     """A bright 3x3 dot drawn at each of a few landmarks ends up where the returned landmarks say."""
     size, pick = 64, [30, 36, 45, 48, 54]  # inner points: the zoom of the crop can push the jaw out
     img = torch.zeros(1, 1, size, size, dtype=torch.uint8)
     pts = torch.as_tensor(face_landmarks, dtype=torch.float32)
     torch.manual_seed(1)
-    aug = H.BatchAugment("grefel", size, (0.0,), (1.0,))
+    aug = H.BatchAugment(recipe, size, (0.0,), (1.0,))
     for i in pick:
         one = img.clone()
         x, y = (pts[i] * size).round().long()

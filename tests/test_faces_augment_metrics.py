@@ -98,7 +98,7 @@ def test_landmarks_follow_flip_with_index_swap():
     np.testing.assert_allclose(none["keypoints"], pts)
 
 
-@pytest.mark.parametrize("kind", ["seed", "grefel", "eval"])
+@pytest.mark.parametrize("kind", ["seed", "grefel", "shift", "eval"])
 def test_transforms_output_normalised_tensors(kind):
     img = np.random.default_rng(0).integers(0, 255, (48, 48, 1), dtype=np.uint8)
     x = H.build_transform(kind, 32, channels=1)(image=img)["image"]

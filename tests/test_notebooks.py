@@ -185,8 +185,12 @@ def test_grefel_notebook_on_generated_demo(tmp_path):
 
 def test_grefel_notebook_on_whole_frames_without_votes_or_splits(demo_kmu_zip, tmp_path):
     """Any labelled dataset, not only FER+: KMU-FED-style whole frames in class folders get their faces
-    detected, then landmarks; one stratified random split; soft labels (FER+'s votes) are refused."""
-    r = _run("GReFEL", tmp_path, data_path=str(demo_kmu_zip), video_frames=5)
+    detected, then landmarks; one stratified random split; soft labels (FER+'s votes) are refused. Trained
+    with the "shift" recipe (an unknown one stops before the data work)."""
+    with pytest.raises(Exception, match="augment must be 'grefel' or 'shift', not 'heavy'"):
+        _run("GReFEL", tmp_path / "bad", data_path=str(demo_kmu_zip), augment="heavy")
+    r = _run("GReFEL", tmp_path, data_path=str(demo_kmu_zip), video_frames=5, augment="shift")
+    assert r["config"]["augment"] == "shift"
     d = r["dataset"]
     assert d["ferplus"] is False and d["face_detection"] is True and d["name"] == demo_kmu_zip.name.split(".")[0]
     classes = ["angry", "disgust", "fear", "happy", "sad", "surprise"]
