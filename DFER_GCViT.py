@@ -97,6 +97,7 @@ early_stopping = None          # epochs without val improvement before stopping 
 num_workers = None             # DataLoader worker processes (per training process)
 data_on_device = None          # "auto" (CUDA: the training split on the GPU, augmented there in batches) | True | False
 torch_compile = None           # torch.compile the training step: "auto" (CUDA only) | True | False
+channels_last = None           # train in channels-last (NHWC) memory order, for convolutions on CUDA: True | False
 nproc = None                   # int: train on this many local processes (GPUs) with torchrun | None: in this kernel
 # evaluate
 cross_data_path = None         # other archive(s) to test the fold models on (e.g. CK+48.zip), one or a list | None
@@ -116,7 +117,7 @@ COMMON = dict(export=True, video_source=None, video_frames=None, ema=0.6, channe
               max_folds=None, nproc=None, allow_random_init=False, finetune="full", frozen_stages=0, dropout=0.3,
               label_smoothing=0.0, class_weighted=False, clip_grad=1.0, amp="auto", early_stopping=None,
               pretrain_data_path=None, pretrain_epochs=8, pretrain_lr=3e-4, pretrain_augment=None, augment="seed", augment_erasing=0.0,
-              tta_flip=False, data_on_device="auto", torch_compile="auto",
+              tta_flip=False, data_on_device="auto", torch_compile="auto", channels_last=False,
               lr_scaling="none", lr_reference_batch=None)
 PROFILES = {
     # minutes on 2 CPU cores: a tiny subset, one fold, two epochs; checks the plumbing, not accuracy
@@ -151,7 +152,7 @@ config = H.resolve_config(profile, PROFILES, dict(
     num_epochs=num_epochs, batch_size=batch_size, lr=lr, lr_scaling=lr_scaling,
     lr_reference_batch=lr_reference_batch, weight_decay=weight_decay, warmup_epochs=warmup_epochs,
     label_smoothing=label_smoothing, class_weighted=class_weighted, clip_grad=clip_grad, amp=amp,
-    early_stopping=early_stopping, num_workers=num_workers, data_on_device=data_on_device, torch_compile=torch_compile, nproc=nproc, cross_data_path=cross_data_path, export=export,
+    early_stopping=early_stopping, num_workers=num_workers, data_on_device=data_on_device, torch_compile=torch_compile, channels_last=channels_last, nproc=nproc, cross_data_path=cross_data_path, export=export,
     video_source=video_source, video_frames=video_frames, ema=ema))
 # Fail here, not deep inside timm, if the model cannot take this input size or these weights.
 H.validate_gcvit_size(config["model_name"], config["image_size"], config["weights"])
@@ -336,7 +337,7 @@ print("train transform:", train_tf)
 H.require(globals(), config="Configuration", cache_attrs="Preprocess: face crops and the HDF5 cache",
           folds="Protocol: folds", weights_info="Model")
 run_key = H.config_fingerprint(config, exclude=("workdir", "max_folds", "nproc", "export", "video_source",
-                                                "video_frames", "ema", "cross_data_path", "tta_flip", "torch_compile"),
+                                                "video_frames", "ema", "cross_data_path", "tta_flip", "torch_compile", "channels_last"),
                                contents={"data": cache_attrs["fingerprint"], "weights": weights_info.get("sha256")})
 run_dir = out_dir / "runs" / f"{config['protocol']}_{config['model_name']}_{config['image_size']}px_{run_key}"
 spec_path = H.write_run_spec(run_dir / "run.json", config=config, cache_path=cache_path, class_names=class_names,
@@ -466,6 +467,7 @@ results = {
     "wall_time_s": {"train_per_fold": [r["wall_s"] for r in fold_runs], "train_total": sum(r["wall_s"] for r in fold_runs)},
     "training_data": fold_runs[0].get("training_data"),  # DataLoader or on the device (data_on_device), and why
     "compile": [r.get("compile") for r in fold_runs],  # torch.compile per fold: used, compile time, or why not
+    "channels_last": [r.get("channels_last") for r in fold_runs],
     "lr_effective": H.fold_lr(config),  # config lr scaled by lr_scaling from lr_reference_batch to the batch
     "dataset": {k: report.get(k) for k in ("layout", "num_images", "counts", "splits", "num_subjects", "duplicates",
                                            "skipped", "pre_cropped", "inferred_naming")},

@@ -92,6 +92,7 @@ amp = None                     # "auto" | "fp16" | "bf16" | "off"
 early_stopping = None          # epochs without val improvement | None: never
 num_workers = None             # DataLoader worker processes
 torch_compile = None           # torch.compile the training step: "auto" (CUDA only) | True | False
+channels_last = None           # train in channels-last (NHWC) memory order, for convolutions on CUDA: True | False
 data_on_device = None          # "auto" (CUDA: the training split on the GPU, augmented there in batches) | True | False
 # export
 video_source = None            # video file or camera index for the video demo | None: a clip of test images
@@ -108,6 +109,7 @@ COMMON = dict(video_source=None, video_frames=30, ema=0.6, max_per_split=None, v
               tta_flip=True,
               lambda_cls=1.0, lambda_anchor=1.0, lambda_center=1.0, anchor_margin=2.0, class_weighted=False,
               balanced_sampling=False, clip_grad=1.0, amp="auto", early_stopping=None, torch_compile="auto",
+              channels_last=False,
               data_on_device="auto", lr_scaling="none", lr_reference_batch=None)
 PROFILES = {
     # minutes on 2 CPU cores: 200 images per split, a tiny ResNet, two epochs; checks the plumbing
@@ -143,7 +145,8 @@ config = H.resolve_config(profile, PROFILES, dict(
     lr_reference_batch=lr_reference_batch, weight_decay=weight_decay, warmup_epochs=warmup_epochs,
     lambda_cls=lambda_cls, lambda_anchor=lambda_anchor, lambda_center=lambda_center, anchor_margin=anchor_margin,
     class_weighted=class_weighted, balanced_sampling=balanced_sampling, clip_grad=clip_grad, amp=amp,
-    early_stopping=early_stopping, num_workers=num_workers, torch_compile=torch_compile, data_on_device=data_on_device, video_source=video_source, video_frames=video_frames,
+    early_stopping=early_stopping, num_workers=num_workers, torch_compile=torch_compile, channels_last=channels_last,
+    data_on_device=data_on_device, video_source=video_source, video_frames=video_frames,
     ema=ema))
 # fail here, before the data work, on an unknown recipe or backbone, or a pyramid the input size cannot give
 if config["augment"] not in ("grefel", "shift"):
@@ -615,7 +618,7 @@ backbone_info = model.features.backbone_info  # stages, channels, weights source
 print(f"GReFEL ({config['components']}) {param_counts['total']:,} parameters; train {len(idx['train'])}, val {len(idx['val'])}, "
       f"test {len(idx['test'])}; device {device}")
 revision = MODEL_REVISION[config["components"]]
-run_key = H.config_fingerprint(config, exclude=("workdir", "video_source", "video_frames", "ema", "tta_flip", "torch_compile",
+run_key = H.config_fingerprint(config, exclude=("workdir", "video_source", "video_frames", "ema", "tta_flip", "torch_compile", "channels_last",
                                         "data_on_device"),
                                contents={"data": cache_attrs["fingerprint"],  # new data or weights: a new run
                                          "weights": backbone_info.get("sha256"),
@@ -628,6 +631,7 @@ run = H.fit(model, train_loader, val_loader, run_dir, num_epochs=config["num_epo
             weight_decay=config["weight_decay"], device=device, loss_fn=loss_fn, seed=config["seed"],
             warmup_epochs=config["warmup_epochs"], clip_grad=config["clip_grad"], amp=config["amp"],
             early_stopping=config["early_stopping"], config=config, torch_compile=config["torch_compile"],
+            channels_last=config["channels_last"],
             extra_state={"class_names": class_names, "preprocess": cache_attrs["preprocess"], "norm": norm},
             run_key=run_key)
 H.plot_training_curves(run["history"], save_path=run_dir / "training_curve.png");
@@ -812,6 +816,7 @@ results = {
               "parameters": param_counts, "best": run["best"], "epochs_run": run["epochs_run"]},
     "wall_time_s": {"train": run["wall_s"]},
     "compile": run["compile"],  # torch.compile: used, its compile time, or why not
+    "channels_last": run["channels_last"],
     "lr_effective": lr,  # config lr scaled by lr_scaling from lr_reference_batch to batch_size
     "training_data": training_data,  # DataLoader or on the device (data_on_device), and why
     "landmarks": {"detector": "dlib shape_predictor_68_face_landmarks (fixed box on the crop)",

@@ -48,13 +48,19 @@ def step_flops(model, x, y, loss_fn) -> float:
     return float(counter.get_total_flops())
 
 
-def measure(args, path: str, compiled: bool, cache: Path, classes: list[str], device) -> dict:
+def measure(args, path: str, compiled: bool, nhwc: bool, cache: Path, classes: list[str], device) -> dict:
     config = {"model_name": args.model, "image_size": args.size, "channels": 1, "weights": "none", "dropout": 0.1,
               "allow_random_init": False, "finetune": "full", "frozen_stages": 0, "augment": args.augment,
               "augment_erasing": 0.25}
     torch.manual_seed(0)
     model, _, _ = H.build_classifier(config, classes)
     model = model.to(device)
+    with H.channels_last_layout(model, nhwc):  # as fit lays it out (a no-op when off)
+        return _measure(args, path, compiled, nhwc, config, model, cache, device)
+
+
+def _measure(args, path: str, compiled: bool, nhwc: bool, config: dict, model, cache: Path, device) -> dict:
+    """One row of the table for a built model (see :func:`measure`)."""
     norm = model.data_config()
     ds = H.H5Dataset(cache, in_memory=True)
     if path == "device":
@@ -116,7 +122,7 @@ def measure(args, path: str, compiled: bool, cache: Path, classes: list[str], de
     x, y = next(it)
     flops = step_flops(model, x.to(device), y.to(device), loss_fn)
     ips = args.steps * args.batch / wall
-    return {"path": path, "compiled": compile_info["used"], "compile_s": compile_info["compile_s"],
+    return {"path": path, "compiled": compile_info["used"], "channels_last": nhwc, "compile_s": compile_info["compile_s"],
             "images_per_s": round(ips, 1),
             "step_ms": round(1000 * wall / args.steps, 1), "warmup_s": round(warmup_s, 1),
             "gpu_busy": None if busy is None else round(busy, 3),
@@ -138,6 +144,7 @@ def main(argv=None) -> int:
     ap.add_argument("--amp", default="auto")
     ap.add_argument("--paths", nargs="+", default=["loader", "device"], choices=("loader", "device"))
     ap.add_argument("--compile", action="store_true", help="also measure each path with torch.compile")
+    ap.add_argument("--channels-last", action="store_true", help="also measure each path in channels-last order")
     ap.add_argument("--peak-tflops", type=float, default=None, help="the device's peak, for the utilisation")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--json", default=None)
@@ -149,8 +156,9 @@ def main(argv=None) -> int:
         rows = []
         for p in args.paths:
             for c in ((False, True) if args.compile else (False,)):
-                rows.append(measure(args, p, c, cache, classes, device))
-                print(json.dumps(rows[-1]), flush=True)  # each row as it is measured: a killed run keeps them
+                for nhwc in ((False, True) if args.channels_last else (False,)):
+                    rows.append(measure(args, p, c, nhwc, cache, classes, device))
+                    print(json.dumps(rows[-1]), flush=True)  # each row as it is measured: a killed run keeps them
     print(f"{args.model} {args.size} px, batch {args.batch}, {args.augment} augmentation, amp {args.amp}, "
           f"{device} ({torch.cuda.get_device_name(0) if device.type == 'cuda' else f'{torch.get_num_threads()} threads'})")
     keys = list(rows[0])

@@ -137,7 +137,8 @@ def train_fold(spec: dict, fold: int, device, progress: bool = True) -> dict:
               weight_decay=config["weight_decay"], device=device, loss_fn=loss_fn, seed=config["seed"],
               warmup_epochs=config["warmup_epochs"], clip_grad=config["clip_grad"], amp=config["amp"],
               early_stopping=config["early_stopping"], config=config, run_key=spec["run_key"], progress=progress,
-              torch_compile=config.get("torch_compile", False), extra_state={"class_names": class_names, "preprocess": cache_attrs["preprocess"], "norm": norm})
+              torch_compile=config.get("torch_compile", False), channels_last=config.get("channels_last", False),
+              extra_state={"class_names": class_names, "preprocess": cache_attrs["preprocess"], "norm": norm})
     return {**run, "weights": weights_info, "parameters": counts, "norm": norm,
             "training_data": training_data}
 

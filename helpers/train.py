@@ -371,6 +371,32 @@ def _plain(obj):
 
 # ----------------------------------------------------------------------------- compile
 
+@contextlib.contextmanager
+def channels_last_layout(model: nn.Module, channels_last: bool):
+    """Within the block, ``model``'s 4-D weights are in channels-last (NHWC) memory order and its 4-D
+    float inputs are converted on the way in (a forward pre-hook, removed on exit; the weights keep
+    their layout, their values load anywhere). On CUDA with AMP, convolutions then run NHWC
+    tensor-core kernels without a transpose around each. A memory layout, not a transform: the
+    values computed are the same. Yields whether it is on.
+    """
+    if channels_last not in (True, False):
+        raise ValueError(f"channels_last must be True or False, not {channels_last!r}")
+    if not channels_last:
+        yield False
+        return
+
+    def to_nhwc(_module, args):
+        return tuple(a.contiguous(memory_format=torch.channels_last)
+                     if torch.is_tensor(a) and a.ndim == 4 and a.is_floating_point() else a for a in args)
+
+    model.to(memory_format=torch.channels_last)
+    hook = model.register_forward_pre_hook(to_nhwc)
+    try:
+        yield True
+    finally:
+        hook.remove()
+
+
 def compile_for_training(model: nn.Module, torch_compile: bool | str, loader, loss_fn: Callable, device, amp_dtype=None,
                          progress: bool = True) -> tuple[nn.Module, dict]:
     """``torch.compile(model)``, compiled now on one training batch, or ``model`` with the reason.
@@ -430,7 +456,7 @@ def fit(model: nn.Module, train_loader, val_loader, out_dir: str | Path, *, num_
         early_stopping: int | None = None, resume: bool = True, config: dict | None = None,
         extra_state: dict | None = None, on_epoch_end: Callable[[dict], None] | None = None,
         run_key: str | None = None, progress: bool = True, find_unused_parameters: bool = False,
-        torch_compile: bool | str = False) -> dict:
+        torch_compile: bool | str = False, channels_last: bool = False) -> dict:
     """Train with checkpoints, history, early stopping and resume.
 
     Args:
@@ -461,6 +487,8 @@ def fit(model: nn.Module, train_loader, val_loader, out_dir: str | Path, *, num_
         torch_compile: ``torch.compile`` the training step: ``"auto"`` (CUDA only), ``True`` or ``False``
             (see :func:`compile_for_training`; evaluation stays eager; checkpoints hold the plain
             module's weights either way).
+        channels_last: train and validate in channels-last memory order (see
+            :func:`channels_last_layout`), recorded.
 
     Under torchrun the model is wrapped in DistributedDataParallel here, every rank runs the
     same epochs on its share of the data, validation figures are those of the whole
@@ -469,7 +497,7 @@ def fit(model: nn.Module, train_loader, val_loader, out_dir: str | Path, *, num_
 
     Returns:
         ``{"history": [...], "best": {...}, "best_path", "last_path", "epochs_run", "stopped_early",
-        "wall_s", "world_size", "compile"}``.
+        "wall_s", "world_size", "compile", "channels_last"}``.
     """
     out_dir = Path(out_dir)
     device = torch.device(device)
@@ -477,7 +505,7 @@ def fit(model: nn.Module, train_loader, val_loader, out_dir: str | Path, *, num_
     # one process trains a run folder at a time: a second run with the same settings waits, then resumes
     # (finds it finished); under torchrun the ranks of one job share it
     lock = output_lock(out_dir, "training") if not distributed.is_distributed() else contextlib.nullcontext()
-    with lock:
+    with lock, channels_last_layout(model, channels_last) as nhwc:
         rank, world = distributed.get_rank(), distributed.get_world_size()
         main = rank == 0
         progress = progress and main
@@ -575,4 +603,4 @@ def fit(model: nn.Module, train_loader, val_loader, out_dir: str | Path, *, num_
         distributed.barrier()  # the other ranks may read best_model.pth next
         return {"history": history, "best": best, "best_path": best_path, "last_path": last_path,
                 "epochs_run": len(history), "stopped_early": stopped, "wall_s": time.time() - t0, "world_size": world,
-                "compile": compile_info}
+                "compile": compile_info, "channels_last": nhwc}

@@ -82,7 +82,7 @@ def check_dfer_results(r, out, weights="none"):
 
 def test_dfer_notebook_on_generated_demo(tmp_path):
     r = _run("DFER_GCViT", tmp_path)
-    assert r["data"] == "generated demo"
+    assert r["data"] == "generated demo" and set(r["channels_last"]) == {False}
     check_dfer_results(r, tmp_path / "DFER_GCViT")
     assert r["face_detection"]["frames"] == r["cache"]["report"]["num_source"] > 0
     with h5py.File(r["cache"]["path"]) as f:
@@ -174,9 +174,10 @@ def check_grefel_results(r, out):
 def test_grefel_notebook_on_generated_demo(tmp_path):
     """The demo FER+ trained on its vote distributions, from the GPU data path (asked for: on a CPU here;
     the batched recipe moves the landmarks and the soft targets come along), at another batch size with
-    a learning-rate rule."""
-    r = _run("GReFEL", tmp_path, soft_labels=True, data_on_device=True, batch_size=16, lr_scaling="linear")
-    assert r["data"] == "generated demo"
+    a learning-rate rule, in channels-last order."""
+    r = _run("GReFEL", tmp_path, soft_labels=True, data_on_device=True, batch_size=16, lr_scaling="linear",
+             channels_last=True)
+    assert r["data"] == "generated demo" and r["channels_last"] is True
     assert r["training_data"] == {"on_device": True, "why": "data_on_device=True"}
     # half the profile's batch (32), linear rule: half its lr (1e-3), recorded
     assert r["config"]["lr_reference_batch"] == 32 and r["lr_effective"] == pytest.approx(5e-4)

@@ -414,6 +414,41 @@ def test_torch_compile_auto_is_off_on_cpu_and_a_failed_compile_trains_eagerly_sa
         _fit(cache, classes, tmp_path / "bad", num_epochs=1, torch_compile="yes")
 
 
+def test_channels_last_trains_the_same_weights_in_nhwc_and_leaves_no_hook(demo_cache, tmp_path):
+    """channels_last=True: the convolution sees NHWC inputs during training and validation, the weights
+    come out as with NCHW (a layout, not a transform), the run records it and the input hook is gone."""
+    cache, classes = demo_cache
+    seen = []
+
+    def train(out, channels_last):
+        torch.manual_seed(0)
+        model = TinyNet(len(classes))
+        # a bias before BatchNorm has rounding noise for a gradient, which AdamW turns into full steps
+        model.body[0].register_parameter("bias", None)
+        model.body[0].register_forward_pre_hook(
+            lambda m, args: seen.append(args[0].is_contiguous(memory_format=torch.channels_last)))
+        train, val = _loaders(cache)
+        run = H.fit(model, train, val, out, num_epochs=1, lr=1e-2, weight_decay=1e-4, device="cpu", seed=7,
+                    progress=False, warmup_epochs=0.5, channels_last=channels_last)
+        return model, run
+
+    plain, ref = train(tmp_path / "nchw", False)
+    assert seen and not any(seen)
+    seen.clear()
+    model, run = train(tmp_path / "nhwc", True)
+    assert run["channels_last"] is True and ref["channels_last"] is False
+    assert seen and all(seen)
+    assert model.body[0].weight.is_contiguous(memory_format=torch.channels_last)
+    for (name, a), b in zip(plain.state_dict().items(), model.state_dict().values()):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4, msg=name)
+    assert not model._forward_pre_hooks  # after fit, inputs are left as they come
+    seen.clear()
+    model(torch.zeros(2, 3, 32, 32))
+    assert seen == [False]
+    with pytest.raises(ValueError, match="channels_last must be True or False"):
+        _fit(cache, classes, tmp_path / "bad", num_epochs=1, channels_last="auto")
+
+
 def test_learning_rate_rules_for_other_batch_sizes():
     assert H.scaled_lr(1e-3, 128, 32, "none") == 1e-3
     assert H.scaled_lr(1e-3, 128, 32, "sqrt") == pytest.approx(2e-3)
