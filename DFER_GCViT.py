@@ -92,7 +92,7 @@ warmup_epochs = None           # linear warm-up, epochs
 label_smoothing = None         # cross-entropy label smoothing
 class_weighted = None          # True: inverse-frequency class weights in the loss
 clip_grad = None               # max gradient norm | None: off
-amp = None                     # "auto" (bf16/fp16 on CUDA, off on CPU/MPS) | "fp16" | "bf16" | "off"
+amp = None                     # "auto" (bf16/fp16 on CUDA, off on CPU/MPS) | "fp16" | "bf16" | "off" (cpu profile: H.cpu_amp())
 early_stopping = None          # epochs without val improvement before stopping | None: never
 num_workers = None             # DataLoader worker processes (per training process)
 data_on_device = None          # "auto" (CUDA: the training split on the GPU, augmented there in batches) | True | False
@@ -130,7 +130,8 @@ PROFILES = {
     "cpu": {**COMMON, "image_size": 64, "protocol": "subject", "num_folds": 4, "val_fraction": 0.2,
             "model_name": "gcvit_xxtiny",
             "weights": "none", "num_epochs": 25, "batch_size": 32, "lr": 1e-3, "weight_decay": 0.05,
-            "warmup_epochs": 2, "label_smoothing": 0.1, "num_workers": 2, "pretrain_data_path": "auto"},
+            "warmup_epochs": 2, "label_smoothing": 0.1, "num_workers": 2, "pretrain_data_path": "auto",
+            "amp": H.cpu_amp()},  # bf16 where this CPU has it natively (1.6x here), else fp32
     "gpu": {**COMMON, "image_size": 224, "protocol": "subject", "num_folds": 6, "val_fraction": 0.2,
             "model_name": "gcvit_tiny",
             "weights": "hub", "num_epochs": 50, "batch_size": 32, "lr": 1e-4, "weight_decay": 1e-4,

@@ -88,7 +88,7 @@ anchor_margin = None           # separation margin of anchors of different class
 class_weighted = None          # True: inverse-frequency class weights in the NLL
 balanced_sampling = None       # True: class-balanced sampling of training batches
 clip_grad = None               # max gradient norm | None: off
-amp = None                     # "auto" | "fp16" | "bf16" | "off"
+amp = None                     # "auto" (bf16/fp16 on CUDA, off on CPU/MPS) | "fp16" | "bf16" | "off" (cpu profile: H.cpu_amp())
 early_stopping = None          # epochs without val improvement | None: never
 num_workers = None             # DataLoader worker processes
 torch_compile = None           # torch.compile the training step: "auto" (CUDA only) | True | False
@@ -122,7 +122,8 @@ PROFILES = {
     # at 96 px (FER2013Valid 69.7% vs 68.3%); 96-d tokens keep an epoch near 4 minutes
     "cpu": {**COMMON, "image_size": 64, "backbone": "resnet18", "weights": "none", "embed_dim": 96, "num_heads": 4,
             "depth": 2, "patch_sizes": [16, 8, 4], "window": 4, "num_anchors_per_class": 5, "num_epochs": 24,
-            "batch_size": 128, "lr": 2e-3, "weight_decay": 0.05, "warmup_epochs": 1, "num_workers": 2},
+            "batch_size": 128, "lr": 2e-3, "weight_decay": 0.05, "warmup_epochs": 1, "num_workers": 2,
+            "amp": H.cpu_amp()},  # bf16 where this CPU has it natively (1.7x here), else fp32
     # one GPU: ImageNet ResNet-18 at 112 px, the seed's 28/14/7 pyramid
     "gpu": {**COMMON, "image_size": 112, "backbone": "resnet18", "weights": "hub", "embed_dim": 384, "num_heads": 6,
             "depth": 4, "patch_sizes": [28, 14, 7], "window": 7, "num_anchors_per_class": 10, "num_epochs": 60,

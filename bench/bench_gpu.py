@@ -48,7 +48,7 @@ def step_flops(model, x, y, loss_fn) -> float:
     return float(counter.get_total_flops())
 
 
-def measure(args, path: str, compiled: bool, nhwc: bool, cache: Path, classes: list[str], device) -> dict:
+def measure(args, path: str, compiled: bool, nhwc: bool, amp: str, cache: Path, classes: list[str], device) -> dict:
     config = {"model_name": args.model, "image_size": args.size, "channels": 1, "weights": "none", "dropout": 0.1,
               "allow_random_init": False, "finetune": "full", "frozen_stages": 0, "augment": args.augment,
               "augment_erasing": 0.25}
@@ -56,10 +56,11 @@ def measure(args, path: str, compiled: bool, nhwc: bool, cache: Path, classes: l
     model, _, _ = H.build_classifier(config, classes)
     model = model.to(device)
     with H.channels_last_layout(model, nhwc):  # as fit lays it out (a no-op when off)
-        return _measure(args, path, compiled, nhwc, config, model, cache, device)
+        return _measure(args, path, compiled, nhwc, amp, config, model, cache, device)
 
 
-def _measure(args, path: str, compiled: bool, nhwc: bool, config: dict, model, cache: Path, device) -> dict:
+def _measure(args, path: str, compiled: bool, nhwc: bool, amp: str, config: dict, model, cache: Path,
+             device) -> dict:
     """One row of the table for a built model (see :func:`measure`)."""
     norm = model.data_config()
     ds = H.H5Dataset(cache, in_memory=True)
@@ -72,7 +73,7 @@ def _measure(args, path: str, compiled: bool, nhwc: bool, config: dict, model, c
         loader = H.make_loader(ds, args.batch, shuffle=True, num_workers=args.workers, device=device, drop_last=True)
     loss_fn = H.cross_entropy_loss(0.1)
     optimizer = H.build_optimizer(model, 1e-4, 0.05)
-    amp_dtype = H.resolve_amp(args.amp, device)
+    amp_dtype = H.resolve_amp(amp, device)
     dev_type = torch.device(device).type
 
     def batches():
@@ -122,7 +123,7 @@ def _measure(args, path: str, compiled: bool, nhwc: bool, config: dict, model, c
     x, y = next(it)
     flops = step_flops(model, x.to(device), y.to(device), loss_fn)
     ips = args.steps * args.batch / wall
-    return {"path": path, "compiled": compile_info["used"], "channels_last": nhwc, "compile_s": compile_info["compile_s"],
+    return {"path": path, "amp": amp, "compiled": compile_info["used"], "channels_last": nhwc, "compile_s": compile_info["compile_s"],
             "images_per_s": round(ips, 1),
             "step_ms": round(1000 * wall / args.steps, 1), "warmup_s": round(warmup_s, 1),
             "gpu_busy": None if busy is None else round(busy, 3),
@@ -141,7 +142,7 @@ def main(argv=None) -> int:
     ap.add_argument("--images", type=int, default=1024, help="size of the generated training split")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--augment", default="nir", choices=("seed", "nir"))
-    ap.add_argument("--amp", default="auto")
+    ap.add_argument("--amp", nargs="+", default=["auto"], help="one row per setting, e.g. --amp off bf16")
     ap.add_argument("--paths", nargs="+", default=["loader", "device"], choices=("loader", "device"))
     ap.add_argument("--compile", action="store_true", help="also measure each path with torch.compile")
     ap.add_argument("--channels-last", action="store_true", help="also measure each path in channels-last order")
@@ -157,9 +158,10 @@ def main(argv=None) -> int:
         for p in args.paths:
             for c in ((False, True) if args.compile else (False,)):
                 for nhwc in ((False, True) if args.channels_last else (False,)):
-                    rows.append(measure(args, p, c, nhwc, cache, classes, device))
-                    print(json.dumps(rows[-1]), flush=True)  # each row as it is measured: a killed run keeps them
-    print(f"{args.model} {args.size} px, batch {args.batch}, {args.augment} augmentation, amp {args.amp}, "
+                    for amp in args.amp:
+                        rows.append(measure(args, p, c, nhwc, amp, cache, classes, device))
+                        print(json.dumps(rows[-1]), flush=True)  # each row as measured: a killed run keeps them
+    print(f"{args.model} {args.size} px, batch {args.batch}, {args.augment} augmentation, amp {' / '.join(args.amp)}, "
           f"{device} ({torch.cuda.get_device_name(0) if device.type == 'cuda' else f'{torch.get_num_threads()} threads'})")
     keys = list(rows[0])
     print(" | ".join(keys))

@@ -171,6 +171,16 @@ def test_amp_selection_and_bf16_on_cpu(demo_cache, tmp_path):
     assert np.isfinite(run["history"][0]["train_loss"])
 
 
+def test_cpu_amp_is_bf16_only_where_the_cpu_computes_it_natively(monkeypatch):
+    for avx512_bf16, amx, expected in ((True, False, "bf16"), (False, True, "bf16"), (False, False, "off")):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v, raising=False)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v, raising=False)
+        assert H.cpu_amp() == expected
+    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported")  # a torch without the probe: fp32
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")
+    assert H.cpu_amp() == "off"
+
+
 def _lr_trace(steps=40, **kw):
     opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
     sched = H.build_scheduler(opt, num_epochs=4, steps_per_epoch=10, **kw)
