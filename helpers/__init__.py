@@ -45,7 +45,8 @@ from .train import (build_optimizer, build_scheduler, channels_last_layout, clas
                     compile_for_training, cpu_amp, cross_entropy_loss, evaluate, fit, scaled_lr,
                     load_checkpoint, make_loader, output_probs, resolve_amp, save_checkpoint, seed_everything,
                     train_one_epoch)
-from .metrics import compute_metrics, expected_calibration_error, fit_temperature, fold_summary, sequence_metrics
+from .metrics import (adjust_logits, class_log_prior, compute_metrics, expected_calibration_error, fit_logit_adjustment,
+                      fit_temperature, fold_summary, sequence_metrics)
 from .plots import (plot_class_distribution, plot_confidence_histograms, plot_confusion_matrix, plot_metric_summary,
                     plot_reliability_diagram, plot_sample_grid, plot_training_curves)
 from .export import (Backend, Predictor, ProbabilityModel, export_metadata, export_onnx, export_torchscript,
@@ -88,6 +89,7 @@ __all__ = [
     "ShardedBatchSampler",
     # metrics
     "compute_metrics", "fold_summary", "sequence_metrics", "expected_calibration_error", "fit_temperature",
+    "class_log_prior", "adjust_logits", "fit_logit_adjustment",
     # plots
     "plot_class_distribution", "plot_sample_grid", "plot_confusion_matrix", "plot_training_curves",
     "plot_metric_summary", "plot_reliability_diagram", "plot_confidence_histograms",

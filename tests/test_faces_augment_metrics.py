@@ -201,6 +201,36 @@ def test_temperature_scaling_recovers_a_known_temperature_and_lowers_ece():
     assert before > 0.1 and after < 0.02
 
 
+def test_logit_adjustment_by_hand():
+    assert np.exp(H.class_log_prior([0, 0, 0, 1], 3)) == pytest.approx([4 / 7, 2 / 7, 1 / 7])  # add-one smoothed
+    log_p = np.log([[0.7, 0.3], [0.95, 0.05]])
+    prior = np.log([0.9, 0.1])
+    np.testing.assert_allclose(H.adjust_logits(log_p, prior, 0.0), log_p, atol=1e-12)
+    # tau 1: p / prior renormalised: [0.7 / 0.9, 0.3 / 0.1] -> [0.2059, 0.7941]; [0.95 / 0.9, 0.05 / 0.1] -> [0.6786, 0.3214]
+    np.testing.assert_allclose(np.exp(H.adjust_logits(log_p, prior, 1.0)),
+                               [[7 / 9 / (7 / 9 + 3), 3 / (7 / 9 + 3)], [19 / 18 / (19 / 18 + 0.5), 0.5 / (19 / 18 + 0.5)]])
+
+
+def test_logit_adjustment_recovers_a_never_predicted_rare_class_on_validation():
+    """Two 1-D Gaussian classes, 95% / 5%: the exact posterior never favours the rare class in
+    this range, so it is never predicted; subtracting tau x log prior with tau near 1 (the
+    balanced rule) makes it predicted, raises macro F1, and the chosen tau is in the grid."""
+    rng = np.random.default_rng(0)
+    y = (rng.random(20000) < 0.05).astype(int)
+    x = rng.normal(np.where(y == 1, 1.0, -1.0), 1.5)
+    log_prior = np.log([0.95, 0.05])
+    log_lik = np.stack([-(x + 1) ** 2, -(x - 1) ** 2], 1) / (2 * 1.5 ** 2)
+    log_post = log_lik + log_prior
+    log_post -= np.log(np.exp(log_post).sum(1, keepdims=True))
+    fit = H.fit_logit_adjustment(log_post, y, log_prior)
+    grid = {g["tau"]: g for g in fit["grid"]}
+    assert grid[0.0]["f1_macro"] < 0.55 and np.mean(log_post.argmax(1) == 1) < 0.01  # rare class hardly predicted
+    assert 0.3 <= fit["tau"] <= 1.2 and fit["val_f1_macro"] > grid[0.0]["f1_macro"] + 0.05
+    assert fit["val_f1_macro"] == max(g["f1_macro"] for g in fit["grid"])
+    # a uniform prior changes nothing: every tau ties, and the smallest (no change) is kept
+    assert H.fit_logit_adjustment(log_post, y, np.log([0.5, 0.5]))["tau"] == 0.0
+
+
 def test_expected_calibration_error_by_hand():
     probs = np.array([[0.9, 0.1], [0.8, 0.2], [0.3, 0.7], [0.6, 0.4]])
     y = np.array([0, 1, 1, 0])
