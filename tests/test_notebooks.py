@@ -152,6 +152,12 @@ def check_grefel_results(r, out):
     # temperature scaling changes confidences, never the predicted class (fitted by value in test_faces_augment_metrics)
     assert m["temperature"] > 0 and m["test"]["accuracy"] == m["test_uncalibrated"]["accuracy"]
     assert m["test"]["confusion_matrix"] == m["test_uncalibrated"]["confusion_matrix"]
+    # logit adjustment: tau chosen on validation from the grid; at tau = 0 it would be the headline itself
+    la = m["logit_adjusted"]
+    assert la["tau"] in [g["tau"] for g in la["grid"]] and la["val_f1_macro"] == max(g["f1_macro"] for g in la["grid"])
+    assert la["test"]["num_samples"] == m["test"]["num_samples"] and sum(la["train_prior"]) == pytest.approx(1)
+    if la["tau"] == 0:
+        assert la["test"]["confusion_matrix"] == m["test"]["confusion_matrix"]
     assert r["landmarks"]["ok"] + r["landmarks"]["failed"] == r["cache"]["report"]["num_cached"]
     best = torch.load(out / "best_model.pth", weights_only=True)
     assert best["temperature"] == m["temperature"] and best["class_names"] == list(H.FERPLUS_CLASSES)
