@@ -81,7 +81,8 @@ label_smoothing = None         # in [0, 1): smoothing of the NLL targets
 augment = None                 # "grefel" (seed README: zoom-crop, flip, colour jitter, rotation) | "shift" (flip, shift, rotation; no zoom)
 augment_erasing = None         # probability of random erasing (occlusions: hands, glasses) in training
 tta_flip = None                # True: average the test prediction of each image and its mirror image
-lambda_cls = None              # weight of the classification NLL
+lambda_cls = None              # weight of the classification NLL (of the final, reliability-balanced output)
+lambda_plain = None            # weight of an extra NLL of the plain classifier output p (0: off, as ARBEx)
 lambda_anchor = None           # weight of the anchor separation loss
 lambda_center = None           # weight of the centre loss
 anchor_margin = None           # separation margin of anchors of different classes (embedding units)
@@ -107,7 +108,7 @@ COMMON = dict(video_source=None, video_frames=30, ema=0.6, max_per_split=None, v
               label_pattern=None, labels_csv=None, dropout=0.1,
               backbone_args=None, components="full", label_smoothing=0.1, augment="grefel", augment_erasing=0.25,
               tta_flip=True,
-              lambda_cls=1.0, lambda_anchor=1.0, lambda_center=1.0, anchor_margin=2.0, class_weighted=False,
+              lambda_cls=1.0, lambda_plain=0.0, lambda_anchor=1.0, lambda_center=1.0, anchor_margin=2.0, class_weighted=False,
               balanced_sampling=False, clip_grad=1.0, amp="auto", early_stopping=None, torch_compile="auto",
               channels_last=False,
               data_on_device="auto", lr_scaling="none", lr_reference_batch=None)
@@ -144,7 +145,7 @@ config = H.resolve_config(profile, PROFILES, dict(
     patch_sizes=patch_sizes, window=window, num_anchors_per_class=num_anchors_per_class, dropout=dropout,
     num_epochs=num_epochs, batch_size=batch_size, lr=lr, lr_scaling=lr_scaling,
     lr_reference_batch=lr_reference_batch, weight_decay=weight_decay, warmup_epochs=warmup_epochs,
-    lambda_cls=lambda_cls, lambda_anchor=lambda_anchor, lambda_center=lambda_center, anchor_margin=anchor_margin,
+    lambda_cls=lambda_cls, lambda_plain=lambda_plain, lambda_anchor=lambda_anchor, lambda_center=lambda_center, anchor_margin=anchor_margin,
     class_weighted=class_weighted, balanced_sampling=balanced_sampling, clip_grad=clip_grad, amp=amp,
     early_stopping=early_stopping, num_workers=num_workers, torch_compile=torch_compile, channels_last=channels_last,
     data_on_device=data_on_device, video_source=video_source, video_frames=video_frames,
@@ -527,7 +528,9 @@ def create_dummy_data(batch_size: int = 4, img_size: int = 112, num_classes: int
             torch.randint(0, num_classes, (batch_size,)))
 
 # %% [markdown]
-# The loss: `L = lambda_cls NLL(log final, y) + tau (lambda_anchor L_anchor + lambda_center L_center)`.
+# The loss: `L = lambda_cls NLL(log final, y) + lambda_plain NLL(log p, y) + tau (lambda_anchor L_anchor + lambda_center L_center)`.
+# `lambda_plain` (0 by default, as ARBEx) also trains the plain classifier output `p` directly, not only
+# through the balanced mix.
 # `L_center` pulls each embedding to the nearest anchor of its class, weighted by the
 # model's confidence (trusting confident samples more, as ARBEx does); `L_anchor` is the
 # bounded hinge explained above. Soft labels (vote distributions) are accepted as targets.
@@ -545,7 +548,7 @@ def anchor_separation_loss(anchors: torch.Tensor, margin: float) -> torch.Tensor
 
 def grefel_loss(model: GReFELModel, lambda_cls: float = 1.0, lambda_anchor: float = 1.0,
                 lambda_center: float = 1.0, margin: float = 2.0, class_weights: torch.Tensor | None = None,
-                label_smoothing: float = 0.0):
+                label_smoothing: float = 0.0, lambda_plain: float = 0.0):
     """The pluggable loss for H.fit: ``loss_fn(outputs, y, progress)``.
 
     ``y`` is (B,) class indices or (B, C) vote distributions (soft labels). The NLL is a
@@ -553,22 +556,26 @@ def grefel_loss(model: GReFELModel, lambda_cls: float = 1.0, lambda_anchor: floa
     (majority) class, as ``F.nll_loss(weight=...)`` computes it, for hard and soft labels alike.
     """
     def loss_fn(out, y, progress):
-        log_final = out["final_probs"].clamp_min(1e-8).log()                       # (B, C)
-        c = log_final.shape[-1]
-        target = F.one_hot(y, c).to(log_final.dtype) if y.ndim == 1 else y.to(log_final.dtype)
+        c = out["final_probs"].shape[-1]
+        target = F.one_hot(y, c).float() if y.ndim == 1 else y.float()
         hard = target.argmax(-1)
         target = (1 - label_smoothing) * target + label_smoothing / c
-        per = -(target * log_final).sum(-1)                                         # (B,)
-        w = class_weights.to(per.device)[hard] if class_weights is not None else torch.ones_like(per)
-        cls = (w * per).sum() / w.sum()
+        w = class_weights.to(target.device)[hard] if class_weights is not None else torch.ones_like(target[:, 0])
+
+        def nll(probs):  # the weighted mean of -sum(target * log probs), (B, C) -> ()
+            return (w * -(target * probs.float().clamp_min(1e-8).log()).sum(-1)).sum() / w.sum()
+
+        cls = lambda_cls * nll(out["final_probs"])
+        if lambda_plain:
+            cls = cls + lambda_plain * nll(out["probs"])
         if "anchor_distances" not in out:  # no reliability balancing: no anchors to train
-            return lambda_cls * cls
+            return cls
         dist = out["anchor_distances"]                                              # (B, C, K)
         nearest = dist[torch.arange(len(hard)), hard].min(-1).values                # own class, nearest anchor
         center = (out["confidence"].detach() * nearest).mean()
         anchors = model.balance.anchors.anchors
         tau = out["trust"]
-        return lambda_cls * cls + tau * (lambda_anchor * anchor_separation_loss(anchors, margin) + lambda_center * center)
+        return cls + tau * (lambda_anchor * anchor_separation_loss(anchors, margin) + lambda_center * center)
 
     return loss_fn
 
@@ -625,7 +632,7 @@ model = build_grefel(config, len(class_names), weights=config["weights"])
 param_counts = H.count_parameters(model)
 class_w = H.class_weights_from_labels(train_ds.labels, len(class_names)) if config["class_weighted"] else None
 loss_fn = grefel_loss(model, config["lambda_cls"], config["lambda_anchor"], config["lambda_center"],
-                      config["anchor_margin"], class_w, config["label_smoothing"])
+                      config["anchor_margin"], class_w, config["label_smoothing"], config["lambda_plain"])
 backbone_info = model.features.backbone_info  # stages, channels, weights source (and a file's SHA-256)
 print(f"GReFEL ({config['components']}) {param_counts['total']:,} parameters; train {len(idx['train'])}, val {len(idx['val'])}, "
       f"test {len(idx['test'])}; device {device}")

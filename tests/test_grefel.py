@@ -121,6 +121,20 @@ def test_weighted_nll_by_value_for_hard_and_soft_labels(g):
                                (-(smooth * final.log()).sum(-1)).mean())
 
 
+def test_plain_output_term_by_value(g):
+    """lambda_plain adds the (weighted, smoothed) NLL of the plain output p to that of the final output."""
+    final = torch.tensor([[0.7, 0.2, 0.1], [0.1, 0.6, 0.3]])
+    plain = torch.tensor([[0.5, 0.3, 0.2], [0.2, 0.2, 0.6]])
+    y = torch.tensor([0, 1])
+    w = torch.tensor([2.0, 1.0, 1.0])
+    nll_final = (2.0 * -math.log(0.7) + 1.0 * -math.log(0.6)) / 3.0
+    nll_plain = (2.0 * -math.log(0.5) + 1.0 * -math.log(0.2)) / 3.0
+    out = _outputs(final, probs=plain)
+    torch.testing.assert_close(g["grefel_loss"](None, class_weights=w)(out, y, 0.0), torch.tensor(nll_final))
+    torch.testing.assert_close(g["grefel_loss"](None, lambda_cls=2.0, class_weights=w, lambda_plain=0.5)(out, y, 0.0),
+                               torch.tensor(2.0 * nll_final + 0.5 * nll_plain))
+
+
 def test_center_and_anchor_terms_by_value(g):
     torch.manual_seed(0)
     model = g["GReFELModel"](**{**SMALL, "num_classes": 2, "num_anchors_per_class": 2, "embed_dim": 4, "num_heads": 2})
