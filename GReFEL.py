@@ -768,10 +768,15 @@ class GReFELEvaluator:
         return {"mean_confidence_correct": float(conf[correct].mean()) if correct.any() else None,
                 "mean_confidence_wrong": float(conf[~correct].mean()) if (~correct).any() else None}
 
+    @staticmethod
+    def log_final(o: dict) -> np.ndarray:
+        """Log of the final probabilities of :meth:`outputs` (clipped at 1e-8 so none is -inf)."""
+        return np.log(np.clip(o["final_probs"], 1e-8, None))
+
     def fit_temperature(self, val_loader, tta_flip: bool = False, o: dict | None = None) -> float:
         """Fit and keep the temperature that minimises the validation NLL (of the outputs used for testing)."""
         o = o or self.outputs(val_loader, tta_flip)
-        self.temperature = H.fit_temperature(np.log(np.clip(o["final_probs"], 1e-8, None)), o["y"])
+        self.temperature = H.fit_temperature(self.log_final(o), o["y"])
         return self.temperature
 
     def logit_adjustment(self, val_out: dict, test_out: dict, train_labels) -> dict:
@@ -780,8 +785,8 @@ class GReFELEvaluator:
         outputs for macro F1, then applied to the test outputs. An analysis beside the headline
         (which stays unadjusted); the export and ``predict_single_image`` do not apply it."""
         log_prior = H.class_log_prior(train_labels, len(self.class_names))
-        fit = H.fit_logit_adjustment(np.log(np.clip(val_out["final_probs"], 1e-8, None)), val_out["y"], log_prior)
-        adjusted = H.adjust_logits(np.log(np.clip(test_out["final_probs"], 1e-8, None)), log_prior, fit["tau"])
+        fit = H.fit_logit_adjustment(self.log_final(val_out), val_out["y"], log_prior)
+        adjusted = H.adjust_logits(self.log_final(test_out), log_prior, fit["tau"])
         test = H.compute_metrics(test_out["y"], adjusted.argmax(1), self.class_names)
         return {**fit, "train_prior": np.exp(log_prior).tolist(), "test": test}
 

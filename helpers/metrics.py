@@ -172,9 +172,9 @@ def adjust_logits(log_probs: np.ndarray, log_prior: np.ndarray, tau: float) -> n
     Bayes-optimal rule for balanced error when ``log_probs`` estimate ``log p(y | x)`` under
     the training prior, ``tau = 0`` changes nothing. Returns log-probabilities.
     """
-    z = np.asarray(log_probs, dtype=np.float64) - tau * np.asarray(log_prior, dtype=np.float64)
-    z = z - z.max(1, keepdims=True)
-    return z - np.log(np.exp(z).sum(1, keepdims=True))
+    from scipy.special import log_softmax
+
+    return log_softmax(np.asarray(log_probs, dtype=np.float64) - tau * np.asarray(log_prior, dtype=np.float64), axis=1)
 
 
 def fit_logit_adjustment(log_probs: np.ndarray, y_true: np.ndarray, log_prior: np.ndarray,
