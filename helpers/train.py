@@ -123,20 +123,45 @@ def scaled_lr(lr: float, batch_size: int, reference_batch: int, rule: str = "non
     return lr * {"none": 1.0, "sqrt": math.sqrt(ratio), "linear": ratio}[rule]
 
 
-def build_optimizer(model: nn.Module, lr: float, weight_decay: float, fused: bool | None = None) -> torch.optim.AdamW:
+def build_optimizer(model: nn.Module, lr: float, weight_decay: float, fused: bool | None = None,
+                    layer_decay: float | None = None) -> torch.optim.AdamW:
     """AdamW over trainable parameters; biases and norm weights get no weight decay.
 
     ``fused``: one fused kernel for the whole update (``None``: on when every parameter is on
     CUDA, where it saves a launch per parameter tensor; the CPU keeps the default loop).
+    ``layer_decay``: layer-wise learning-rate decay for fine-tuning a pre-trained backbone (BEiT's rule, by
+    timm's ``param_groups_layer_decay``): the backbone's top layer trains at ``lr``, each layer below it at
+    ``layer_decay`` times the one above, so the stem moves least; parameters outside ``model.backbone`` (the
+    head) train at ``lr``. ``None`` or 1: one learning rate for all. Each group keeps its ``lr_scale``, and the
+    schedule scales every group alike.
+
+    Raises:
+        ValueError: ``layer_decay`` outside (0, 1], or a model without a timm ``backbone`` whose layers timm
+            can name (``group_matcher``).
     """
+    if layer_decay is not None and not 0 < layer_decay <= 1:
+        raise ValueError(f"layer_decay must be in (0, 1] (e.g. 0.75), or None for one learning rate; not {layer_decay}")
+    backbone = getattr(model, "backbone", None)
+    layered = layer_decay is not None and layer_decay < 1
+    if layered and not hasattr(backbone, "group_matcher"):
+        raise ValueError(f"layer_decay needs a model whose .backbone is a timm model with named layers "
+                         f"(group_matcher); {type(model).__name__} has none: leave layer_decay=None")
+    groups = []
+    if layered:
+        from timm.optim import param_groups_layer_decay
+
+        groups = param_groups_layer_decay(backbone, weight_decay, layer_decay=layer_decay)
+    inside = {id(p) for g in groups for p in g["params"]}
     decay, no_decay = [], []
     for name, p in model.named_parameters():
-        if p.requires_grad:
+        if p.requires_grad and id(p) not in inside:
             (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups += [{"params": decay, "weight_decay": weight_decay, "lr_scale": 1.0},
+               {"params": no_decay, "weight_decay": 0.0, "lr_scale": 1.0}]
+    groups = [{**g, "lr": lr * g["lr_scale"]} for g in groups if g["params"]]
     if fused is None:
-        fused = all(p.is_cuda for g in groups for p in g["params"]) and any(g["params"] for g in groups)
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, fused=fused or None)
+        fused = all(p.is_cuda for g in groups for p in g["params"]) and bool(groups)
+    return torch.optim.AdamW(groups, lr=lr, fused=fused or None)
 
 
 def build_scheduler(optimizer, num_epochs: int, steps_per_epoch: int, warmup_epochs: float = 0.0,
@@ -469,7 +494,8 @@ def fit(model: nn.Module, train_loader, val_loader, out_dir: str | Path, *, num_
         early_stopping: int | None = None, resume: bool = True, config: dict | None = None,
         extra_state: dict | None = None, on_epoch_end: Callable[[dict], None] | None = None,
         run_key: str | None = None, progress: bool = True, find_unused_parameters: bool = False,
-        torch_compile: bool | str = False, channels_last: bool = False) -> dict:
+        torch_compile: bool | str = False, channels_last: bool = False,
+        layer_decay: float | None = None) -> dict:
     """Train with checkpoints, history, early stopping and resume.
 
     Args:
@@ -502,6 +528,7 @@ def fit(model: nn.Module, train_loader, val_loader, out_dir: str | Path, *, num_
             module's weights either way).
         channels_last: train and validate in channels-last memory order (see
             :func:`channels_last_layout`), recorded.
+        layer_decay: layer-wise learning-rate decay of the backbone (see :func:`build_optimizer`); None: off.
 
     Under torchrun the model is wrapped in DistributedDataParallel here, every rank runs the
     same epochs on its share of the data, validation figures are those of the whole
@@ -523,7 +550,7 @@ def fit(model: nn.Module, train_loader, val_loader, out_dir: str | Path, *, num_
         main = rank == 0
         progress = progress and main
         model.to(device)
-        optimizer = build_optimizer(model, lr, weight_decay)
+        optimizer = build_optimizer(model, lr, weight_decay, layer_decay=layer_decay)
         scheduler = build_scheduler(optimizer, num_epochs, len(train_loader), warmup_epochs, restart_epochs, min_lr_ratio)
         amp_dtype = resolve_amp(amp, device)
         scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None

@@ -470,3 +470,38 @@ def test_learning_rate_rules_for_other_batch_sizes():
     assert H.fold_lr({"lr": 1e-4, "batch_size": 256}) == 1e-4
     with pytest.raises(ValueError, match="lr_scaling must be one of"):
         H.scaled_lr(1e-3, 64, 32, "square")
+
+
+def test_layer_decay_scales_each_backbone_layer_below_the_top_and_the_schedule_keeps_the_ratios():
+    model, _ = H.create_classifier("gcvit_xxtiny", 6, 64)
+    H.set_finetune_strategy(model, "partial", frozen_stages=1)  # frozen parameters are left out
+    opt = H.build_optimizer(model, 1e-3, 0.05, layer_decay=0.5)
+    lr_of = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    assert len(lr_of) == sum(len(g["params"]) for g in opt.param_groups) == len(trainable)  # each in one group
+    expected = {"backbone.stem.": 0.0625, "backbone.stages.0.": 0.125, "backbone.stages.1.": 0.25,
+                "backbone.stages.2.": 0.5, "backbone.stages.3.": 1.0, "head.": 1.0}
+    for name, p in trainable:
+        scale = next(v for k, v in expected.items() if name.startswith(k))
+        assert lr_of[id(p)] == pytest.approx(1e-3 * scale), name
+    assert all(g["weight_decay"] == 0 for g in opt.param_groups if any(p.ndim <= 1 for p in g["params"]))
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    assert frozen and not any(id(p) in lr_of for p in frozen)
+    sched = H.build_scheduler(opt, num_epochs=2, steps_per_epoch=5, warmup_epochs=1)
+    for _ in range(7):
+        opt.step()
+        sched.step()
+    factor = opt.param_groups[0]["lr"] / (1e-3 * opt.param_groups[0]["lr_scale"])
+    assert 0 < factor < 1 and all(g["lr"] == pytest.approx(1e-3 * g["lr_scale"] * factor) for g in opt.param_groups)
+
+
+def test_layer_decay_off_is_one_learning_rate_and_bad_settings_are_refused():
+    model, _ = H.create_classifier("gcvit_xxtiny", 6, 64)
+    for off in (None, 1.0):
+        opt = H.build_optimizer(model, 1e-3, 0.05, layer_decay=off)
+        assert len(opt.param_groups) == 2 and {g["lr"] for g in opt.param_groups} == {1e-3}
+    for bad in (0, 1.5, -0.5):
+        with pytest.raises(ValueError, match="layer_decay must be in"):
+            H.build_optimizer(model, 1e-3, 0.05, layer_decay=bad)
+    with pytest.raises(ValueError, match="group_matcher"):  # no timm backbone whose layers timm can name
+        H.build_optimizer(TinyNet(3), 1e-3, 0.05, layer_decay=0.75)
