@@ -1,12 +1,13 @@
 """Pilot of GReFEL's `backbone` ablation row on FER+: which CNN input size / width / stages learn best.
 
 Every row of issue 12's ablation sits on the same CNN, so the CNN is chosen first. This trains the
-`backbone` row as the notebook builds it (``H.create_feature_pyramid`` -> the coarsest grid's map,
-1x1 projection, average pool, LayerNorm, dropout, linear head) with the cpu profile's recipe (AdamW,
-cosine with warm-up, label smoothing 0.1, the ``grefel`` augmentation with random erasing on the
-device, bf16 autocast, clipped gradients, flip TTA) for several candidate settings, one after the other,
-and prints per setting: FER2013Valid accuracy per epoch, the best epoch and its accuracy, and training
-images/s. FER2013Test is not read: a pilot chooses settings, and chooses them on validation. Rows are written to ``--json``
+`backbone` row's CNN as the notebook builds it (``H.create_feature_pyramid`` -> the coarsest grid's map,
+1x1 projection, average pool, LayerNorm; then dropout and a linear head where the notebook has its MLP
+head) with the cpu profile's recipe (AdamW, cosine with warm-up, label smoothing 0.1, the ``grefel``
+augmentation with random erasing on the device, bf16 autocast, clipped gradients, flip TTA) for several
+candidate settings, one after the other, and prints per setting: FER2013Valid accuracy per epoch, the
+best epoch and its accuracy, and training images/s. FER2013Test is not read: a pilot chooses settings,
+and chooses them on validation. Rows are written to ``--json``
 as soon as each finishes, so a killed run keeps what it measured.
 
 It runs where the notebook's FER+ archive cannot go (the GPU machine takes 64 MiB): ``pack`` turns a
@@ -90,7 +91,8 @@ def pack(archive: str, out: str) -> None:
 
 
 class BackboneRow(nn.Module):
-    """GReFEL's `backbone` row: the pyramid's coarsest map, projected, pooled, normalised, classified."""
+    """GReFEL's `backbone` row, a linear head for its MLP head: the pyramid's coarsest map, projected, pooled,
+    normalised, classified."""
 
     def __init__(self, size: int, grids: list[int], backbone_args: dict | None, embed_dim: int = 96,
                  num_classes: int = 8, dropout: float = 0.1):
@@ -126,7 +128,8 @@ def train_one(name: str, data: dict, args, device) -> dict:
     H.seed_everything(args.seed)
     model = BackboneRow(size, grids, bargs).to(device)
     params = sum(p.numel() for p in model.parameters())
-    with torch.utils.flop_counter.FlopCounterMode(display=False) as flops:  # the cost on any device
+    model.eval()  # counted without touching BatchNorm's running statistics
+    with torch.no_grad(), torch.utils.flop_counter.FlopCounterMode(display=False) as flops:  # the cost on any device
         model(torch.zeros(1, 3, size, size, device=device))
     amp_dtype = H.resolve_amp(args.amp, device)
     norm = dict(mean=H.IMAGENET_MEAN, std=H.IMAGENET_STD)
@@ -164,9 +167,9 @@ def train_one(name: str, data: dict, args, device) -> dict:
         history.append({"epoch": epoch + 1, "loss": loss.item(), "val_acc": val})
         print(f"  {name} epoch {epoch + 1}: loss {loss.item():.3f} val {val:.4f}", flush=True)
     best = max(history, key=lambda r: (r["val_acc"], -r["epoch"]))  # chosen on validation, earliest on ties
-    return {"name": name, "image_size": size, "grids": grids, "backbone_args": bargs, "params": params, "gflops_forward": flops.get_total_flops() / 1e9,
-            "channels": model.info["channels"], "epochs": args.epochs, "best_epoch": best["epoch"],
-            "val_acc": best["val_acc"],
+    return {"name": name, "image_size": size, "grids": grids, "backbone_args": bargs, "params": params,
+            "gflops_forward": flops.get_total_flops() / 1e9, "channels": model.info["channels"],
+            "epochs": args.epochs, "best_epoch": best["epoch"], "val_acc": best["val_acc"],
             "train_images_per_s": seen / train_s, "train_s": train_s, "history": history}
 
 
