@@ -105,8 +105,9 @@ def test_dfer_notebook_trains_on_ferplus_and_its_weights_start_a_kmu_run(tmp_pat
     # FER+ through DFER_GCViT: its own splits, crops as they are; then that GCViT initialises
     # a run on (demo) KMU-FED, whose 6-class head replaces the 8-class one.
     fer_zip = H.make_demo_ferplus(tmp_path / "data" / "FERPlus.zip")
-    fer = _run("DFER_GCViT", tmp_path / "fer", data_path=str(fer_zip), protocol="given")
+    fer = _run("DFER_GCViT", tmp_path / "fer", data_path=str(fer_zip), protocol="given", layer_decay=0.5)
     check_dfer_results(fer, tmp_path / "fer" / "DFER_GCViT")
+    assert fer["config"]["layer_decay"] is None  # a fine-tuning setting, turned off (and said) from scratch
     assert fer["dataset"]["layout"].startswith("FERPlus") and fer["dataset"]["pre_cropped"]
     assert fer["face_detection"]["note"] == "images are face crops already"
     assert fer["cache"]["preprocess"]["face_crop"] is False
