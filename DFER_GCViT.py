@@ -74,6 +74,7 @@ allow_random_init = None       # True: if hub weights are unreachable, train fro
 finetune = None                # "full" | "head" (backbone frozen) | "partial" (freeze first frozen_stages stages)
 frozen_stages = None           # int: stages frozen under finetune "partial"
 layer_decay = None             # layer-wise lr decay when fine-tuning, e.g. 0.75: each backbone stage trains at this times the lr of the one above (the head at lr) | None: one lr
+model_ema = None               # decay of a moving average of the weights, e.g. 0.99: validated, kept and tested instead of the last weights (flatter minima travel better to new drivers) | None: off
 dropout = None                 # head dropout
 augment = None                 # training augmentation: "seed" (the seed notebook's) | "nir" (in-car near-infrared)
 augment_erasing = None         # probability of random erasing (occlusion by hands, glasses)
@@ -115,7 +116,7 @@ ema = None                     # smoothing of probabilities over frames, in [0, 
 
 # %%
 COMMON = dict(export=True, video_source=None, video_frames=None, ema=0.6, channels=1, face_crop=True, face_margin=0.25, no_face="full", max_images=None, val_fraction=0.1,
-              max_folds=None, nproc=None, allow_random_init=False, finetune="full", frozen_stages=0, layer_decay=None, dropout=0.3,
+              max_folds=None, nproc=None, allow_random_init=False, finetune="full", frozen_stages=0, layer_decay=None, model_ema=None, dropout=0.3,
               label_smoothing=0.0, class_weighted=False, clip_grad=1.0, amp="auto", early_stopping=None,
               pretrain_data_path=None, pretrain_epochs=8, pretrain_lr=3e-4, pretrain_augment=None, augment="seed", augment_erasing=0.0,
               tta_flip=False, data_on_device="auto", torch_compile="auto", channels_last=False,
@@ -152,7 +153,8 @@ config = H.resolve_config(profile, PROFILES, dict(
     image_size=image_size, channels=channels,
     face_crop=face_crop, face_margin=face_margin, no_face=no_face, max_images=max_images, protocol=protocol,
     num_folds=num_folds, max_folds=max_folds, val_fraction=val_fraction, model_name=model_name, weights=weights,
-    allow_random_init=allow_random_init, finetune=finetune, frozen_stages=frozen_stages, layer_decay=layer_decay, dropout=dropout,
+    allow_random_init=allow_random_init, finetune=finetune, frozen_stages=frozen_stages, layer_decay=layer_decay, model_ema=model_ema,
+    dropout=dropout,
     pretrain_data_path=pretrain_data_path, pretrain_epochs=pretrain_epochs, pretrain_lr=pretrain_lr,
     pretrain_augment=pretrain_augment,
     augment=augment, augment_erasing=augment_erasing, tta_flip=tta_flip,
@@ -331,7 +333,7 @@ print(f"device {device}, AMP {amp_dtype}, protocol {config['protocol']} ({len(fo
       f"({config['lr']} at batch {config['lr_reference_batch']}, lr_scaling {config['lr_scaling']!r}) wd {config['weight_decay']}, "
       f"cosine with {config['warmup_epochs']} warm-up epochs, clip {config['clip_grad']}, "
       f"label smoothing {config['label_smoothing']}, class weights {config['class_weighted']}, "
-      f"layer-wise lr decay {config['layer_decay'] or 'off'}")
+      f"layer-wise lr decay {config['layer_decay'] or 'off'}, weight average (EMA) {config['model_ema'] or 'off'}")
 print("train transform:", train_tf)
 
 # %% [markdown]

@@ -138,7 +138,7 @@ def train_fold(spec: dict, fold: int, device, progress: bool = True) -> dict:
               warmup_epochs=config["warmup_epochs"], clip_grad=config["clip_grad"], amp=config["amp"],
               early_stopping=config["early_stopping"], config=config, run_key=spec["run_key"], progress=progress,
               torch_compile=config.get("torch_compile", False), channels_last=config.get("channels_last", False),
-              layer_decay=config.get("layer_decay"),
+              layer_decay=config.get("layer_decay"), model_ema=config.get("model_ema"),
               extra_state={"class_names": class_names, "preprocess": cache_attrs["preprocess"], "norm": norm})
     return {**run, "weights": weights_info, "parameters": counts, "norm": norm,
             "training_data": training_data}
@@ -207,6 +207,7 @@ def pretrain_classifier(data_path: str | Path, workdir: str | Path, config: dict
     pconfig = {**config, "protocol": "given", "num_epochs": num_epochs, "lr": lr,
                "warmup_epochs": min(config["warmup_epochs"], 1), "pretrain_data_path": None,
                "layer_decay": None,  # training from scratch: one learning rate (layer decay is for fine-tuning)
+               "model_ema": None,  # a fine-tuning setting too: a new one leaves the pre-training reusable
                "augment": augment or config.get("augment", "seed")}
     recipe = {k: pconfig.get(k) for k in (*CONFIG_KEYS, "augment", "augment_erasing")}
     if pconfig.get("lr_scaling", "none") != "none":  # keyed only when used: unscaled pre-trainings keep their keys

@@ -268,8 +268,11 @@ def _to_device(batch, device):
 
 def train_one_epoch(model: nn.Module, loader, optimizer, scheduler, loss_fn: Callable, device, epoch: int,
                     num_epochs: int, scaler=None, amp_dtype=None, clip_grad: float | None = 1.0,
-                    progress: bool = True) -> dict:
+                    progress: bool = True, after_step: Callable[[int], None] | None = None) -> dict:
     """One pass over ``loader``; stops with FloatingPointError on a NaN/inf loss.
+
+    ``after_step(global_step)`` runs after each optimiser step (1-based over the whole run, for
+    ``steps`` steps an epoch), e.g. to update a moving average of the weights.
 
     Returns:
         ``{"loss": mean loss, "acc": accuracy, "samples": count}`` over the epoch (over all
@@ -314,6 +317,8 @@ def train_one_epoch(model: nn.Module, loader, optimizer, scheduler, loss_fn: Cal
         else:
             optimizer.step()
         scheduler.step()
+        if after_step is not None:
+            after_step(epoch * steps + step + 1)
         hard = y if y.ndim == 1 else y.argmax(-1)  # soft targets: compare with their argmax
         total += len(hard)
         loss_sum += loss.detach().float() * len(hard)
@@ -495,7 +500,7 @@ def fit(model: nn.Module, train_loader, val_loader, out_dir: str | Path, *, num_
         extra_state: dict | None = None, on_epoch_end: Callable[[dict], None] | None = None,
         run_key: str | None = None, progress: bool = True, find_unused_parameters: bool = False,
         torch_compile: bool | str = False, channels_last: bool = False,
-        layer_decay: float | None = None) -> dict:
+        layer_decay: float | None = None, model_ema: float | None = None) -> dict:
     """Train with checkpoints, history, early stopping and resume.
 
     Args:
@@ -529,6 +534,10 @@ def fit(model: nn.Module, train_loader, val_loader, out_dir: str | Path, *, num_
         channels_last: train and validate in channels-last memory order (see
             :func:`channels_last_layout`), recorded.
         layer_decay: layer-wise learning-rate decay of the backbone (see :func:`build_optimizer`); None: off.
+        model_ema: decay of an exponential moving average of the weights (timm's ``ModelEmaV3``, updated
+            after every step, its decay warmed up as ``1 - (1 + step) ** -2/3`` and capped here), e.g. 0.99;
+            validation, ``best_model.pth`` and early stopping then use the averaged weights (``last.pth``
+            keeps both). None: off.
 
     Under torchrun the model is wrapped in DistributedDataParallel here, every rank runs the
     same epochs on its share of the data, validation figures are those of the whole
@@ -537,8 +546,10 @@ def fit(model: nn.Module, train_loader, val_loader, out_dir: str | Path, *, num_
 
     Returns:
         ``{"history": [...], "best": {...}, "best_path", "last_path", "epochs_run", "stopped_early",
-        "wall_s", "world_size", "compile", "channels_last"}``.
+        "wall_s", "world_size", "compile", "channels_last", "model_ema"}``.
     """
+    if model_ema is not None and not 0.0 < model_ema < 1.0:
+        raise ValueError(f"model_ema must be in (0, 1) (the moving average's decay, e.g. 0.99) or None, not {model_ema!r}")
     out_dir = Path(out_dir)
     device = torch.device(device)
     loss_fn = loss_fn or cross_entropy_loss()
@@ -561,8 +572,10 @@ def fit(model: nn.Module, train_loader, val_loader, out_dir: str | Path, *, num_
         run_key = run_key or config_fingerprint(config)
         if resume and last_path.exists():
             ckpt = load_checkpoint(last_path)
-            if ckpt.get("run_key") != run_key:
+            if ckpt.get("run_key") != run_key or ckpt.get("model_ema") != model_ema:
                 changed = sorted(k for k in set(config) | set(ckpt["config"]) if config.get(k) != ckpt["config"].get(k))
+                if ckpt.get("model_ema") != model_ema and "model_ema" not in changed:  # fit's own setting
+                    changed.append("model_ema")
                 raise ValueError(f"{last_path} was written with other settings ({', '.join(changed) or 'run_key'}); "
                                  "resuming would mix two runs. Use another out_dir, delete it, or pass resume=False.")
             model.load_state_dict(ckpt["model"])
@@ -581,6 +594,14 @@ def fit(model: nn.Module, train_loader, val_loader, out_dir: str | Path, *, num_
                              f"schedule and data order would change mid-run. Resume it with {trained_by} "
                              "process(es), or start afresh (resume=False).")
         core = model  # what checkpoints hold: never the DDP wrapper, so they load in one process
+        ema = None
+        if model_ema is not None:  # the live weights train; validation and best_model.pth use their average
+            from timm.utils import ModelEmaV3
+
+            ema = ModelEmaV3(core, decay=model_ema, use_warmup=True)
+            if start:
+                ema.module.load_state_dict(ckpt["ema"])
+        rated = core if ema is None else ema.module  # the weights validated and kept as best
         if distributed.is_distributed():
             model = nn.parallel.DistributedDataParallel(core, device_ids=[device.index] if device.type == "cuda" else None,
                                                         find_unused_parameters=find_unused_parameters)
@@ -607,11 +628,14 @@ def fit(model: nn.Module, train_loader, val_loader, out_dir: str | Path, *, num_
                     gen.manual_seed(epoch_seed)
             te = time.time()
             tr = train_one_epoch(model, train_loader, optimizer, scheduler, loss_fn, device, epoch, num_epochs,
-                                 scaler, amp_dtype, clip_grad, progress)
+                                 scaler, amp_dtype, clip_grad, progress,
+                                 after_step=None if ema is None else lambda step: ema.update(core, step=step))
             train_s = time.time() - te
             # the unwrapped model with rank 0's buffers: what best_model.pth will hold; the same figures on every rank
             distributed.broadcast_buffers(core)
-            va = evaluate(core, val_loader, device, loss_fn, amp_dtype)
+            if ema is not None:
+                distributed.broadcast_buffers(ema.module)
+            va = evaluate(rated, val_loader, device, loss_fn, amp_dtype)
             row = {"epoch": epoch + 1, "train_loss": tr["loss"], "train_acc": tr["acc"], "val_loss": va["loss"],
                    "val_acc": va["acc"], "lr": optimizer.param_groups[0]["lr"], "epoch_s": time.time() - te,
                    "train_s": train_s, "train_samples": tr["samples"], "world_size": world}
@@ -620,7 +644,7 @@ def fit(model: nn.Module, train_loader, val_loader, out_dir: str | Path, *, num_
             if improved:
                 best, waited = {"epoch": epoch + 1, "metric": monitor, "value": value}, 0
                 if main:
-                    save_checkpoint(best_path, model=core.state_dict(), epoch=epoch + 1, best=best, config=config,
+                    save_checkpoint(best_path, model=rated.state_dict(), epoch=epoch + 1, best=best, config=config,
                                     world_size=world, **_plain(extra_state or {}))
             else:
                 waited += 1
@@ -631,7 +655,8 @@ def fit(model: nn.Module, train_loader, val_loader, out_dir: str | Path, *, num_
                 save_checkpoint(last_path, model=core.state_dict(), optimizer=optimizer.state_dict(),
                                 scheduler=scheduler.state_dict(), scaler=scaler.state_dict() if scaler else None,
                                 epoch=epoch + 1, history=history, best=best, waited=waited, config=config,
-                                run_key=run_key, world_size=world)
+                                run_key=run_key, world_size=world, model_ema=model_ema,
+                                ema=None if ema is None else ema.module.state_dict())
                 save_json(history, out_dir / "history.json")
             if progress:
                 print(f"epoch {epoch + 1:3d}/{num_epochs}  train loss {tr['loss']:.4f} acc {tr['acc']:.3f}  "
@@ -643,4 +668,4 @@ def fit(model: nn.Module, train_loader, val_loader, out_dir: str | Path, *, num_
         distributed.barrier()  # the other ranks may read best_model.pth next
         return {"history": history, "best": best, "best_path": best_path, "last_path": last_path,
                 "epochs_run": len(history), "stopped_early": stopped, "wall_s": time.time() - t0, "world_size": world,
-                "compile": compile_info, "channels_last": nhwc}
+                "compile": compile_info, "channels_last": nhwc, "model_ema": model_ema}

@@ -505,3 +505,67 @@ def test_layer_decay_off_is_one_learning_rate_and_bad_settings_are_refused():
             H.build_optimizer(model, 1e-3, 0.05, layer_decay=bad)
     with pytest.raises(ValueError, match="group_matcher"):  # no timm backbone whose layers timm can name
         H.build_optimizer(TinyNet(3), 1e-3, 0.05, layer_decay=0.75)
+
+
+def test_model_ema_averages_the_weights_after_every_step_and_is_what_is_validated_and_kept(demo_cache, tmp_path):
+    """By value: the average follows e_1 = w_1, e_k = d_k e_(k-1) + (1 - d_k) w_k over the live weights w_k after
+    each step, d_k = min(1 - k^(-2/3), decay) (timm's warm-up); validation and best_model.pth use it."""
+    cache, classes = demo_cache
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, len(classes)))  # no buffers: weights only
+    train, val = _loaders(cache)
+    base, seen = H.cross_entropy_loss(), []
+
+    def loss_fn(outputs, y, progress):  # the weights before each training step = after the one before
+        if torch.is_grad_enabled():
+            seen.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+        return base(outputs, y, progress)
+
+    decay = 0.9
+    run = H.fit(model, train, val, tmp_path / "ema", num_epochs=3, lr=1e-2, weight_decay=1e-4, device="cpu", seed=7,
+                progress=False, loss_fn=loss_fn, model_ema=decay)
+    live = seen[1:] + [model.state_dict()]  # w_1 .. w_N
+    steps = len(train)
+    assert len(live) == 3 * steps and run["model_ema"] == decay
+    expected, ema = [], None
+    for k, w in enumerate(live, start=1):
+        d = 0.0 if k == 1 else min(1 - k ** (-2 / 3), decay)
+        ema = {n: v.clone() for n, v in w.items()} if ema is None else {n: d * ema[n] + (1 - d) * w[n] for n in w}
+        if k % steps == 0:
+            expected.append(ema)
+    last = H.load_checkpoint(tmp_path / "ema" / "last.pth")
+    for n, v in expected[-1].items():
+        torch.testing.assert_close(last["ema"][n], v, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(last["model"][n], model.state_dict()[n])  # the live weights kept beside it
+    assert not torch.allclose(last["ema"]["1.weight"], last["model"]["1.weight"])  # it really is another model
+    best = run["best"]["epoch"]
+    kept = H.load_checkpoint(run["best_path"])["model"]
+    for n, v in expected[best - 1].items():
+        torch.testing.assert_close(kept[n], v, rtol=1e-5, atol=1e-6)
+    # each epoch's validation figure is the average's
+    check = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, len(classes)))
+    for row, weights in zip(run["history"], expected):
+        check.load_state_dict(weights)
+        assert H.evaluate(check, val, "cpu")["acc"] == pytest.approx(row["val_acc"])
+
+
+def test_model_ema_resumes_exactly_and_refuses_a_checkpoint_without_it(demo_cache, tmp_path):
+    cache, classes = demo_cache
+    _, full = _fit(cache, classes, tmp_path / "full", model_ema=0.8)
+
+    def crash(row):
+        if row["epoch"] == 2:
+            raise KeyboardInterrupt("simulated kill after epoch 2")
+
+    with pytest.raises(KeyboardInterrupt):
+        _fit(cache, classes, tmp_path / "cut", model_ema=0.8, on_epoch_end=crash)
+    _, resumed = _fit(cache, classes, tmp_path / "cut", model_ema=0.8)
+    assert [h["val_acc"] for h in resumed["history"]] == pytest.approx([h["val_acc"] for h in full["history"]])
+    a, b = (H.load_checkpoint(p / "last.pth")["ema"] for p in (tmp_path / "full", tmp_path / "cut"))
+    for k in a:
+        torch.testing.assert_close(a[k].float(), b[k].float(), rtol=1e-5, atol=1e-6, msg=k)
+    with pytest.raises(ValueError, match=r"other settings \(model_ema\)"):
+        _fit(cache, classes, tmp_path / "cut", num_epochs=4)  # the same folder without the average
+    for bad in (0, 1, 1.5, -0.1):
+        with pytest.raises(ValueError, match="model_ema must be in"):
+            _fit(cache, classes, tmp_path / "bad", model_ema=bad)
