@@ -534,10 +534,10 @@ def fit(model: nn.Module, train_loader, val_loader, out_dir: str | Path, *, num_
         channels_last: train and validate in channels-last memory order (see
             :func:`channels_last_layout`), recorded.
         layer_decay: layer-wise learning-rate decay of the backbone (see :func:`build_optimizer`); None: off.
-        model_ema: decay of an exponential moving average of the weights (timm's ``ModelEmaV3``, updated
-            after every step, its decay warmed up as ``1 - (1 + step) ** -2/3`` and capped here), e.g. 0.99;
-            validation, ``best_model.pth`` and early stopping then use the averaged weights (``last.pth``
-            keeps both). None: off.
+        model_ema: decay ``d`` of an exponential moving average of the weights (timm's ``ModelEmaV3``): a
+            copy after the first step, then ``ema = d * ema + (1 - d) * weights`` after every step (it averages
+            about the last ``1 / (1 - d)`` steps), e.g. 0.99; validation, ``best_model.pth`` and early
+            stopping then use the averaged weights (``last.pth`` keeps both). None: off.
 
     Under torchrun the model is wrapped in DistributedDataParallel here, every rank runs the
     same epochs on its share of the data, validation figures are those of the whole
@@ -598,7 +598,7 @@ def fit(model: nn.Module, train_loader, val_loader, out_dir: str | Path, *, num_
         if model_ema is not None:  # the live weights train; validation and best_model.pth use their average
             from timm.utils import ModelEmaV3
 
-            ema = ModelEmaV3(core, decay=model_ema, use_warmup=True)
+            ema = ModelEmaV3(core, decay=model_ema)  # given the step: a copy at step 1
             if start:
                 ema.module.load_state_dict(ckpt["ema"])
         rated = core if ema is None else ema.module  # the weights validated and kept as best

@@ -509,7 +509,7 @@ def test_layer_decay_off_is_one_learning_rate_and_bad_settings_are_refused():
 
 def test_model_ema_averages_the_weights_after_every_step_and_is_what_is_validated_and_kept(demo_cache, tmp_path):
     """By value: the average follows e_1 = w_1, e_k = d_k e_(k-1) + (1 - d_k) w_k over the live weights w_k after
-    each step, d_k = min(1 - k^(-2/3), decay) (timm's warm-up); validation and best_model.pth use it."""
+    each step, d_k = decay; validation and best_model.pth use it."""
     cache, classes = demo_cache
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, len(classes)))  # no buffers: weights only
@@ -529,7 +529,7 @@ def test_model_ema_averages_the_weights_after_every_step_and_is_what_is_validate
     assert len(live) == 3 * steps and run["model_ema"] == decay
     expected, ema = [], None
     for k, w in enumerate(live, start=1):
-        d = 0.0 if k == 1 else min(1 - k ** (-2 / 3), decay)
+        d = 0.0 if k == 1 else decay
         ema = {n: v.clone() for n, v in w.items()} if ema is None else {n: d * ema[n] + (1 - d) * w[n] for n in w}
         if k % steps == 0:
             expected.append(ema)
