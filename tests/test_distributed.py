@@ -50,7 +50,7 @@ def _torchrun(spec: Path, audit: Path, *extra: str, timeout: float = 240) -> sub
 @pytest.fixture(scope="module")
 def ddp_run(demo_split, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ddp_run")
-    spec = _spec(demo_split, tmp / "run")
+    spec = _spec(demo_split, tmp / "run", model_ema=0.9)  # the weight average too: the same on every rank
     proc = _torchrun(spec, tmp / "audit")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     audits = [json.loads((tmp / "audit" / f"rank{r}.json").read_text()) for r in (0, 1)]
@@ -96,7 +96,9 @@ def test_checkpoint_gives_the_reported_figures_in_one_process(ddp_run):
         assert single["confusion_matrix"] == fold[part]["confusion_matrix"]
         assert single["accuracy"] == pytest.approx(fold[part]["accuracy"], abs=1e-12)
         assert single["ece"] == pytest.approx(fold[part]["ece"], abs=1e-6)  # the probabilities agree too
-    # fit's own validation under torchrun (history) = one process on the checkpoint it saved, to the loss
+    # fit's own validation under torchrun (history) = one process on the checkpoint it saved (the weight
+    # average's, model_ema), to the loss
+    assert H.load_checkpoint(spec_path.parent / "fold_1" / "last.pth")["model_ema"] == 0.9
     best = history[fold["best"]["epoch"] - 1]
     model, _, _ = H.build_classifier(spec["config"], spec["class_names"])
     model.load_state_dict(H.load_checkpoint(spec_path.parent / "fold_1" / "best_model.pth")["model"])
@@ -111,7 +113,7 @@ def test_checkpoint_gives_the_reported_figures_in_one_process(ddp_run):
 
 
 def test_a_failing_rank_ends_every_rank_and_the_run_resumes(demo_split, ddp_run, tmp_path):
-    spec = _spec(demo_split, tmp_path / "run")
+    spec = _spec(demo_split, tmp_path / "run", model_ema=0.9)  # ddp_run's settings: its result is the reference
     # rank 1 loads 8 training images an epoch (one full batch of its 14): its 9th, the first of
     # epoch 2, is corrupt, after epoch 1's checkpoint
     proc = _torchrun(spec, tmp_path / "audit", "--fail-rank", "1", "--fail-after", "8",
