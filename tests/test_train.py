@@ -424,9 +424,11 @@ def test_torch_compile_auto_is_off_on_cpu_and_a_failed_compile_trains_eagerly_sa
         _fit(cache, classes, tmp_path / "bad", num_epochs=1, torch_compile="yes")
 
 
-def test_channels_last_trains_the_same_weights_in_nhwc_and_leaves_no_hook(demo_cache, tmp_path):
+@pytest.mark.parametrize("model_ema", [None, 0.9])
+def test_channels_last_trains_the_same_weights_in_nhwc_and_leaves_no_hook(demo_cache, tmp_path, model_ema):
     """channels_last=True: the convolution sees NHWC inputs during training and validation, the weights
-    come out as with NCHW (a layout, not a transform), the run records it and the input hook is gone."""
+    come out as with NCHW (a layout, not a transform), the run records it and the input hook is gone;
+    with a weight average too (its copy validates in NHWC and is what best_model.pth keeps)."""
     cache, classes = demo_cache
     seen = []
 
@@ -439,7 +441,7 @@ def test_channels_last_trains_the_same_weights_in_nhwc_and_leaves_no_hook(demo_c
             lambda m, args: seen.append(args[0].is_contiguous(memory_format=torch.channels_last)))
         train, val = _loaders(cache)
         run = H.fit(model, train, val, out, num_epochs=1, lr=1e-2, weight_decay=1e-4, device="cpu", seed=7,
-                    progress=False, warmup_epochs=0.5, channels_last=channels_last)
+                    progress=False, warmup_epochs=0.5, channels_last=channels_last, model_ema=model_ema)
         return model, run
 
     plain, ref = train(tmp_path / "nchw", False)
@@ -451,6 +453,11 @@ def test_channels_last_trains_the_same_weights_in_nhwc_and_leaves_no_hook(demo_c
     assert model.body[0].weight.is_contiguous(memory_format=torch.channels_last)
     for (name, a), b in zip(plain.state_dict().items(), model.state_dict().values()):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4, msg=name)
+    kept = [H.load_checkpoint(tmp_path / d / "best_model.pth")["model"] for d in ("nchw", "nhwc")]
+    for name, a in kept[0].items():
+        torch.testing.assert_close(a, kept[1][name], atol=1e-4, rtol=1e-4, msg=name)
+    if model_ema is not None:  # the average, not the live weights, was kept
+        assert not torch.allclose(kept[1]["body.6.weight"], model.state_dict()["body.6.weight"])
     assert not model._forward_pre_hooks  # after fit, inputs are left as they come
     seen.clear()
     model(torch.zeros(2, 3, 32, 32))
