@@ -40,17 +40,18 @@ def _fit(cache, classes, out, workers=0, linear=False, **kw):
     return model, H.fit(model, train, val, out, **args)
 
 
+def _kill_after_epoch_2(row):
+    if row["epoch"] == 2:
+        raise KeyboardInterrupt("simulated kill after epoch 2")
+
+
 @pytest.mark.parametrize("workers", [0, 2])
 def test_interrupted_run_resumes_to_the_same_result(demo_cache, tmp_path, workers):
     cache, classes = demo_cache
     full_model, full = _fit(cache, classes, tmp_path / "full", workers)
 
-    def crash(row):
-        if row["epoch"] == 2:
-            raise KeyboardInterrupt("simulated kill after epoch 2")
-
     with pytest.raises(KeyboardInterrupt):
-        _fit(cache, classes, tmp_path / "cut", workers, on_epoch_end=crash)
+        _fit(cache, classes, tmp_path / "cut", workers, on_epoch_end=_kill_after_epoch_2)
     assert H.load_checkpoint(tmp_path / "cut" / "last.pth")["epoch"] == 2
     resumed_model, resumed = _fit(cache, classes, tmp_path / "cut", workers)
     assert [h["epoch"] for h in resumed["history"]] == [1, 2, 3]
@@ -560,12 +561,8 @@ def test_model_ema_resumes_exactly_and_refuses_a_checkpoint_without_it(demo_cach
     cache, classes = demo_cache
     _, full = _fit(cache, classes, tmp_path / "full", model_ema=0.8)
 
-    def crash(row):
-        if row["epoch"] == 2:
-            raise KeyboardInterrupt("simulated kill after epoch 2")
-
     with pytest.raises(KeyboardInterrupt):
-        _fit(cache, classes, tmp_path / "cut", model_ema=0.8, on_epoch_end=crash)
+        _fit(cache, classes, tmp_path / "cut", model_ema=0.8, on_epoch_end=_kill_after_epoch_2)
     _, resumed = _fit(cache, classes, tmp_path / "cut", model_ema=0.8)
     assert [h["val_acc"] for h in resumed["history"]] == pytest.approx([h["val_acc"] for h in full["history"]])
     a, b = (H.load_checkpoint(p / "last.pth")["ema"] for p in (tmp_path / "full", tmp_path / "cut"))
