@@ -78,7 +78,7 @@ model_ema = None               # decay of a moving average of the weights, e.g. 
 dropout = None                 # head dropout
 augment = None                 # training augmentation: "seed" (the seed notebook's) | "nir" (in-car near-infrared)
 augment_erasing = None         # probability of random erasing (occlusion by hands, glasses)
-tta_flip = None                # True: test predictions average each image and its mirror image
+tta_flip = None                # True: validation and test predictions average each image and its mirror image (the epoch is chosen by the test's rule, so it is a training run of its own)
 pretrain_data_path = None      # FER+ (any labelled faces) to train the GCViT on first | "auto": a *ferplus* archive in workdir | None: off
 pretrain_epochs = None         # epochs of that pre-training
 pretrain_lr = None             # its peak learning rate (FER+ from scratch: 3e-4; 1e-3 collapses to one class)
@@ -351,8 +351,10 @@ print("train transform:", train_tf)
 # (new data, or a new weights file at the same path, count as new settings).
 H.require(globals(), config="Configuration", cache_attrs="Preprocess: face crops and the HDF5 cache",
           folds="Protocol: folds", weights_info="Model")
+# tta_flip also validates with flip TTA (the epoch is chosen by the test's rule): a setting of its own when on
 run_key = H.config_fingerprint(config, exclude=("workdir", "max_folds", "nproc", "export", "video_source",
-                                                "video_frames", "ema", "cross_data_path", "tta_flip", "torch_compile", "channels_last"),
+                                                "video_frames", "ema", "cross_data_path", "torch_compile", "channels_last")
+                               + (() if config["tta_flip"] else ("tta_flip",)),
                                contents={"data": cache_attrs["fingerprint"], "weights": weights_info.get("sha256")})
 run_dir = out_dir / "runs" / f"{config['protocol']}_{config['model_name']}_{config['image_size']}px_{run_key}"
 spec_path = H.write_run_spec(run_dir / "run.json", config=config, cache_path=cache_path, class_names=class_names,

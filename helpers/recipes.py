@@ -139,6 +139,7 @@ def train_fold(spec: dict, fold: int, device, progress: bool = True) -> dict:
               early_stopping=config["early_stopping"], config=config, run_key=spec["run_key"], progress=progress,
               torch_compile=config.get("torch_compile", False), channels_last=config.get("channels_last", False),
               layer_decay=config.get("layer_decay"), model_ema=config.get("model_ema"),
+              val_tta_flip=bool(config.get("tta_flip", False)),  # the epoch chosen by the test's rule
               extra_state={"class_names": class_names, "preprocess": cache_attrs["preprocess"], "norm": norm})
     return {**run, "weights": weights_info, "parameters": counts, "norm": norm,
             "training_data": training_data}
@@ -208,6 +209,7 @@ def pretrain_classifier(data_path: str | Path, workdir: str | Path, config: dict
                "warmup_epochs": min(config["warmup_epochs"], 1), "pretrain_data_path": None,
                "layer_decay": None,  # training from scratch: one learning rate (layer decay is for fine-tuning)
                "model_ema": None,  # a fine-tuning setting too: a new one leaves the pre-training reusable
+               "tta_flip": False,  # so is flip TTA (validation and FER+ test: one view)
                "augment": augment or config.get("augment", "seed")}
     recipe = {k: pconfig.get(k) for k in (*CONFIG_KEYS, "augment", "augment_erasing")}
     if pconfig.get("lr_scaling", "none") != "none":  # keyed only when used: unscaled pre-trainings keep their keys

@@ -500,7 +500,7 @@ def fit(model: nn.Module, train_loader, val_loader, out_dir: str | Path, *, num_
         extra_state: dict | None = None, on_epoch_end: Callable[[dict], None] | None = None,
         run_key: str | None = None, progress: bool = True, find_unused_parameters: bool = False,
         torch_compile: bool | str = False, channels_last: bool = False,
-        layer_decay: float | None = None, model_ema: float | None = None) -> dict:
+        layer_decay: float | None = None, model_ema: float | None = None, val_tta_flip: bool = False) -> dict:
     """Train with checkpoints, history, early stopping and resume.
 
     Args:
@@ -538,6 +538,9 @@ def fit(model: nn.Module, train_loader, val_loader, out_dir: str | Path, *, num_
             copy after the first step, then ``ema = d * ema + (1 - d) * weights`` after every step (it averages
             about the last ``1 / (1 - d)`` steps), e.g. 0.99; validation, ``best_model.pth`` and early
             stopping then use the averaged weights (``last.pth`` keeps both). None: off.
+        val_tta_flip: validate each epoch with flip test-time augmentation (see :func:`evaluate`), so that the
+            epoch is chosen by the rule the test predictions use; the history keeps the one-view accuracy
+            beside it (``val_acc_single``). Models with one input only.
 
     Under torchrun the model is wrapped in DistributedDataParallel here, every rank runs the
     same epochs on its share of the data, validation figures are those of the whole
@@ -546,7 +549,7 @@ def fit(model: nn.Module, train_loader, val_loader, out_dir: str | Path, *, num_
 
     Returns:
         ``{"history": [...], "best": {...}, "best_path", "last_path", "epochs_run", "stopped_early",
-        "wall_s", "world_size", "compile", "channels_last", "model_ema"}``.
+        "wall_s", "world_size", "compile", "channels_last", "model_ema", "val_tta_flip"}``.
     """
     if model_ema is not None and not 0.0 < model_ema < 1.0:
         raise ValueError(f"model_ema must be in (0, 1) (the moving average's decay, e.g. 0.99) or None, not {model_ema!r}")
@@ -572,10 +575,12 @@ def fit(model: nn.Module, train_loader, val_loader, out_dir: str | Path, *, num_
         run_key = run_key or config_fingerprint(config)
         if resume and last_path.exists():
             ckpt = load_checkpoint(last_path)
-            if ckpt.get("run_key") != run_key or ckpt.get("model_ema") != model_ema:
+            # fit's own settings (not in config) count too; checkpoints from before val_tta_flip validated one view
+            own = {k: v for k, v in (("model_ema", model_ema), ("val_tta_flip", val_tta_flip))
+                   if ckpt.get(k, False if k == "val_tta_flip" else None) != v}
+            if ckpt.get("run_key") != run_key or own:
                 changed = sorted(k for k in set(config) | set(ckpt["config"]) if config.get(k) != ckpt["config"].get(k))
-                if ckpt.get("model_ema") != model_ema and "model_ema" not in changed:  # fit's own setting
-                    changed.append("model_ema")
+                changed += [k for k in own if k not in changed]
                 raise ValueError(f"{last_path} was written with other settings ({', '.join(changed) or 'run_key'}); "
                                  "resuming would mix two runs. Use another out_dir, delete it, or pass resume=False.")
             model.load_state_dict(ckpt["model"])
@@ -635,10 +640,12 @@ def fit(model: nn.Module, train_loader, val_loader, out_dir: str | Path, *, num_
             distributed.broadcast_buffers(core)
             if ema is not None:
                 distributed.broadcast_buffers(ema.module)
-            va = evaluate(rated, val_loader, device, loss_fn, amp_dtype)
+            va = evaluate(rated, val_loader, device, loss_fn, amp_dtype, tta_flip=val_tta_flip)
             row = {"epoch": epoch + 1, "train_loss": tr["loss"], "train_acc": tr["acc"], "val_loss": va["loss"],
                    "val_acc": va["acc"], "lr": optimizer.param_groups[0]["lr"], "epoch_s": time.time() - te,
                    "train_s": train_s, "train_samples": tr["samples"], "world_size": world}
+            if val_tta_flip:  # the one-view figure beside the one that selects
+                row["val_acc_single"] = float((va["probs_single"].argmax(-1) == va["y_true"]).mean())
             value = row[monitor]
             improved = best is None or (value > best["value"] if higher else value < best["value"])
             if improved:
@@ -655,7 +662,7 @@ def fit(model: nn.Module, train_loader, val_loader, out_dir: str | Path, *, num_
                 save_checkpoint(last_path, model=core.state_dict(), optimizer=optimizer.state_dict(),
                                 scheduler=scheduler.state_dict(), scaler=scaler.state_dict() if scaler else None,
                                 epoch=epoch + 1, history=history, best=best, waited=waited, config=config,
-                                run_key=run_key, world_size=world, model_ema=model_ema,
+                                run_key=run_key, world_size=world, model_ema=model_ema, val_tta_flip=val_tta_flip,
                                 ema=None if ema is None else ema.module.state_dict())
                 save_json(history, out_dir / "history.json")
             if progress:
@@ -668,4 +675,4 @@ def fit(model: nn.Module, train_loader, val_loader, out_dir: str | Path, *, num_
         distributed.barrier()  # the other ranks may read best_model.pth next
         return {"history": history, "best": best, "best_path": best_path, "last_path": last_path,
                 "epochs_run": len(history), "stopped_early": stopped, "wall_s": time.time() - t0, "world_size": world,
-                "compile": compile_info, "channels_last": nhwc, "model_ema": model_ema}
+                "compile": compile_info, "channels_last": nhwc, "model_ema": model_ema, "val_tta_flip": val_tta_flip}

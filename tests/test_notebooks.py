@@ -131,14 +131,18 @@ def test_dfer_notebook_trains_on_ferplus_and_its_weights_start_a_kmu_run(tmp_pat
     again = _run("DFER_GCViT", tmp_path / "kmu", pretrain_data_path=str(fer_zip), pretrain_epochs=1)
     assert again["pretraining"]["sha256"] == pre["sha256"] and last.stat().st_mtime_ns == written
     # a run that changes only its own recipe (augmentation, the pre-training's pinned by pretrain_augment; layer-wise
-    # lr decay and the weight average, which fine-tuning uses and training from scratch does not) reuses it too
+    # lr decay, the weight average and flip TTA, which fine-tuning uses and training from scratch does not) reuses it
     nir = _run("DFER_GCViT", tmp_path / "kmu", pretrain_data_path=str(fer_zip), pretrain_epochs=1, augment="nir",
-               pretrain_augment="seed", layer_decay=0.5, model_ema=0.9)
+               pretrain_augment="seed", layer_decay=0.5, model_ema=0.9, tta_flip=True)
     assert nir["pretraining"]["sha256"] == pre["sha256"] and last.stat().st_mtime_ns == written
     assert nir["config"]["augment"] == "nir" and nir["run_dir"] != kmu["run_dir"]
     fold_last = H.load_checkpoint(Path(nir["run_dir"]) / "fold_1" / "last.pth")
     assert fold_last["model_ema"] == 0.9 and fold_last["ema"].keys() == fold_last["model"].keys()
     assert nir["config"]["model_ema"] == 0.9 and kmu["config"]["model_ema"] is None
+    # tta_flip validates the folds with TTA too (one view beside it); the pre-training stayed one view
+    assert fold_last["val_tta_flip"] and all("val_acc_single" in row for row in fold_last["history"])
+    assert not H.load_checkpoint(last).get("val_tta_flip", False)
+    assert "single_view_accuracy" in nir["metrics"]["per_fold"][0]
     groups = fold_last["optimizer"]["param_groups"]
     scales = {g["lr_scale"] for g in groups}
     assert scales == {1.0, 0.5, 0.25, 0.125, 0.0625}  # gcvit_xxtiny: head and top stage, 3 stages below, the stem

@@ -557,6 +557,22 @@ def test_model_ema_averages_the_weights_after_every_step_and_is_what_is_validate
         assert H.evaluate(check, val, "cpu")["acc"] == pytest.approx(row["val_acc"])
 
 
+def test_val_tta_flip_selects_by_the_flip_averaged_validation_and_keeps_the_one_view_figure(demo_cache, tmp_path):
+    cache, classes = demo_cache
+    model, run = _fit(cache, classes, tmp_path / "tta", linear=True, val_tta_flip=True)
+    _, val = _loaders(cache)
+    tta, one = H.evaluate(model, val, "cpu", tta_flip=True), H.evaluate(model, val, "cpu")
+    assert not np.allclose(tta["probs"], one["probs"])  # the mirror image really changes the prediction
+    last = run["history"][-1]  # the last epoch's figures are those of the weights fit leaves in the model
+    assert last["val_acc"] == pytest.approx(tta["acc"]) and last["val_acc_single"] == pytest.approx(one["acc"])
+    assert run["val_tta_flip"] and H.load_checkpoint(tmp_path / "tta" / "last.pth")["val_tta_flip"]
+    # resuming the folder with the other selection rule would mix two runs
+    with pytest.raises(ValueError, match=r"other settings \(val_tta_flip\)"):
+        _fit(cache, classes, tmp_path / "tta", linear=True, num_epochs=4)
+    _, plain = _fit(cache, classes, tmp_path / "plain", linear=True)
+    assert "val_acc_single" not in plain["history"][-1] and not plain["val_tta_flip"]
+
+
 def test_model_ema_resumes_exactly_and_refuses_a_checkpoint_without_it(demo_cache, tmp_path):
     cache, classes = demo_cache
     _, full = _fit(cache, classes, tmp_path / "full", model_ema=0.8)
