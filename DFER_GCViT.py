@@ -166,6 +166,7 @@ config = H.resolve_config(profile, PROFILES, dict(
     video_source=video_source, video_frames=video_frames, ema=ema))
 # Fail here, not deep inside timm, if the model cannot take this input size or these weights.
 H.validate_gcvit_size(config["model_name"], config["image_size"], config["weights"])
+H.check_model_ema(config["model_ema"])
 # the learning-rate rule for other batch sizes (recorded in config): lr was chosen at the profile's batch
 config["lr_reference_batch"] = config["lr_reference_batch"] or PROFILES[profile]["batch_size"]
 workdir = Path(config["workdir"])

@@ -89,6 +89,7 @@ anchor_margin = None           # separation margin of anchors of different class
 class_weighted = None          # True: inverse-frequency class weights in the NLL
 balanced_sampling = None       # True: class-balanced sampling of training batches
 clip_grad = None               # max gradient norm | None: off
+model_ema = None               # decay of a moving average of the weights, e.g. 0.999 (about the last 1000 steps): validated, kept and tested instead of the last weights | None: off
 amp = None                     # "auto" (bf16/fp16 on CUDA, off on CPU/MPS) | "fp16" | "bf16" | "off" (cpu profile: H.cpu_amp())
 early_stopping = None          # epochs without val improvement | None: never
 num_workers = None             # DataLoader worker processes
@@ -109,7 +110,7 @@ COMMON = dict(video_source=None, video_frames=30, ema=0.6, max_per_split=None, v
               backbone_args=None, components="full", label_smoothing=0.1, augment="grefel", augment_erasing=0.25,
               tta_flip=True,
               lambda_cls=1.0, lambda_plain=0.0, lambda_anchor=1.0, lambda_center=1.0, anchor_margin=2.0, class_weighted=False,
-              balanced_sampling=False, clip_grad=1.0, amp="auto", early_stopping=None, torch_compile="auto",
+              balanced_sampling=False, clip_grad=1.0, model_ema=None, amp="auto", early_stopping=None, torch_compile="auto",
               channels_last=False,
               data_on_device="auto", lr_scaling="none", lr_reference_batch=None)
 PROFILES = {
@@ -146,13 +147,14 @@ config = H.resolve_config(profile, PROFILES, dict(
     num_epochs=num_epochs, batch_size=batch_size, lr=lr, lr_scaling=lr_scaling,
     lr_reference_batch=lr_reference_batch, weight_decay=weight_decay, warmup_epochs=warmup_epochs,
     lambda_cls=lambda_cls, lambda_plain=lambda_plain, lambda_anchor=lambda_anchor, lambda_center=lambda_center, anchor_margin=anchor_margin,
-    class_weighted=class_weighted, balanced_sampling=balanced_sampling, clip_grad=clip_grad, amp=amp,
+    class_weighted=class_weighted, balanced_sampling=balanced_sampling, clip_grad=clip_grad, model_ema=model_ema, amp=amp,
     early_stopping=early_stopping, num_workers=num_workers, torch_compile=torch_compile, channels_last=channels_last,
     data_on_device=data_on_device, video_source=video_source, video_frames=video_frames,
     ema=ema))
 # fail here, before the data work, on an unknown recipe or backbone, or a pyramid the input size cannot give
 if config["augment"] not in ("grefel", "shift"):
     raise ValueError(f"augment must be 'grefel' or 'shift', not {config['augment']!r}")
+H.check_model_ema(config["model_ema"])
 H.create_feature_pyramid(config["backbone"], config["image_size"], config["patch_sizes"],
                          backbone_args=config["backbone_args"])
 # the learning-rate rule for other batch sizes (recorded in config): lr was chosen at the profile's batch
@@ -637,8 +639,9 @@ backbone_info = model.features.backbone_info  # stages, channels, weights source
 print(f"GReFEL ({config['components']}) {param_counts['total']:,} parameters; train {len(idx['train'])}, val {len(idx['val'])}, "
       f"test {len(idx['test'])}; device {device}")
 revision = MODEL_REVISION[config["components"]]
+# model_ema joined the settings later: off, it leaves the run folders of before it their names
 run_key = H.config_fingerprint(config, exclude=("workdir", "video_source", "video_frames", "ema", "tta_flip", "torch_compile", "channels_last",
-                                        "data_on_device"),
+                                        "data_on_device") + (("model_ema",) if config["model_ema"] is None else ()),
                                contents={"data": cache_attrs["fingerprint"],  # new data or weights: a new run
                                          "weights": backbone_info.get("sha256"),
                                          # a new model revision too (revision-1 runs keep their names)
@@ -650,7 +653,7 @@ run = H.fit(model, train_loader, val_loader, run_dir, num_epochs=config["num_epo
             weight_decay=config["weight_decay"], device=device, loss_fn=loss_fn, seed=config["seed"],
             warmup_epochs=config["warmup_epochs"], clip_grad=config["clip_grad"], amp=config["amp"],
             early_stopping=config["early_stopping"], config=config, torch_compile=config["torch_compile"],
-            channels_last=config["channels_last"],
+            channels_last=config["channels_last"], model_ema=config["model_ema"],
             extra_state={"class_names": class_names, "preprocess": cache_attrs["preprocess"], "norm": norm},
             run_key=run_key)
 H.plot_training_curves(run["history"], save_path=run_dir / "training_curve.png");

@@ -41,7 +41,7 @@ from .models import (TimmClassifier, WeightsUnavailableError, count_parameters, 
                      validate_gcvit_size)
 from .distributed import (ShardedBatchSampler, barrier, get_rank, get_world_size, init_distributed, is_distributed,
                           is_main, shutdown)
-from .train import (build_optimizer, build_scheduler, channels_last_layout, class_weights_from_labels,
+from .train import (build_optimizer, build_scheduler, channels_last_layout, check_model_ema, class_weights_from_labels,
                     compile_for_training, cpu_amp, cross_entropy_loss, evaluate, fit, scaled_lr,
                     load_checkpoint, make_loader, output_probs, resolve_amp, save_checkpoint, seed_everything,
                     train_one_epoch)
@@ -82,8 +82,8 @@ __all__ = [
     # train
     "seed_everything", "make_loader", "build_optimizer", "build_scheduler", "cross_entropy_loss",
     "class_weights_from_labels", "output_probs", "resolve_amp", "train_one_epoch", "evaluate",
-    "save_checkpoint", "load_checkpoint", "fit", "compile_for_training", "channels_last_layout", "cpu_amp",
-    "scaled_lr",
+    "save_checkpoint", "load_checkpoint", "fit", "check_model_ema", "compile_for_training", "channels_last_layout",
+    "cpu_amp", "scaled_lr",
     # distributed
     "init_distributed", "shutdown", "is_distributed", "get_rank", "get_world_size", "is_main", "barrier",
     "ShardedBatchSampler",

@@ -492,6 +492,12 @@ def compile_for_training(model: nn.Module, torch_compile: bool | str, loader, lo
 
 # ----------------------------------------------------------------------------- fit
 
+def check_model_ema(model_ema: float | None) -> None:
+    """Refuse a weight-average decay outside (0, 1) (notebooks call it before their data work, :func:`fit` again)."""
+    if model_ema is not None and not (isinstance(model_ema, (int, float)) and 0.0 < model_ema < 1.0):
+        raise ValueError(f"model_ema must be in (0, 1) (the moving average's decay, e.g. 0.99) or None, not {model_ema!r}")
+
+
 def fit(model: nn.Module, train_loader, val_loader, out_dir: str | Path, *, num_epochs: int, lr: float,
         weight_decay: float, device, loss_fn: Callable | None = None, seed: int = 42,
         warmup_epochs: float = 0.0, restart_epochs: int | None = None, min_lr_ratio: float = 0.0,
@@ -551,8 +557,7 @@ def fit(model: nn.Module, train_loader, val_loader, out_dir: str | Path, *, num_
         ``{"history": [...], "best": {...}, "best_path", "last_path", "epochs_run", "stopped_early",
         "wall_s", "world_size", "compile", "channels_last", "model_ema", "val_tta_flip"}``.
     """
-    if model_ema is not None and not 0.0 < model_ema < 1.0:
-        raise ValueError(f"model_ema must be in (0, 1) (the moving average's decay, e.g. 0.99) or None, not {model_ema!r}")
+    check_model_ema(model_ema)
     out_dir = Path(out_dir)
     device = torch.device(device)
     loss_fn = loss_fn or cross_entropy_loss()

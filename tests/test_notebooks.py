@@ -192,10 +192,12 @@ def check_grefel_results(r, out):
 def test_grefel_notebook_on_generated_demo(tmp_path):
     """The demo FER+ trained on its vote distributions, from the GPU data path (asked for: on a CPU here;
     the batched recipe moves the landmarks and the soft targets come along), at another batch size with
-    a learning-rate rule, in channels-last order."""
+    a learning-rate rule, in channels-last order, with a moving average of the weights."""
     r = _run("GReFEL", tmp_path, soft_labels=True, data_on_device=True, batch_size=16, lr_scaling="linear",
-             channels_last=True)
+             channels_last=True, model_ema=0.9)
     assert r["data"] == "generated demo" and r["channels_last"] is True
+    last = H.load_checkpoint(Path(r["run_dir"]) / "last.pth")  # the average validated and kept, the live weights beside
+    assert last["model_ema"] == 0.9 and last["ema"].keys() == last["model"].keys()
     assert r["training_data"] == {"on_device": True, "why": "data_on_device=True"}
     # half the profile's batch (32), linear rule: half its lr (1e-3), recorded
     assert r["config"]["lr_reference_batch"] == 32 and r["lr_effective"] == pytest.approx(5e-4)
@@ -208,6 +210,9 @@ def test_grefel_notebook_on_whole_frames_without_votes_or_splits(demo_kmu_zip, t
     with the "shift" recipe (an unknown one stops before the data work)."""
     with pytest.raises(Exception, match="augment must be 'grefel' or 'shift', not 'heavy'"):
         _run("GReFEL", tmp_path / "bad", data_path=str(demo_kmu_zip), augment="heavy")
+    with pytest.raises(Exception, match="model_ema must be in \\(0, 1\\)"):
+        _run("GReFEL", tmp_path / "bad", data_path=str(demo_kmu_zip), model_ema=1.0)
+    assert not (tmp_path / "bad" / "cache").exists()  # both stopped before the data work
     r = _run("GReFEL", tmp_path, data_path=str(demo_kmu_zip), video_frames=5, augment="shift")
     assert r["config"]["augment"] == "shift"
     d = r["dataset"]
