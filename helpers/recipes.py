@@ -159,8 +159,8 @@ def evaluate_fold(spec: dict, fold: int, checkpoint: str | Path, part: str, devi
     out = evaluate(model.to(device), loader, device, amp_dtype=resolve_amp(config["amp"], device),
                    tta_flip=config.get("tta_flip", False))
     metrics = compute_metrics(out["y_true"], out["y_pred"], class_names, probs=out["probs"])
-    if "probs_single" in out:  # tta_flip: the one-view figure beside the headline
-        metrics["single_view_accuracy"] = float((out["probs_single"].argmax(1) == out["y_true"]).mean())
+    if "acc_single" in out:  # tta_flip: the one-view figure beside the headline
+        metrics["single_view_accuracy"] = out["acc_single"]
     groups = read_cache_meta(spec["cache_path"])[0]["group"].to_numpy()[spec["folds"][fold][part]]
     metrics["sequence"] = sequence_metrics(out["probs"], out["y_true"], groups)  # None without sequence ids
     return metrics

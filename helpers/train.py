@@ -341,8 +341,8 @@ def evaluate(model: nn.Module, loader, device, loss_fn: Callable | None = None, 
     """Predictions and loss over ``loader`` in eval mode.
 
     ``tta_flip``: average each image's probabilities with its mirror image's (models with one
-    input; the loss stays that of the single view, and ``probs_single`` keeps the single view's
-    probabilities so both accuracies can be reported).
+    input; the loss stays that of the single view, and ``probs_single`` and ``acc_single`` keep the single
+    view's probabilities and accuracy so both can be reported).
 
     Under torchrun, with a loader from :func:`make_loader` (shuffle=False), each rank
     evaluates its batches and every rank returns the whole dataset's predictions in order.
@@ -382,6 +382,7 @@ def evaluate(model: nn.Module, loader, device, loss_fn: Callable | None = None, 
            "y_true": y_true, "y_pred": y_pred, "probs": p}
     if p_single is not None:
         out["probs_single"] = p_single
+        out["acc_single"] = float((p_single.argmax(-1) == y_true).mean()) if len(y_true) else float("nan")
     if loss_fn is not None:
         out["loss"] = loss_sum / max(1, len(y_true))
     return out
@@ -581,8 +582,8 @@ def fit(model: nn.Module, train_loader, val_loader, out_dir: str | Path, *, num_
         if resume and last_path.exists():
             ckpt = load_checkpoint(last_path)
             # fit's own settings (not in config) count too; checkpoints from before val_tta_flip validated one view
-            own = {k: v for k, v in (("model_ema", model_ema), ("val_tta_flip", val_tta_flip))
-                   if ckpt.get(k, False if k == "val_tta_flip" else None) != v}
+            own = [k for k, value, absent in (("model_ema", model_ema, None), ("val_tta_flip", val_tta_flip, False))
+                   if ckpt.get(k, absent) != value]
             if ckpt.get("run_key") != run_key or own:
                 changed = sorted(k for k in set(config) | set(ckpt["config"]) if config.get(k) != ckpt["config"].get(k))
                 changed += [k for k in own if k not in changed]
@@ -650,7 +651,7 @@ def fit(model: nn.Module, train_loader, val_loader, out_dir: str | Path, *, num_
                    "val_acc": va["acc"], "lr": optimizer.param_groups[0]["lr"], "epoch_s": time.time() - te,
                    "train_s": train_s, "train_samples": tr["samples"], "world_size": world}
             if val_tta_flip:  # the one-view figure beside the one that selects
-                row["val_acc_single"] = float((va["probs_single"].argmax(-1) == va["y_true"]).mean())
+                row["val_acc_single"] = va["acc_single"]
             value = row[monitor]
             improved = best is None or (value > best["value"] if higher else value < best["value"])
             if improved:
