@@ -1,0 +1,71 @@
+"""bench/grefel_pilot.py: the pack is the notebook's cache without its test split, and a variant trains as the
+notebook's cpu profile with only its own settings changed."""
+
+import importlib.util
+import json
+
+import h5py
+import numpy as np
+import pytest
+
+import helpers as H
+from conftest import ROOT
+
+
+@pytest.fixture(scope="module")
+def pilot():
+    spec = importlib.util.spec_from_file_location("grefel_pilot", ROOT / "bench" / "grefel_pilot.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def packed(pilot, tmp_path_factory):
+    """A demo FER+ archive, its 64-px landmark cache as the notebook builds it (fixed points for dlib's), the pack."""
+    tmp = tmp_path_factory.mktemp("grefel_pilot")
+    archive = H.make_demo_ferplus(tmp / "FERPlus.zip", num_train=24, num_val=12, num_test=12)
+    index, _ = H.read_ferplus(H.prepare_ferplus(archive, tmp / "ex", verbose=False), verbose=False)
+    index = index[index["label"] != ""].reset_index(drop=True)
+    rng = np.random.default_rng(0)
+
+    def landmarker(crop):  # points partly outside the crop, as dlib's may be
+        return rng.uniform(-0.2, 1.2, (68, 2)) * crop.shape[0], True
+
+    cache = H.build_hdf5_cache(index, tmp / "ferplus_64px_lm.h5", H.FERPLUS_CLASSES, 64, channels=1,
+                               extra_columns=("votes",), landmarker=landmarker, progress=False)
+    out = tmp / "pack.npz"
+    pilot.pack(str(cache), str(archive), str(out))
+    return cache, out
+
+
+def test_pack_is_the_cache_without_its_test_split(pilot, packed, tmp_path):
+    cache, npz = packed
+    with h5py.File(cache, "r") as f:
+        keep = f["split"].asstr()[:] != "test"
+        expected = {k: f[k][:][keep] for k in ("images", "labels", "votes", "landmarks", "landmarks_ok")}
+        is_val = f["split"].asstr()[:][keep] == "val"
+    assert 0 < keep.sum() < len(keep)
+    idx = pilot.write_cache(str(npz), tmp_path / "p.h5", 64, 0)
+    with h5py.File(tmp_path / "p.h5", "r") as f:
+        np.testing.assert_array_equal(f["images"][:], expected["images"])  # 48 px faces resized as the cache does
+        np.testing.assert_array_equal(f["labels"][:], expected["labels"])
+        np.testing.assert_array_equal(f["votes"][:], expected["votes"])
+        np.testing.assert_array_equal(f["landmarks_ok"][:], expected["landmarks_ok"])
+        # quantised: within half a step (1.5 / 255 / 2 of the side) where inside the stored range
+        inside = (expected["landmarks"] >= -0.25) & (expected["landmarks"] <= 1.25)
+        err = np.abs(f["landmarks"][:] - expected["landmarks"])[inside]
+        assert err.max() <= 1.5 / 255 / 2 + 1e-6
+    assert list(idx["val"]) == list(np.flatnonzero(is_val)) and idx["num_classes"] == 8
+
+
+def test_a_variant_is_the_cpu_profile_with_its_own_settings_changed(pilot, packed, tmp_path):
+    _, npz = packed
+    nb_config = pilot.cpu_profile(tmp_path / "nb")
+    assert nb_config["profile"] == "cpu" and nb_config["num_epochs"] > 1
+    pilot.launch(str(npz), tmp_path / "out", ["soft"], deadline=600, epochs=1, limit=8, work=tmp_path / "w")
+    r = json.loads((tmp_path / "out" / "soft.json").read_text())
+    assert r["done"] and len(r["history"]) == 1 and r["train"] == 8 and r["val"] == 2
+    changed = {k for k in nb_config if r["config"][k] != nb_config[k]}
+    assert changed == {"soft_labels", "num_epochs", "workdir"}, changed
+    assert r["config"]["soft_labels"] is True and r["best_val_acc"] == r["history"][0]["val_acc"]
