@@ -16,6 +16,16 @@ SHARED = Path(__import__("os").environ.get("FER_SHARED_DATA", ROOT.parent / "sha
 import helpers as H  # noqa: E402
 
 
+def load_bench(name: str):
+    """A script of bench/ as a module (bench/ is not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def _real(rel: str) -> Path:
     path = SHARED / rel
     if not path.exists():

@@ -1,7 +1,6 @@
 """bench/grefel_pilot.py: the pack is the notebook's cache without its test split, and a variant trains as the
 notebook's cpu profile with only its own settings changed."""
 
-import importlib.util
 import json
 
 import h5py
@@ -9,15 +8,12 @@ import numpy as np
 import pytest
 
 import helpers as H
-from conftest import ROOT
+from conftest import load_bench
 
 
 @pytest.fixture(scope="module")
 def pilot():
-    spec = importlib.util.spec_from_file_location("grefel_pilot", ROOT / "bench" / "grefel_pilot.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("grefel_pilot")
 
 
 @pytest.fixture(scope="module")

@@ -1,21 +1,17 @@
 """bench/backbone_pilot.py: the FER+ pack is lossless and keeps the test split out; a pilot run records its rows."""
 
-import importlib.util
 import json
 
 import numpy as np
 import pytest
 
 import helpers as H
-from conftest import ROOT
+from conftest import load_bench
 
 
 @pytest.fixture(scope="module")
 def pilot():
-    spec = importlib.util.spec_from_file_location("backbone_pilot", ROOT / "bench" / "backbone_pilot.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("backbone_pilot")
 
 
 def test_pack_is_lossless_and_leaves_the_test_split_out(pilot, tmp_path):
