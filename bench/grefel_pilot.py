@@ -157,7 +157,7 @@ def train(npz: str, out: Path, name: str, epochs: int, limit: int, work: Path) -
     eval_tf = H.build_transform("eval", config["image_size"], norm["mean"], norm["std"], channels=1, keypoints=True)
     train_ds = H.H5Dataset(cache, idx["train"], train_tf, in_memory=True, landmarks=True,
                            soft_labels=config["soft_labels"])
-    train_loader, data_path = H.training_batches(train_ds, config["augment"], config["image_size"], norm,
+    train_loader, training_data = H.training_batches(train_ds, config["augment"], config["image_size"], norm,
                                                  config["augment_erasing"], config["batch_size"], "auto", device,
                                                  num_workers=0, seed=config["seed"])
     val_loader = H.make_loader(H.H5Dataset(cache, idx["val"], eval_tf, in_memory=True, landmarks=True),
@@ -167,8 +167,8 @@ def train(npz: str, out: Path, name: str, epochs: int, limit: int, work: Path) -
     loss_fn = g["grefel_loss"](model, config["lambda_cls"], config["lambda_anchor"], config["lambda_center"],
                                config["anchor_margin"], None, config["label_smoothing"], config["lambda_plain"])
     record = {"variant": name, "changed": VARIANTS[name], "config": config, "device": str(device),
-              "torch": torch.__version__, "data_path": data_path, "train": len(idx["train"]), "val": len(idx["val"]),
-              "setup_s": round(time.time() - t0, 1), "history": []}
+              "torch": torch.__version__, "training_data": training_data, "train": len(idx["train"]),
+              "val": len(idx["val"]), "setup_s": round(time.time() - t0, 1), "history": []}
 
     def save(history):
         best = max(range(len(history)), key=lambda i: history[i]["val_acc"])
@@ -194,8 +194,9 @@ def launch(npz: str, out: Path, names: list[str], deadline: float, epochs: int, 
     out.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
     args = ["--epochs", str(epochs), "--limit", str(limit), "--work", str(work)]
+    logs = {n: open(work / f"{n}.log", "w") for n in names}
     procs = {n: subprocess.Popen([sys.executable, __file__, "train", npz, str(out), n, *args], cwd=ROOT,
-                                 stdout=open(work / f"{n}.log", "w"), stderr=subprocess.STDOUT) for n in names}
+                                 stdout=logs[n], stderr=subprocess.STDOUT) for n in names}
     t0 = time.time()
     smi = shutil.which("nvidia-smi")
     with open(work / "gpu.log", "w") as log:
@@ -206,9 +207,11 @@ def launch(npz: str, out: Path, names: list[str], deadline: float, epochs: int, 
                     capture_output=True, text=True).stdout)
                 log.flush()
             time.sleep(10)
-    for p in procs.values():
+    for n, p in procs.items():
         if p.poll() is None:
             p.kill()
+            p.wait()
+        logs[n].close()
     print(f"{'variant':16s} {'epochs':>9s} {'best FER2013Valid (epoch)':>27s} {'last':>7s} {'wall':>6s}")
     for n in names:
         f = out / f"{n}.json"
