@@ -7,8 +7,9 @@ resolved ``cpu`` profile (its Parameters and Configuration cells are executed wi
 few settings changed, the model and loss are the notebook's cells tagged ``grefel-model``, and training is
 ``H.fit`` with the notebook's arguments (the training split on the device and augmented there on CUDA, as
 ``data_on_device="auto"`` does; ``torch_compile`` off, so that no variant spends its time compiling). Every
-epoch's history row is written to ``<out>/<variant>.json`` as soon as it exists, so a variant killed at a
-deadline keeps what it measured; a second ``launch`` resumes unfinished variants from their ``last.pth``.
+epoch's history row is written as soon as it exists and gathered every 10 s into one ``<out>/pilot.json``
+(the device returns a few files a call), so a variant killed at a deadline keeps what it measured; a second
+``launch`` resumes unfinished variants from their ``last.pth``.
 FER2013Test is not packed: a pilot chooses settings, and chooses them on validation.
 
 It runs where the notebook's archive and cache cannot go (the GPU machine takes 64 MiB): ``pack`` turns the
@@ -138,7 +139,8 @@ def write_cache(npz: str, path: Path, size: int, limit: int) -> dict:  # -> trai
 
 
 def train(npz: str, out: Path, name: str, epochs: int, limit: int, work: Path) -> None:
-    """One variant, as the notebook's Training cell trains it; history rows to ``out/<name>.json`` as they come."""
+    """One variant, as the notebook's Training cell trains it; history rows to ``out/<name>.json`` as they come
+    (``launch`` gives its work folder as ``out`` and gathers them)."""
     import torch
 
     torch.set_num_threads(2)
@@ -176,11 +178,13 @@ def train(npz: str, out: Path, name: str, epochs: int, limit: int, work: Path) -
                       wall_s=round(time.time() - t0, 1))
         H.save_json(record, out / f"{name}.json")
 
-    run = H.fit(model, train_loader, val_loader, work / f"run_{name}", num_epochs=config["num_epochs"],
+    run_dir = work / f"run_{name}"
+    run = H.fit(model, train_loader, val_loader, run_dir, num_epochs=config["num_epochs"],
                 lr=H.fold_lr(config), weight_decay=config["weight_decay"], device=device, loss_fn=loss_fn,
                 seed=config["seed"], warmup_epochs=config["warmup_epochs"], clip_grad=config["clip_grad"],
                 amp=config["amp"], config=config, torch_compile=False, model_ema=config["model_ema"],
-                on_epoch_end=lambda row: save(record["history"] + [row]), progress=False)
+                # the run's whole history so far (H.fit has written it), resumed epochs included
+                on_epoch_end=lambda row: save(json.loads((run_dir / "history.json").read_text())), progress=False)
     record["done"] = True
     save(run["history"])
 
@@ -195,30 +199,36 @@ def launch(npz: str, out: Path, names: list[str], deadline: float, epochs: int, 
     work.mkdir(parents=True, exist_ok=True)
     args = ["--epochs", str(epochs), "--limit", str(limit), "--work", str(work)]
     logs = {n: open(work / f"{n}.log", "w") for n in names}
-    procs = {n: subprocess.Popen([sys.executable, __file__, "train", npz, str(out), n, *args], cwd=ROOT,
+    procs = {n: subprocess.Popen([sys.executable, __file__, "train", npz, str(work), n, *args], cwd=ROOT,
                                  stdout=logs[n], stderr=subprocess.STDOUT) for n in names}
     t0 = time.time()
     smi = shutil.which("nvidia-smi")
-    with open(work / "gpu.log", "w") as log:
-        while any(p.poll() is None for p in procs.values()) and time.time() - t0 < deadline:
-            if smi:
-                log.write(f"{time.time() - t0:.0f}s " + subprocess.run(
-                    [smi, "--query-gpu=utilization.gpu,memory.used", "--format=csv,noheader"],
-                    capture_output=True, text=True).stdout)
-                log.flush()
-            time.sleep(10)
+    gpu = []  # GPU busy share and memory every 10 s
+
+    def gather():  # the variants' own files (each written atomically) -> one file
+        found = {n: json.loads((work / f"{n}.json").read_text()) for n in names if (work / f"{n}.json").exists()}
+        H.save_json({"variants": found, "gpu": gpu}, out / "pilot.json")
+        return found
+
+    while any(p.poll() is None for p in procs.values()) and time.time() - t0 < deadline:
+        if smi:
+            gpu.append(f"{time.time() - t0:.0f}s " + subprocess.run(
+                [smi, "--query-gpu=utilization.gpu,memory.used", "--format=csv,noheader"],
+                capture_output=True, text=True).stdout.strip())
+        gather()
+        time.sleep(10)
     for n, p in procs.items():
         if p.poll() is None:
             p.kill()
             p.wait()
         logs[n].close()
+    found = gather()
     print(f"{'variant':16s} {'epochs':>9s} {'best FER2013Valid (epoch)':>27s} {'last':>7s} {'wall':>6s}")
     for n in names:
-        f = out / f"{n}.json"
-        if not f.exists():
+        if n not in found:
             print(f"{n:16s} no result (rc {procs[n].poll()}); its log ends:\n" + (work / f"{n}.log").read_text()[-800:])
             continue
-        r = json.loads(f.read_text())
+        r = found[n]
         h = r["history"]
         print(f"{n:16s} {len(h):4d}/{r['config']['num_epochs']:<4d} {r['best_val_acc']:19.2%} ({r['best_epoch']:3d}) "
               f"{h[-1]['val_acc']:7.2%} {r['wall_s']:5.0f}s")

@@ -60,7 +60,8 @@ def test_a_variant_is_the_cpu_profile_with_its_own_settings_changed(pilot, packe
     nb_config = pilot.cpu_profile(tmp_path / "nb")
     assert nb_config["profile"] == "cpu" and nb_config["num_epochs"] > 1
     pilot.launch(str(npz), tmp_path / "out", ["soft"], deadline=600, epochs=1, limit=8, work=tmp_path / "w")
-    r = json.loads((tmp_path / "out" / "soft.json").read_text())
+    assert [f.name for f in (tmp_path / "out").iterdir()] == ["pilot.json"]  # one file to fetch from a device
+    r = json.loads((tmp_path / "out" / "pilot.json").read_text())["variants"]["soft"]
     assert r["done"] and len(r["history"]) == 1 and r["train"] == 8 and r["val"] == 2
     changed = {k for k in nb_config if r["config"][k] != nb_config[k]}
     assert changed == {"soft_labels", "num_epochs", "workdir"}, changed
