@@ -208,6 +208,8 @@ def pretrain_classifier(data_path: str | Path, workdir: str | Path, config: dict
     pconfig = {**config, "protocol": "given", "num_epochs": num_epochs, "lr": lr,
                "warmup_epochs": min(config["warmup_epochs"], 1), "pretrain_data_path": None,
                "layer_decay": None,  # training from scratch: one learning rate (layer decay is for fine-tuning)
+               # and every layer trained: the folds' freezing (finetune "head"/"partial") would freeze random weights
+               "finetune": "full", "frozen_stages": 0,
                "model_ema": None,  # a fine-tuning setting too: a new one leaves the pre-training reusable
                "tta_flip": False,  # so is flip TTA (validation and FER+ test: one view)
                "augment": augment or config.get("augment", "seed")}

@@ -128,8 +128,12 @@ def test_dfer_notebook_trains_on_ferplus_and_its_weights_start_a_kmu_run(tmp_pat
     assert all(k.startswith("head.") for k in info["missing_keys"]) and len(info["missing_keys"]) == 2
     last = Path(pre["run_dir"]) / "fold_1" / "last.pth"
     written = last.stat().st_mtime_ns
-    again = _run("DFER_GCViT", tmp_path / "kmu", pretrain_data_path=str(fer_zip), pretrain_epochs=1)
+    # reused too by a run whose folds freeze early stages: the pre-training from scratch trains every layer
+    again = _run("DFER_GCViT", tmp_path / "kmu", pretrain_data_path=str(fer_zip), pretrain_epochs=1,
+                 finetune="partial", frozen_stages=1)
     assert again["pretraining"]["sha256"] == pre["sha256"] and last.stat().st_mtime_ns == written
+    assert again["config"]["finetune"] == "partial" and again["run_dir"] != kmu["run_dir"]
+    assert H.load_checkpoint(last)["config"]["finetune"] == "full"
     # a run that changes only its own recipe (augmentation, the pre-training's pinned by pretrain_augment; layer-wise
     # lr decay, the weight average and flip TTA, which fine-tuning uses and training from scratch does not) reuses it
     nir = _run("DFER_GCViT", tmp_path / "kmu", pretrain_data_path=str(fer_zip), pretrain_epochs=1, augment="nir",
