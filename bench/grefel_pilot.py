@@ -118,7 +118,8 @@ def write_cache(npz: str, path: Path, size: int, limit: int) -> dict:  # -> trai
     import cv2
     import h5py
 
-    d = np.load(npz)
+    with np.load(npz) as packed:  # every access to a member of a compressed .npz inflates it again: once each
+        d = {k: packed[k] for k in packed.files}
     ends = np.cumsum(d["lengths"])
     is_val = d["is_val"]
     pick = (np.r_[np.flatnonzero(~is_val)[:limit], np.flatnonzero(is_val)[:max(limit // 4, 1)]] if limit

@@ -37,6 +37,11 @@ CONFIG_KEYS = ("model_name", "weights", "allow_random_init", "image_size", "chan
                "frozen_stages", "num_epochs", "batch_size", "lr", "weight_decay", "warmup_epochs", "label_smoothing",
                "class_weighted", "clip_grad", "amp", "early_stopping", "num_workers", "seed")
 
+# the folds' fine-tuning settings, which a pre-training from scratch never takes from the run (so changing them
+# reuses it): every layer trained (freezing would freeze random weights) with one learning rate (layer decay is
+# for fine-tuning), no weight average, validation and FER+ test in one view
+FINETUNING_ONLY = {"finetune": "full", "frozen_stages": 0, "layer_decay": None, "model_ema": None, "tta_flip": False}
+
 
 def build_classifier(config: dict, class_names: list[str]):
     """The notebook's model: timm backbone + head for ``class_names``, weights and fine-tuning strategy from ``config``.
@@ -205,13 +210,8 @@ def pretrain_classifier(data_path: str | Path, workdir: str | Path, config: dict
     cache = _cache_at_run_size(index, data_path, "pretrain", workdir, config, classes, progress)
     meta, attrs = read_cache_meta(cache)
     folds = make_folds(meta, "given", val_fraction=config.get("val_fraction", 0.1), seed=config["seed"])
-    pconfig = {**config, "protocol": "given", "num_epochs": num_epochs, "lr": lr,
+    pconfig = {**config, **FINETUNING_ONLY, "protocol": "given", "num_epochs": num_epochs, "lr": lr,
                "warmup_epochs": min(config["warmup_epochs"], 1), "pretrain_data_path": None,
-               "layer_decay": None,  # training from scratch: one learning rate (layer decay is for fine-tuning)
-               # and every layer trained: the folds' freezing (finetune "head"/"partial") would freeze random weights
-               "finetune": "full", "frozen_stages": 0,
-               "model_ema": None,  # a fine-tuning setting too: a new one leaves the pre-training reusable
-               "tta_flip": False,  # so is flip TTA (validation and FER+ test: one view)
                "augment": augment or config.get("augment", "seed")}
     recipe = {k: pconfig.get(k) for k in (*CONFIG_KEYS, "augment", "augment_erasing")}
     if pconfig.get("lr_scaling", "none") != "none":  # keyed only when used: unscaled pre-trainings keep their keys
