@@ -49,6 +49,20 @@ def test_seed_api_shapes_and_probabilities(g):
     assert ((out["confidence"] >= 0) & (out["confidence"] <= 1)).all()
 
 
+def test_landmark_heatmap_tokens_by_value(g):
+    """Token (row y, column x) of a G x G grid is exp(-d² / 2σ²), d the distance from cell (x, y)'s centre."""
+    grid, sigma = 4, 0.25
+    lm = torch.tensor([[[0.375, 0.125], [0.9, 0.6]]])               # landmark 0 at the centre of cell x=1, y=0
+    tokens = g["landmark_heatmap_tokens"](lm, grid, sigma)
+    assert tokens.shape == (1, grid * grid, 2)
+    assert tokens[0, 1, 0] == pytest.approx(1.0)                      # row 0, column 1
+    assert tokens[0, 1 * grid + 1, 0] == pytest.approx(math.exp(-0.25**2 / (2 * sigma**2)))   # one row down
+    for y in range(grid):
+        for x in range(grid):
+            d2 = ((x + 0.5) / grid - 0.9) ** 2 + ((y + 0.5) / grid - 0.6) ** 2
+            assert tokens[0, y * grid + x, 1] == pytest.approx(math.exp(-d2 / (2 * sigma**2)), rel=1e-5), (x, y)
+
+
 def test_confidence_is_one_for_one_hot_and_zero_for_uniform(g):
     c = g["confidence"](torch.tensor([[1.0, 0, 0, 0], [0.25] * 4, [0.7, 0.1, 0.1, 0.1]]))
     torch.testing.assert_close(c[:2], torch.tensor([1.0, 0.0]), atol=1e-6, rtol=0)
