@@ -66,3 +66,18 @@ def test_a_variant_is_the_cpu_profile_with_its_own_settings_changed(pilot, packe
     changed = {k for k in nb_config if r["config"][k] != nb_config[k]}
     assert changed == {"soft_labels", "num_epochs", "workdir"}, changed
     assert r["config"]["soft_labels"] is True and r["best_val_acc"] == r["history"][0]["val_acc"]
+
+
+def test_speed_bench_rows_train_in_the_layout_and_data_path_they_name(tmp_path, monkeypatch, capsys):
+    """bench/bench_grefel_speed.py: each row is a real H.fit run of the notebook's model whose record says
+    channels-last and the batched augmentation exactly where the row's name does."""
+    bench = load_bench("bench_grefel_speed")
+    out = tmp_path / "speed.json"
+    monkeypatch.setattr("sys.argv", ["bench_grefel_speed.py", "--components", "backbone", "--images", "128",
+                                     "--epochs", "1", "--rows", "nchw-loader", "nhwc-batched", "--json", str(out)])
+    bench.main()
+    rows = {r["row"]: r for r in json.loads(out.read_text())["rows"]}
+    assert (rows["nchw-loader"]["channels_last"], rows["nchw-loader"]["batched"]) == (False, False)
+    assert (rows["nhwc-batched"]["channels_last"], rows["nhwc-batched"]["batched"]) == (True, True)
+    assert all(r["steps"] == 1 and r["s_per_step"] > 0 for r in rows.values())
+    assert "nhwc-batched" in capsys.readouterr().out

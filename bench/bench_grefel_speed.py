@@ -1,0 +1,109 @@
+"""Training speed of the GReFEL notebook's model, side by side: memory layout and data path.
+
+The model is the notebook's (its cells tagged ``grefel-model``) at its resolved ``cpu`` profile
+(``--components`` picks the ablation row), trained by ``H.fit`` as the Training cell trains it,
+on a generated split of ``--images`` faces with landmarks at the profile's size (speed does not
+depend on what the pixels show). Each row trains ``--epochs`` epochs and reports the last one
+(the first warms up): seconds a step, images a second, and the speed-up over the first row.
+
+Rows: ``nchw-loader`` (the layout and data path before the cpu profile took channels-last and
+the batched augmentation), ``nhwc-loader`` (``channels_last=True``), ``nhwc-batched``
+(``channels_last=True, data_on_device=True``: the split held in memory and augmented in batches
+by ``H.BatchAugment`` in the training process, where the DataLoader's workers would share the
+cores with it), ``nchw-batched``.
+
+    OMP_NUM_THREADS=2 .venv/bin/python bench/bench_grefel_speed.py
+    OMP_NUM_THREADS=2 .venv/bin/python bench/bench_grefel_speed.py --components backbone --images 2048 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from grefel_pilot import H, cpu_profile, model_cells  # noqa: E402
+
+ROWS = {"nchw-loader": (False, False), "nhwc-loader": (True, False), "nhwc-batched": (True, True),
+        "nchw-batched": (False, True)}
+
+
+def make_cache(path: Path, n: int, size: int, classes: int = 8) -> Path:
+    """``n`` generated grey faces with 68 landmarks, in the layout the notebook's cache has."""
+    import h5py
+
+    rng = np.random.default_rng(0)
+    with h5py.File(path, "w") as f:
+        f["images"] = rng.integers(0, 256, (n, size, size, 1), dtype=np.uint8)
+        f["labels"] = rng.integers(0, classes, n).astype(np.int64)
+        f["landmarks"] = rng.uniform(0.15, 0.85, (n, 68, 2)).astype(np.float32)
+        f["landmarks_ok"] = np.ones(n, bool)
+        f["votes"] = np.eye(classes, dtype=np.float32)[f["labels"][:]] * 10
+        f.attrs["class_names"] = json.dumps([f"c{i}" for i in range(classes)])
+    return path
+
+
+def measure(name: str, config: dict, cache: Path, n: int, epochs: int, work: Path) -> dict:
+    nhwc, batched = ROWS[name]
+    device = torch.device("cpu")
+    g = model_cells()
+    norm = {"mean": (0.5,) * 3, "std": (0.5,) * 3}
+    size = config["image_size"]
+    train_tf = H.build_transform(config["augment"], size, norm["mean"], norm["std"], channels=1, keypoints=True,
+                                 erasing=config["augment_erasing"])
+    eval_tf = H.build_transform("eval", size, norm["mean"], norm["std"], channels=1, keypoints=True)
+    train = H.H5Dataset(cache, np.arange(n), train_tf, in_memory=True, landmarks=True)
+    batches, data = H.training_batches(train, config["augment"], size, norm, config["augment_erasing"],
+                                       config["batch_size"], batched, device, num_workers=config["num_workers"],
+                                       seed=config["seed"], progress=False)
+    val = H.make_loader(H.H5Dataset(cache, np.arange(config["batch_size"]), eval_tf, in_memory=True, landmarks=True),
+                        config["batch_size"], shuffle=False, device=device)
+    H.seed_everything(config["seed"])
+    model = g["build_grefel"](config, 8, weights="none")
+    loss_fn = g["grefel_loss"](model, config["lambda_cls"], config["lambda_anchor"], config["lambda_center"],
+                               config["anchor_margin"], None, config["label_smoothing"], config["lambda_plain"])
+    run = H.fit(model, batches, val, work / name, num_epochs=epochs, lr=config["lr"],
+                weight_decay=config["weight_decay"], device=device, loss_fn=loss_fn, seed=config["seed"],
+                warmup_epochs=0, clip_grad=config["clip_grad"], amp=config["amp"], config=config,
+                torch_compile=False, channels_last=nhwc, progress=False)
+    last = run["history"][-1]
+    steps = len(batches)
+    return {"row": name, "channels_last": run["channels_last"], "batched": data["on_device"],
+            "training_data": data["why"], "steps": steps,
+            "s_per_step": round(last["train_s"] / steps, 4), "images_per_s": round(last["train_samples"] / last["train_s"], 1)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--components", default="full", choices=("backbone", "pyramid", "geometry", "full"))
+    ap.add_argument("--images", type=int, default=4096, help="size of the generated training split")
+    ap.add_argument("--epochs", type=int, default=2, help="the last is measured")
+    ap.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        config = {**cpu_profile(work / "nbwork"), "components": args.components}
+        cache = make_cache(work / "faces.h5", args.images, config["image_size"])
+        rows = [measure(r, config, cache, args.images, args.epochs, work) for r in args.rows]
+    base = rows[0]["s_per_step"]
+    print(f"GReFEL `{args.components}`, cpu profile ({config['image_size']} px, batch {config['batch_size']}, "
+          f"amp {config['amp']}, {torch.get_num_threads()} threads, {config['num_workers']} loader workers), "
+          f"{args.images} generated faces, epoch {args.epochs} of {args.epochs}:")
+    print(f"{'row':<14} {'s/step':>8} {'images/s':>9} {'speed-up':>9}  training data")
+    for r in rows:
+        r["speedup"] = round(base / r["s_per_step"], 2)
+        print(f"{r['row']:<14} {r['s_per_step']:>8.3f} {r['images_per_s']:>9.1f} {r['speedup']:>8.2f}x  {r['training_data']}")
+    if args.json:
+        H.save_json({"components": args.components, "images": args.images, "torch": torch.__version__,
+                     "threads": torch.get_num_threads(), "rows": rows}, args.json)
+
+
+if __name__ == "__main__":
+    main()
