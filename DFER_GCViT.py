@@ -83,6 +83,7 @@ pretrain_data_path = None      # FER+ (any labelled faces) to train the GCViT on
 pretrain_epochs = None         # epochs of that pre-training
 pretrain_lr = None             # its peak learning rate (FER+ from scratch: 3e-4; 1e-3 collapses to one class)
 pretrain_augment = None        # its augmentation recipe: "seed" | "nir" | None: the run's `augment`
+pretrain_batch_size = None     # its batch size | None: the run's `batch_size` (on a CPU a larger batch trains more images a second)
 # optim
 num_epochs = None              # epochs per fold
 batch_size = None              # images per step
@@ -118,7 +119,8 @@ ema = None                     # smoothing of probabilities over frames, in [0, 
 COMMON = dict(export=True, video_source=None, video_frames=None, ema=0.6, channels=1, face_crop=True, face_margin=0.25, no_face="full", max_images=None, val_fraction=0.1,
               max_folds=None, nproc=None, allow_random_init=False, finetune="full", frozen_stages=0, layer_decay=None, model_ema=None, dropout=0.3,
               label_smoothing=0.0, class_weighted=False, clip_grad=1.0, amp="auto", early_stopping=None,
-              pretrain_data_path=None, pretrain_epochs=8, pretrain_lr=3e-4, pretrain_augment=None, augment="seed", augment_erasing=0.0,
+              pretrain_data_path=None, pretrain_epochs=8, pretrain_lr=3e-4, pretrain_augment=None, pretrain_batch_size=None,
+              augment="seed", augment_erasing=0.0,
               tta_flip=False, data_on_device="auto", torch_compile="auto", channels_last=False,
               lr_scaling="none", lr_reference_batch=None)
 PROFILES = {
@@ -157,7 +159,7 @@ config = H.resolve_config(profile, PROFILES, dict(
     allow_random_init=allow_random_init, finetune=finetune, frozen_stages=frozen_stages, layer_decay=layer_decay, model_ema=model_ema,
     dropout=dropout,
     pretrain_data_path=pretrain_data_path, pretrain_epochs=pretrain_epochs, pretrain_lr=pretrain_lr,
-    pretrain_augment=pretrain_augment,
+    pretrain_augment=pretrain_augment, pretrain_batch_size=pretrain_batch_size,
     augment=augment, augment_erasing=augment_erasing, tta_flip=tta_flip,
     num_epochs=num_epochs, batch_size=batch_size, lr=lr, lr_scaling=lr_scaling,
     lr_reference_batch=lr_reference_batch, weight_decay=weight_decay, warmup_epochs=warmup_epochs,
@@ -294,10 +296,12 @@ if pretrain_source == "auto":
               "profile's recipe; subject accuracy is far lower without it.\n" + "=" * 72)
 if pretrain_source:
     pretraining = H.pretrain_classifier(pretrain_source, workdir, config, device, config["pretrain_epochs"],
-                                        config["pretrain_lr"], augment=config["pretrain_augment"])
+                                        config["pretrain_lr"], augment=config["pretrain_augment"],
+                                        batch_size=config["pretrain_batch_size"])
     config["weights"] = pretraining["checkpoint"]
     print(f"pre-trained on {pretrain_source}: test accuracy {pretraining['test']['accuracy']:.4f} "
-          f"({pretraining['epochs']} epochs, {pretraining['wall_s'] / 60:.1f} min); the folds start from it")
+          f"({pretraining['epochs']} epochs, batch {pretraining['batch_size']}, {pretraining['wall_s'] / 60:.1f} min); "
+          "the folds start from it")
 
 # %% [markdown]
 # ## Model

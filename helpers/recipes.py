@@ -181,7 +181,8 @@ def _cache_at_run_size(index, source: str | Path, prefix: str, workdir: Path, co
 
 
 def pretrain_classifier(data_path: str | Path, workdir: str | Path, config: dict, device, num_epochs: int,
-                        lr: float, progress: bool = True, augment: str | None = None) -> dict:
+                        lr: float, progress: bool = True, augment: str | None = None,
+                        batch_size: int | None = None) -> dict:
     """Train the run's classifier on another labelled dataset first (e.g. FER+), or reuse that training.
 
     The source is indexed as the notebook indexes data (FERPlus: its own splits and
@@ -198,12 +199,16 @@ def pretrain_classifier(data_path: str | Path, workdir: str | Path, config: dict
         device: where to train. num_epochs, lr: the pre-training schedule.
         augment: the pre-training's augmentation recipe (None: the run's ``augment``); a run
             that changes only its own recipe then reuses the same pre-training.
+        batch_size: the pre-training's batch (None: the run's). It is in the run key; ``lr`` is taken
+            as given (scaled only by the run's ``lr_scaling``, from its ``lr_reference_batch``).
 
     Returns:
-        ``{"data", "checkpoint", "sha256", "class_names", "epochs", "lr", "test": {accuracy,
+        ``{"data", "checkpoint", "sha256", "class_names", "epochs", "lr", "batch_size", "test": {accuracy,
         f1_macro, num_samples}, "val_acc", "wall_s", "run_dir"}``; ``checkpoint`` is a
         ``best_model.pth`` to pass as the main run's ``weights`` (its head is then reset).
     """
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+        raise ValueError(f"pretrain_batch_size must be a positive integer or None (the run's batch), not {batch_size!r}")
     workdir = Path(workdir)
     index, report = index_dataset(extract_archive(data_path, workdir / "extracted", verbose=progress), verbose=False)
     classes = sorted(report["counts"])
@@ -212,7 +217,7 @@ def pretrain_classifier(data_path: str | Path, workdir: str | Path, config: dict
     folds = make_folds(meta, "given", val_fraction=config.get("val_fraction", 0.1), seed=config["seed"])
     pconfig = {**config, **FINETUNING_ONLY, "protocol": "given", "num_epochs": num_epochs, "lr": lr,
                "warmup_epochs": min(config["warmup_epochs"], 1), "pretrain_data_path": None,
-               "augment": augment or config.get("augment", "seed")}
+               "augment": augment or config.get("augment", "seed"), "batch_size": batch_size or config["batch_size"]}
     recipe = {k: pconfig.get(k) for k in (*CONFIG_KEYS, "augment", "augment_erasing")}
     if pconfig.get("lr_scaling", "none") != "none":  # keyed only when used: unscaled pre-trainings keep their keys
         recipe.update(lr_scaling=pconfig["lr_scaling"], lr_reference_batch=pconfig.get("lr_reference_batch"))
@@ -224,7 +229,8 @@ def pretrain_classifier(data_path: str | Path, workdir: str | Path, config: dict
     run = train_fold(spec, 0, device, progress=progress)
     test = evaluate_fold(spec, 0, run["best_path"], "test", device)
     return {"data": str(data_path), "checkpoint": str(run["best_path"]), "sha256": file_sha256(run["best_path"]),
-            "class_names": classes, "epochs": num_epochs, "lr": lr, "val_acc": run["best"]["value"],
+            "class_names": classes, "epochs": num_epochs, "lr": lr, "batch_size": pconfig["batch_size"],
+            "val_acc": run["best"]["value"],
             "test": {k: test[k] for k in ("accuracy", "f1_macro", "num_samples")}, "wall_s": run["wall_s"],
             "run_dir": str(run_dir), "sizes": {p: int(len(folds[0][p])) for p in ("train", "val", "test")}}
 

@@ -150,6 +150,12 @@ def test_dfer_notebook_trains_on_ferplus_and_its_weights_start_a_kmu_run(tmp_pat
     groups = fold_last["optimizer"]["param_groups"]
     scales = {g["lr_scale"] for g in groups}
     assert scales == {1.0, 0.5, 0.25, 0.125, 0.0625}  # gcvit_xxtiny: head and top stage, 3 stages below, the stem
+    # another pre-training batch is another pre-training (keyed, recorded); the folds keep the run's batch
+    big = _run("DFER_GCViT", tmp_path / "kmu", pretrain_data_path=str(fer_zip), pretrain_epochs=1, pretrain_batch_size=32)
+    assert big["pretraining"]["batch_size"] == 32 and pre["batch_size"] == kmu["config"]["batch_size"] == 16
+    assert big["pretraining"]["run_dir"] != pre["run_dir"] and last.stat().st_mtime_ns == written
+    assert H.load_checkpoint(Path(big["pretraining"]["run_dir"]) / "fold_1" / "last.pth")["config"]["batch_size"] == 32
+    assert big["config"]["batch_size"] == 16 and big["model"]["weights"]["sha256"] == big["pretraining"]["sha256"]
 
 
 GREFEL_FILES = ("class_distribution.png", "samples.png", "training_curve.png", "confusion_matrix.png",

@@ -589,3 +589,9 @@ def test_model_ema_resumes_exactly_and_refuses_a_checkpoint_without_it(demo_cach
     for bad in (0, 1, 1.5, -0.1):
         with pytest.raises(ValueError, match="model_ema must be in"):
             _fit(cache, classes, tmp_path / "bad", model_ema=bad)
+
+
+@pytest.mark.parametrize("batch", [0, -4, 2.5, True, "64"])
+def test_pretraining_refuses_a_batch_that_is_not_a_positive_integer(tmp_path, batch):
+    with pytest.raises(ValueError, match="pretrain_batch_size must be a positive integer"):
+        H.pretrain_classifier(tmp_path / "missing.zip", tmp_path, {"batch_size": 16}, "cpu", 1, 3e-4, batch_size=batch)
