@@ -122,10 +122,10 @@ PROFILES = {
     # full FER+ on a 2-core CPU in under 2 hours: faces upsampled 48 -> 64 px, a ResNet-18 from scratch, pyramid
     # 16/8/4 (its strides 4/8/16); a pilot (3 epochs, backbone + linear head) chose this over a half-width ResNet-18
     # at 96 px (FER2013Valid 69.7% vs 68.3%); 96-d tokens keep an epoch near 2.5 minutes. The "shift" recipe, an NLL
-    # on the plain output too: FER2013Valid 80.7% vs 75.1% with "grefel", 0 and 24 epochs (README). Channels-last
-    # convolutions, the separable heat maps and the augmentation batched in the training process (no DataLoader
-    # workers taking the cores from it; data_on_device=True, the device being the CPU) make a step ~1.4x
-    # faster here, so 48 epochs fit where 36 did; the GPU pilots found epochs the lever (24 -> 48: +2.4 points)
+    # on the plain output too: FER2013Valid 80.7% vs 75.1% with "grefel", 0 and 24 epochs (README). 48 epochs fill
+    # the 2-hour budget (the GPU pilots found epochs the lever: 24 -> 48, +2.4 points); channels-last convolutions
+    # and the augmentation batched in the training process (data_on_device=True: no DataLoader workers sharing
+    # the two cores) are the faster path here (bench/bench_grefel_speed.py)
     "cpu": {**COMMON, "image_size": 64, "backbone": "resnet18", "weights": "none", "embed_dim": 96, "num_heads": 4,
             "depth": 2, "patch_sizes": [16, 8, 4], "window": 4, "num_anchors_per_class": 5, "num_epochs": 48,
             "batch_size": 128, "lr": 2e-3, "weight_decay": 0.05, "warmup_epochs": 1, "num_workers": 2,
