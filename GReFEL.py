@@ -321,8 +321,8 @@ def landmark_heatmap_tokens(landmarks: torch.Tensor, grid: int, sigma: float) ->
     """(B, L, 2) landmarks in [0, 1] -> (B, grid*grid, L) Gaussian responses at the cell centres (row-major).
 
     The Gaussian separates, ``exp(-(dx² + dy²) / 2σ²) = exp(-dx² / 2σ²) exp(-dy² / 2σ²)``: one
-    (B, G, L) factor per axis and their outer product, instead of a distance per cell and landmark
-    (a twelfth of the work at the 16x16 grid; the same values).
+    (B, G, L) factor per axis and their outer product: one multiply per cell and landmark where a
+    squared distance and an exponential were (the same values).
     """
     centres = (torch.arange(grid, device=landmarks.device, dtype=landmarks.dtype) + 0.5) / grid
 
