@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from grefel_pilot import H, cpu_profile, model_cells  # noqa: E402
+from grefel_pilot import H, build_training, cpu_profile  # noqa: E402
 
 ROWS = {"nchw-loader": (False, False), "nhwc-loader": (True, False), "nhwc-batched": (True, True),
         "nchw-batched": (False, True)}
@@ -52,22 +52,8 @@ def make_cache(path: Path, n: int, size: int, classes: int = 8) -> Path:
 def measure(name: str, config: dict, cache: Path, n: int, epochs: int, work: Path) -> dict:
     nhwc, batched = ROWS[name]
     device = torch.device("cpu")
-    g = model_cells()
-    norm = {"mean": (0.5,) * 3, "std": (0.5,) * 3}
-    size = config["image_size"]
-    train_tf = H.build_transform(config["augment"], size, norm["mean"], norm["std"], channels=1, keypoints=True,
-                                 erasing=config["augment_erasing"])
-    eval_tf = H.build_transform("eval", size, norm["mean"], norm["std"], channels=1, keypoints=True)
-    train = H.H5Dataset(cache, np.arange(n), train_tf, in_memory=True, landmarks=True)
-    batches, data = H.training_batches(train, config["augment"], size, norm, config["augment_erasing"],
-                                       config["batch_size"], batched, device, num_workers=config["num_workers"],
-                                       seed=config["seed"], progress=False)
-    val = H.make_loader(H.H5Dataset(cache, np.arange(config["batch_size"]), eval_tf, in_memory=True, landmarks=True),
-                        config["batch_size"], shuffle=False, device=device)
-    H.seed_everything(config["seed"])
-    model = g["build_grefel"](config, 8, weights="none")
-    loss_fn = g["grefel_loss"](model, config["lambda_cls"], config["lambda_anchor"], config["lambda_center"],
-                               config["anchor_margin"], None, config["label_smoothing"], config["lambda_plain"])
+    batches, data, val, model, loss_fn = build_training(config, cache, np.arange(n), np.arange(config["batch_size"]),
+                                                        8, device, batched, config["num_workers"], progress=False)
     run = H.fit(model, batches, val, work / name, num_epochs=epochs, lr=config["lr"],
                 weight_decay=config["weight_decay"], device=device, loss_fn=loss_fn, seed=config["seed"],
                 warmup_epochs=0, clip_grad=config["clip_grad"], amp=config["amp"], config=config,

@@ -139,6 +139,31 @@ def write_cache(npz: str, path: Path, size: int, limit: int) -> dict:  # -> trai
             "num_classes": len(d["class_names"])}
 
 
+def build_training(config: dict, cache: Path, train_idx, val_idx, num_classes: int, device, data_on_device,
+                   num_workers: int, progress: bool = True):
+    """What the notebook's Training cell builds from a config and a landmark cache: the training batches (and
+    how they are served), the validation loader, the model (seeded) and its loss."""
+    g = model_cells()
+    norm = {"mean": (0.5,) * 3, "std": (0.5,) * 3}  # from scratch, as the notebook
+    size = config["image_size"]
+    train_tf = H.build_transform(config["augment"], size, norm["mean"], norm["std"], channels=1, keypoints=True,
+                                 erasing=config["augment_erasing"])
+    eval_tf = H.build_transform("eval", size, norm["mean"], norm["std"], channels=1, keypoints=True)
+    train_ds = H.H5Dataset(cache, train_idx, train_tf, in_memory=True, landmarks=True,
+                           soft_labels=config["soft_labels"])
+    train_loader, training_data = H.training_batches(train_ds, config["augment"], size, norm,
+                                                     config["augment_erasing"], config["batch_size"], data_on_device,
+                                                     device, num_workers=num_workers, seed=config["seed"],
+                                                     progress=progress)
+    val_loader = H.make_loader(H.H5Dataset(cache, val_idx, eval_tf, in_memory=True, landmarks=True),
+                               config["batch_size"], shuffle=False, device=device)
+    H.seed_everything(config["seed"])
+    model = g["build_grefel"](config, num_classes, weights=config["weights"])
+    loss_fn = g["grefel_loss"](model, config["lambda_cls"], config["lambda_anchor"], config["lambda_center"],
+                               config["anchor_margin"], None, config["label_smoothing"], config["lambda_plain"])
+    return train_loader, training_data, val_loader, model, loss_fn
+
+
 def train(npz: str, out: Path, name: str, epochs: int, limit: int, work: Path) -> None:
     """One variant, as the notebook's Training cell trains it; history rows to ``out/<name>.json`` as they come
     (``launch`` gives its work folder as ``out`` and gathers them)."""
@@ -153,22 +178,8 @@ def train(npz: str, out: Path, name: str, epochs: int, limit: int, work: Path) -
         config["amp"] = "auto"  # bf16 autocast on CUDA, as the cpu profile's bf16 on this CPU
     cache = work / f"{name}.h5"
     idx = write_cache(npz, cache, config["image_size"], limit)
-    g = model_cells()
-    norm = {"mean": (0.5,) * 3, "std": (0.5,) * 3}  # from scratch, as the notebook
-    train_tf = H.build_transform(config["augment"], config["image_size"], norm["mean"], norm["std"], channels=1,
-                                 keypoints=True, erasing=config["augment_erasing"])
-    eval_tf = H.build_transform("eval", config["image_size"], norm["mean"], norm["std"], channels=1, keypoints=True)
-    train_ds = H.H5Dataset(cache, idx["train"], train_tf, in_memory=True, landmarks=True,
-                           soft_labels=config["soft_labels"])
-    train_loader, training_data = H.training_batches(train_ds, config["augment"], config["image_size"], norm,
-                                                 config["augment_erasing"], config["batch_size"], "auto", device,
-                                                 num_workers=0, seed=config["seed"])
-    val_loader = H.make_loader(H.H5Dataset(cache, idx["val"], eval_tf, in_memory=True, landmarks=True),
-                               config["batch_size"], shuffle=False, device=device)
-    H.seed_everything(config["seed"])
-    model = g["build_grefel"](config, idx["num_classes"], weights=config["weights"])
-    loss_fn = g["grefel_loss"](model, config["lambda_cls"], config["lambda_anchor"], config["lambda_center"],
-                               config["anchor_margin"], None, config["label_smoothing"], config["lambda_plain"])
+    train_loader, training_data, val_loader, model, loss_fn = build_training(
+        config, cache, idx["train"], idx["val"], idx["num_classes"], device, "auto", num_workers=0)
     record = {"variant": name, "changed": VARIANTS[name], "config": config, "device": str(device),
               "torch": torch.__version__, "training_data": training_data, "train": len(idx["train"]),
               "val": len(idx["val"]), "setup_s": round(time.time() - t0, 1), "history": []}
