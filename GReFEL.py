@@ -891,9 +891,23 @@ print("Wrote", run_dir, "and its latest copies", out_dir / "final_results.json",
 # What each GReFEL component adds: rerun the notebook with `components` set to `"backbone"`,
 # `"pyramid"`, `"geometry"` and `"full"`, everything else equal (same data, seed and
 # budget); each row adds one thing to the row above. This table collects the finished runs
-# on this data and profile (the README reports the full one).
+# on this data and profile (the README reports the full one). A row is an ablation row of this
+# run only where `other settings` is empty; otherwise that column names what the run did
+# differently (its own values), so runs of older recipes are not read as this one's. The table
+# is also written to `GReFEL/ablation.csv`.
 
 # %%
+# settings that say where things live or how fast they run, not what is trained
+NOT_RECIPE = {"components", "workdir", "data_path", "video_source", "video_frames", "ema", "num_workers",
+              "torch_compile", "channels_last"}
+
+
+def other_settings(theirs: dict, ours: dict) -> str:
+    """Another run's settings that differ from this run's, as 'key=value' (its values), recipe only."""
+    keys = sorted((theirs.keys() | ours.keys()) - NOT_RECIPE)
+    return ", ".join(f"{k}={theirs.get(k)!r}" for k in keys if theirs.get(k) != ours.get(k))
+
+
 rows = []
 for path in sorted((out_dir / "runs").glob("*/final_results.json")):
     r = json.loads(path.read_text())
@@ -906,9 +920,13 @@ for path in sorted((out_dir / "runs").glob("*/final_results.json")):
                  "test accuracy": m["test"]["accuracy"], "one view": m.get("accuracy_single_view"),
                  "without balancing": m["reliability_balancing"]["accuracy_without"], "macro F1": m["test"]["f1_macro"],
                  "ECE after scaling": m["ece_after_scaling"], "parameters": r["model"]["parameters"]["total"],
-                 "train min": r["wall_time_s"]["train"] / 60, "run": Path(r["run_dir"]).name})
+                 "train min": r["wall_time_s"]["train"] / 60, "run": Path(r["run_dir"]).name,
+                 "other settings": other_settings(r["config"], config)})
 order = {c: i for i, c in enumerate(COMPONENTS)}
-ablation = pd.DataFrame(rows).sort_values("components", key=lambda s: s.map(order)) if rows else pd.DataFrame()
+ablation = (pd.DataFrame(rows).sort_values(["other settings", "components"], key=lambda s: s.map(order)
+                                           if s.name == "components" else s != "", kind="stable")
+            if rows else pd.DataFrame())
+H.atomic_write(out_dir / "ablation.csv", lambda tmp: ablation.to_csv(tmp, index=False))
 ablation
 
 # %% [markdown]

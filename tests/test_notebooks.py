@@ -212,6 +212,14 @@ def test_grefel_notebook_on_generated_demo(tmp_path):
     # half the profile's batch (32), linear rule: half its lr (1e-3), recorded
     assert r["config"]["lr_reference_batch"] == 32 and r["lr_effective"] == pytest.approx(5e-4)
     check_grefel_results(r, tmp_path / "GReFEL")
+    # the backbone row in the same working directory, with another label smoothing and layout: the ablation
+    # table lists both runs, this run's recipe first; the other's recipe differences (not its layout) by its values
+    b = _run("GReFEL", tmp_path, soft_labels=True, data_on_device=True, batch_size=16, lr_scaling="linear",
+             model_ema=0.9, components="backbone", label_smoothing=0.0)
+    table = pd.read_csv(tmp_path / "GReFEL" / "ablation.csv", keep_default_na=False)
+    assert list(table["components"]) == ["backbone", "full"]
+    assert list(table["other settings"]) == ["", "label_smoothing=0.1"]
+    assert list(table["run"]) == [Path(b["run_dir"]).name, Path(r["run_dir"]).name]
 
 
 def test_grefel_notebook_on_whole_frames_without_votes_or_splits(demo_kmu_zip, tmp_path):
