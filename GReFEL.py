@@ -651,9 +651,11 @@ backbone_info = model.features.backbone_info  # stages, channels, weights source
 print(f"GReFEL ({config['components']}) {param_counts['total']:,} parameters; train {len(idx['train'])}, val {len(idx['val'])}, "
       f"test {len(idx['test'])}; device {device}")
 revision = MODEL_REVISION[config["components"]]
+# settings that say where outputs go, what the video demo shows or how fast training runs, not what is trained
+PLACE_AND_SPEED = ("workdir", "video_source", "video_frames", "ema", "torch_compile", "channels_last")
 # model_ema joined the settings later: off, it leaves the run folders of before it their names
-run_key = H.config_fingerprint(config, exclude=("workdir", "video_source", "video_frames", "ema", "tta_flip", "torch_compile", "channels_last",
-                                        "data_on_device") + (("model_ema",) if config["model_ema"] is None else ()),
+run_key = H.config_fingerprint(config, exclude=PLACE_AND_SPEED + ("tta_flip", "data_on_device")
+                               + (("model_ema",) if config["model_ema"] is None else ()),
                                contents={"data": cache_attrs["fingerprint"],  # new data or weights: a new run
                                          "weights": backbone_info.get("sha256"),
                                          # a new model revision too (revision-1 runs keep their names)
@@ -897,9 +899,8 @@ print("Wrote", run_dir, "and its latest copies", out_dir / "final_results.json",
 # is also written to `GReFEL/ablation.csv`.
 
 # %%
-# settings that say where things live or how fast they run, not what is trained
-NOT_RECIPE = {"components", "workdir", "data_path", "video_source", "video_frames", "ema", "num_workers",
-              "torch_compile", "channels_last"}
+# not the recipe: the row itself, the data's path (the data is compared by its fingerprint), the loader's workers
+NOT_RECIPE = {*PLACE_AND_SPEED, "components", "data_path", "num_workers"}
 
 
 def other_settings(theirs: dict, ours: dict) -> str:
@@ -923,9 +924,8 @@ for path in sorted((out_dir / "runs").glob("*/final_results.json")):
                  "train min": r["wall_time_s"]["train"] / 60, "run": Path(r["run_dir"]).name,
                  "other settings": other_settings(r["config"], config)})
 order = {c: i for i, c in enumerate(COMPONENTS)}
-ablation = (pd.DataFrame(rows).sort_values(["other settings", "components"], key=lambda s: s.map(order)
-                                           if s.name == "components" else s != "", kind="stable")
-            if rows else pd.DataFrame())
+rows.sort(key=lambda row: (row["other settings"] != "", order[row["components"]]))  # this recipe's rows first
+ablation = pd.DataFrame(rows)
 H.atomic_write(out_dir / "ablation.csv", lambda tmp: ablation.to_csv(tmp, index=False))
 ablation
 
