@@ -1,4 +1,4 @@
-"""Training speed of the GReFEL notebook's model, side by side: memory layout and data path.
+"""Training speed of the GReFEL notebook's model, side by side: memory layout, data path, dropout, compile.
 
 The model is the notebook's (its cells tagged ``grefel-model``) at its resolved ``cpu`` profile
 (``--components`` picks the ablation row), trained by ``H.fit`` as the Training cell trains it,
@@ -10,7 +10,10 @@ Rows: ``nchw-loader`` (the layout and data path before the cpu profile took chan
 the batched augmentation), ``nhwc-loader`` (``channels_last=True``), ``nhwc-batched``
 (``channels_last=True, data_on_device=True``: the split held in memory and augmented in batches
 by ``H.BatchAugment`` in the training process, where the DataLoader's workers would share the
-cores with it), ``nchw-batched``.
+cores with it), ``nchw-batched``; over the profile's ``nhwc-batched``: ``nhwc-batched-dropout0``
+(``dropout=0``: the fusion transformer's and the head's dropout off, a recipe change, so what it
+does to accuracy is a training run's question, not this one's) and ``nhwc-batched-compiled``
+(``torch_compile=True``; its compile time is reported apart and not in the step time).
 
     OMP_NUM_THREADS=2 .venv/bin/python bench/bench_grefel_speed.py
     OMP_NUM_THREADS=2 .venv/bin/python bench/bench_grefel_speed.py --components backbone --images 2048 --json out.json
@@ -30,8 +33,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from grefel_pilot import H, build_training, cpu_profile  # noqa: E402
 
-ROWS = {"nchw-loader": (False, False), "nhwc-loader": (True, False), "nhwc-batched": (True, True),
-        "nchw-batched": (False, True)}
+# row -> (channels_last, batched augmentation, settings changed from the profile, torch.compile)
+ROWS = {"nchw-loader": (False, False, {}, False), "nhwc-loader": (True, False, {}, False),
+        "nhwc-batched": (True, True, {}, False), "nchw-batched": (False, True, {}, False),
+        "nhwc-batched-dropout0": (True, True, {"dropout": 0.0}, False),
+        "nhwc-batched-compiled": (True, True, {}, True)}
 
 
 def make_cache(path: Path, n: int, size: int, classes: int = 8) -> Path:
@@ -50,18 +56,20 @@ def make_cache(path: Path, n: int, size: int, classes: int = 8) -> Path:
 
 
 def measure(name: str, config: dict, cache: Path, n: int, epochs: int, work: Path) -> dict:
-    nhwc, batched = ROWS[name]
+    nhwc, batched, changed, compiled = ROWS[name]
+    config = {**config, **changed}
     device = torch.device("cpu")
     batches, data, val, model, loss_fn = build_training(config, cache, np.arange(n), np.arange(config["batch_size"]),
                                                         8, device, batched, config["num_workers"], progress=False)
     run = H.fit(model, batches, val, work / name, num_epochs=epochs, lr=config["lr"],
                 weight_decay=config["weight_decay"], device=device, loss_fn=loss_fn, seed=config["seed"],
                 warmup_epochs=0, clip_grad=config["clip_grad"], amp=config["amp"], config=config,
-                torch_compile=False, channels_last=nhwc, progress=False)
+                torch_compile=compiled, channels_last=nhwc, progress=False)
     last = run["history"][-1]
     steps = len(batches)
     return {"row": name, "channels_last": run["channels_last"], "batched": data["on_device"],
-            "training_data": data["why"], "steps": steps,
+            "training_data": data["why"], "changed": changed, "compile": run["compile"], "steps": steps,
+            "dropout_p": sorted({m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)}),
             "s_per_step": round(last["train_s"] / steps, 4), "images_per_s": round(last["train_samples"] / last["train_s"], 1)}
 
 
@@ -82,10 +90,12 @@ def main() -> None:
     print(f"GReFEL `{args.components}`, cpu profile ({config['image_size']} px, batch {config['batch_size']}, "
           f"amp {config['amp']}, {torch.get_num_threads()} threads, {config['num_workers']} loader workers), "
           f"{args.images} generated faces, epoch {args.epochs} of {args.epochs}:")
-    print(f"{'row':<14} {'s/step':>8} {'images/s':>9} {'speed-up':>9}  training data")
+    print(f"{'row':<22} {'s/step':>8} {'images/s':>9} {'speed-up':>9}  training data")
     for r in rows:
         r["speedup"] = round(base / r["s_per_step"], 2)
-        print(f"{r['row']:<14} {r['s_per_step']:>8.3f} {r['images_per_s']:>9.1f} {r['speedup']:>8.2f}x  {r['training_data']}")
+        compiled = f"; compiled in {r['compile']['compile_s']} s" if r["compile"]["used"] else ""
+        print(f"{r['row']:<22} {r['s_per_step']:>8.3f} {r['images_per_s']:>9.1f} {r['speedup']:>8.2f}x  "
+              f"{r['training_data']}{compiled}")
     if args.json:
         H.save_json({"components": args.components, "images": args.images, "torch": torch.__version__,
                      "threads": torch.get_num_threads(), "rows": rows}, args.json)
