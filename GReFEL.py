@@ -80,6 +80,8 @@ warmup_epochs = None           # linear warm-up, epochs
 label_smoothing = None         # in [0, 1): smoothing of the NLL targets
 augment = None                 # "grefel" (seed README: zoom-crop, flip, colour jitter, rotation) | "shift" (flip, shift, rotation; no zoom)
 augment_erasing = None         # probability of random erasing (occlusions: hands, glasses) in training
+mixup = None                   # Beta(alpha, alpha) of mixup of training image pairs and their targets, e.g. 0.2 | 0: off
+cutmix = None                  # Beta(alpha, alpha) of CutMix (a box of another face pasted), e.g. 1.0 | 0: off (both on: one or the other per batch)
 tta_flip = None                # True: average the test prediction of each image and its mirror image
 lambda_cls = None              # weight of the classification NLL (of the final, reliability-balanced output)
 lambda_plain = None            # weight of an extra NLL of the plain classifier output p (0: off, as ARBEx)
@@ -108,7 +110,7 @@ ema = None                     # smoothing of probabilities over frames, in [0, 
 COMMON = dict(video_source=None, video_frames=30, ema=0.6, max_per_split=None, val_fraction=0.1, soft_labels=False,
               label_pattern=None, labels_csv=None, dropout=0.1,
               backbone_args=None, components="full", label_smoothing=0.1, augment="grefel", augment_erasing=0.25,
-              tta_flip=True,
+              mixup=0.0, cutmix=0.0, tta_flip=True,
               lambda_cls=1.0, lambda_plain=0.0, lambda_anchor=1.0, lambda_center=1.0, anchor_margin=2.0, class_weighted=False,
               balanced_sampling=False, clip_grad=1.0, model_ema=None, amp="auto", early_stopping=None, torch_compile="auto",
               channels_last=False,
@@ -146,7 +148,7 @@ config = H.resolve_config(profile, PROFILES, dict(
     workdir=workdir, data_path=data_path, label_pattern=label_pattern, labels_csv=labels_csv, seed=seed,
     image_size=image_size, max_per_split=max_per_split, val_fraction=val_fraction, soft_labels=soft_labels, backbone=backbone, backbone_args=backbone_args,
     weights=weights, components=components, label_smoothing=label_smoothing, augment=augment,
-    augment_erasing=augment_erasing,
+    augment_erasing=augment_erasing, mixup=mixup, cutmix=cutmix,
     tta_flip=tta_flip, embed_dim=embed_dim, num_heads=num_heads, depth=depth,
     patch_sizes=patch_sizes, window=window, num_anchors_per_class=num_anchors_per_class, dropout=dropout,
     num_epochs=num_epochs, batch_size=batch_size, lr=lr, lr_scaling=lr_scaling,
@@ -160,6 +162,7 @@ config = H.resolve_config(profile, PROFILES, dict(
 if config["augment"] not in ("grefel", "shift"):
     raise ValueError(f"augment must be 'grefel' or 'shift', not {config['augment']!r}")
 H.check_model_ema(config["model_ema"])
+H.check_batch_mix(config["mixup"], config["cutmix"])
 H.create_feature_pyramid(config["backbone"], config["image_size"], config["patch_sizes"],
                          backbone_args=config["backbone_args"])
 # the learning-rate rule for other batch sizes (recorded in config): lr was chosen at the profile's batch
@@ -653,9 +656,10 @@ print(f"GReFEL ({config['components']}) {param_counts['total']:,} parameters; tr
 revision = MODEL_REVISION[config["components"]]
 # settings that say where outputs go, what the video demo shows or how fast training runs, not what is trained
 PLACE_AND_SPEED = ("workdir", "video_source", "video_frames", "ema", "torch_compile", "channels_last")
-# model_ema joined the settings later: off, it leaves the run folders of before it their names
+# model_ema, mixup and cutmix joined the settings later: off, they leave the run folders of before them their names
 run_key = H.config_fingerprint(config, exclude=PLACE_AND_SPEED + ("tta_flip", "data_on_device")
-                               + (("model_ema",) if config["model_ema"] is None else ()),
+                               + (("model_ema",) if config["model_ema"] is None else ())
+                               + tuple(k for k in ("mixup", "cutmix") if not config[k]),
                                contents={"data": cache_attrs["fingerprint"],  # new data or weights: a new run
                                          "weights": backbone_info.get("sha256"),
                                          # a new model revision too (revision-1 runs keep their names)
@@ -667,7 +671,8 @@ run = H.fit(model, train_loader, val_loader, run_dir, num_epochs=config["num_epo
             weight_decay=config["weight_decay"], device=device, loss_fn=loss_fn, seed=config["seed"],
             warmup_epochs=config["warmup_epochs"], clip_grad=config["clip_grad"], amp=config["amp"],
             early_stopping=config["early_stopping"], config=config, torch_compile=config["torch_compile"],
-            channels_last=config["channels_last"], model_ema=config["model_ema"],
+            channels_last=config["channels_last"], model_ema=config["model_ema"], mixup=config["mixup"],
+            cutmix=config["cutmix"],
             extra_state={"class_names": class_names, "preprocess": cache_attrs["preprocess"], "norm": norm},
             run_key=run_key)
 H.plot_training_curves(run["history"], save_path=run_dir / "training_curve.png");
@@ -901,12 +906,14 @@ print("Wrote", run_dir, "and its latest copies", out_dir / "final_results.json",
 # %%
 # not the recipe: the row itself, the data's path (the data is compared by its fingerprint), the loader's workers
 NOT_RECIPE = {*PLACE_AND_SPEED, "components", "data_path", "num_workers"}
+ADDED_LATER = {"mixup": 0.0, "cutmix": 0.0}  # settings runs of before them lack: they ran with these values
 
 
 def other_settings(theirs: dict, ours: dict) -> str:
     """Another run's settings that differ from this run's, as 'key=value' (its values), recipe only."""
     keys = sorted((theirs.keys() | ours.keys()) - NOT_RECIPE)
-    return ", ".join(f"{k}={theirs.get(k)!r}" for k in keys if theirs.get(k) != ours.get(k))
+    value = lambda cfg, k: cfg.get(k, ADDED_LATER.get(k))  # noqa: E731
+    return ", ".join(f"{k}={value(theirs, k)!r}" for k in keys if value(theirs, k) != value(ours, k))
 
 
 rows = []

@@ -268,11 +268,14 @@ def _to_device(batch, device):
 
 def train_one_epoch(model: nn.Module, loader, optimizer, scheduler, loss_fn: Callable, device, epoch: int,
                     num_epochs: int, scaler=None, amp_dtype=None, clip_grad: float | None = 1.0,
-                    progress: bool = True, after_step: Callable[[int], None] | None = None) -> dict:
+                    progress: bool = True, after_step: Callable[[int], None] | None = None,
+                    mix: BatchMix | None = None) -> dict:
     """One pass over ``loader``; stops with FloatingPointError on a NaN/inf loss.
 
     ``after_step(global_step)`` runs after each optimiser step (1-based over the whole run, for
-    ``steps`` steps an epoch), e.g. to update a moving average of the weights.
+    ``steps`` steps an epoch), e.g. to update a moving average of the weights. ``mix`` mixes every
+    batch (:class:`BatchMix`); the loss then gets (B, C) targets and the accuracy counts the class
+    each mixed target weighs most (the sample's own).
 
     Returns:
         ``{"loss": mean loss, "acc": accuracy, "samples": count}`` over the epoch (over all
@@ -298,7 +301,11 @@ def train_one_epoch(model: nn.Module, loader, optimizer, scheduler, loss_fn: Cal
         if hasattr(core, "set_progress"):
             core.set_progress(frac)
         with torch.autocast(torch.device(device).type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            if mix is not None:
+                inputs, lam = mix(inputs)
             outputs = model(*inputs)
+            if mix is not None:
+                y = mix.targets(y, lam, output_probs(outputs).shape[-1])
             loss = loss_fn(outputs, y, frac)
         first_bad = (bad_step < 0) & ~torch.isfinite(loss.detach())
         bad_step = torch.where(first_bad, step, bad_step)
@@ -491,6 +498,65 @@ def compile_for_training(model: nn.Module, torch_compile: bool | str, loader, lo
     return compiled, info
 
 
+# ----------------------------------------------------------------------------- mixup / cutmix
+
+class BatchMix:
+    """Mixup (Zhang et al., 2018) or CutMix (Yun et al., 2019) of each training batch with itself reversed.
+
+    As timm's ``Mixup`` in its default per-batch mode: sample ``i`` is mixed with sample ``B - 1 - i``
+    (``flip(0)``), with one ``lam`` for the batch drawn from ``Beta(alpha, alpha)``; with both ``mixup`` and
+    ``cutmix`` on, a coin picks one per batch. Mixup blends the images, ``lam * x + (1 - lam) * partner``;
+    CutMix pastes a box of the partner, its ``lam`` corrected to the share of the image left. The targets
+    mix by the same ``lam``, so they may already be distributions (FER+'s votes; timm's ``Mixup`` takes
+    class indices only). Unlike timm, ``lam`` is folded to ``max(lam, 1 - lam)`` (for mixup this changes
+    nothing, the batch holds both orders of every pair; a CutMix box covers at most half the image):
+    every sample is dominated by its own image, so inputs that cannot be blended (landmarks: the first
+    input is the images, the others stay each sample's own) still belong to what the sample mostly shows.
+    Label smoothing is left to the loss. The draws use torch's generator, which :func:`fit` reseeds every
+    epoch, so a resumed run replays the same mixes.
+    """
+
+    def __init__(self, mixup: float = 0.0, cutmix: float = 0.0):
+        check_batch_mix(mixup, cutmix)
+        self.mixup, self.cutmix = float(mixup), float(cutmix)
+
+    def __call__(self, inputs: list[torch.Tensor]) -> tuple[list[torch.Tensor], float]:
+        """The batch's inputs with the images (the first) mixed, and the ``lam`` for :meth:`targets`."""
+        x = inputs[0]
+        use_cutmix = self.cutmix > 0 and (self.mixup == 0 or bool(torch.rand(()) < 0.5))
+        alpha = self.cutmix if use_cutmix else self.mixup
+        lam = float(torch.distributions.Beta(alpha, alpha).sample())
+        lam = max(lam, 1.0 - lam)
+        partner = x.flip(0)
+        if use_cutmix:
+            h, w = x.shape[-2:]
+            cut = math.sqrt(1.0 - lam)  # the box's side, as a share of the image's
+            bh, bw = int(h * cut), int(w * cut)
+            cy, cx = (int(torch.randint(0, n, ())) for n in (h, w))  # its centre anywhere; clipped at the edges
+            top, bottom = max(cy - bh // 2, 0), min(cy + bh // 2, h)
+            left, right = max(cx - bw // 2, 0), min(cx + bw // 2, w)
+            x = x.clone()
+            x[..., top:bottom, left:right] = partner[..., top:bottom, left:right]
+            lam = 1.0 - (bottom - top) * (right - left) / (h * w)
+        else:
+            x = lam * x + (1.0 - lam) * partner
+        return [x, *inputs[1:]], lam
+
+    @staticmethod
+    def targets(y: torch.Tensor, lam: float, num_classes: int) -> torch.Tensor:
+        """(B,) class indices or (B, C) distributions -> the (B, C) targets of the mixed batch."""
+        target = F.one_hot(y, num_classes).float() if y.ndim == 1 else y.float()
+        return lam * target + (1.0 - lam) * target.flip(0)
+
+
+def check_batch_mix(mixup: float, cutmix: float) -> None:
+    """Refuse a negative (or non-numeric) mixup / cutmix ``alpha`` (0 is off); notebooks call it before their data work."""
+    for name, alpha in (("mixup", mixup), ("cutmix", cutmix)):
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha >= 0:
+            raise ValueError(f"{name} must be a Beta(alpha, alpha) parameter >= 0 (0: off; e.g. 0.2 for mixup, 1.0 "
+                             f"for cutmix), not {alpha!r}")
+
+
 # ----------------------------------------------------------------------------- fit
 
 def check_model_ema(model_ema: float | None) -> None:
@@ -507,7 +573,8 @@ def fit(model: nn.Module, train_loader, val_loader, out_dir: str | Path, *, num_
         extra_state: dict | None = None, on_epoch_end: Callable[[dict], None] | None = None,
         run_key: str | None = None, progress: bool = True, find_unused_parameters: bool = False,
         torch_compile: bool | str = False, channels_last: bool = False,
-        layer_decay: float | None = None, model_ema: float | None = None, val_tta_flip: bool = False) -> dict:
+        layer_decay: float | None = None, model_ema: float | None = None, val_tta_flip: bool = False,
+        mixup: float = 0.0, cutmix: float = 0.0) -> dict:
     """Train with checkpoints, history, early stopping and resume.
 
     Args:
@@ -548,6 +615,8 @@ def fit(model: nn.Module, train_loader, val_loader, out_dir: str | Path, *, num_
         val_tta_flip: validate each epoch with flip test-time augmentation (see :func:`evaluate`), so that the
             epoch is chosen by the rule the test predictions use; the history keeps the one-view accuracy
             beside it (``val_acc_single``). Models with one input only.
+        mixup, cutmix: ``alpha`` of mixup / CutMix of every training batch (:class:`BatchMix`; both on: one or
+            the other per batch); 0: off. The loss must take (B, C) targets (both notebooks' losses do).
 
     Under torchrun the model is wrapped in DistributedDataParallel here, every rank runs the
     same epochs on its share of the data, validation figures are those of the whole
@@ -556,9 +625,10 @@ def fit(model: nn.Module, train_loader, val_loader, out_dir: str | Path, *, num_
 
     Returns:
         ``{"history": [...], "best": {...}, "best_path", "last_path", "epochs_run", "stopped_early",
-        "wall_s", "world_size", "compile", "channels_last", "model_ema", "val_tta_flip"}``.
+        "wall_s", "world_size", "compile", "channels_last", "model_ema", "val_tta_flip", "mixup", "cutmix"}``.
     """
     check_model_ema(model_ema)
+    mix = BatchMix(mixup, cutmix) if (mixup or cutmix) else None  # checks both
     out_dir = Path(out_dir)
     device = torch.device(device)
     loss_fn = loss_fn or cross_entropy_loss()
@@ -581,8 +651,10 @@ def fit(model: nn.Module, train_loader, val_loader, out_dir: str | Path, *, num_
         run_key = run_key or config_fingerprint(config)
         if resume and last_path.exists():
             ckpt = load_checkpoint(last_path)
-            # fit's own settings (not in config) count too; checkpoints from before val_tta_flip validated one view
-            own = [k for k, value, absent in (("model_ema", model_ema, None), ("val_tta_flip", val_tta_flip, False))
+            # fit's own settings (not in config) count too; checkpoints from before val_tta_flip validated one
+            # view, and those from before mixup / cutmix mixed nothing
+            own = [k for k, value, absent in (("model_ema", model_ema, None), ("val_tta_flip", val_tta_flip, False),
+                                              ("mixup", mixup, 0.0), ("cutmix", cutmix, 0.0))
                    if ckpt.get(k, absent) != value]
             if ckpt.get("run_key") != run_key or own:
                 changed = sorted(k for k in set(config) | set(ckpt["config"]) if config.get(k) != ckpt["config"].get(k))
@@ -640,7 +712,7 @@ def fit(model: nn.Module, train_loader, val_loader, out_dir: str | Path, *, num_
             te = time.time()
             tr = train_one_epoch(model, train_loader, optimizer, scheduler, loss_fn, device, epoch, num_epochs,
                                  scaler, amp_dtype, clip_grad, progress,
-                                 after_step=None if ema is None else lambda step: ema.update(core, step=step))
+                                 after_step=None if ema is None else lambda step: ema.update(core, step=step), mix=mix)
             train_s = time.time() - te
             # the unwrapped model with rank 0's buffers: what best_model.pth will hold; the same figures on every rank
             distributed.broadcast_buffers(core)
@@ -669,6 +741,7 @@ def fit(model: nn.Module, train_loader, val_loader, out_dir: str | Path, *, num_
                                 scheduler=scheduler.state_dict(), scaler=scaler.state_dict() if scaler else None,
                                 epoch=epoch + 1, history=history, best=best, waited=waited, config=config,
                                 run_key=run_key, world_size=world, model_ema=model_ema, val_tta_flip=val_tta_flip,
+                                mixup=mixup, cutmix=cutmix,
                                 ema=None if ema is None else ema.module.state_dict())
                 save_json(history, out_dir / "history.json")
             if progress:
@@ -681,4 +754,5 @@ def fit(model: nn.Module, train_loader, val_loader, out_dir: str | Path, *, num_
         distributed.barrier()  # the other ranks may read best_model.pth next
         return {"history": history, "best": best, "best_path": best_path, "last_path": last_path,
                 "epochs_run": len(history), "stopped_early": stopped, "wall_s": time.time() - t0, "world_size": world,
-                "compile": compile_info, "channels_last": nhwc, "model_ema": model_ema, "val_tta_flip": val_tta_flip}
+                "compile": compile_info, "channels_last": nhwc, "model_ema": model_ema, "val_tta_flip": val_tta_flip,
+                "mixup": mixup, "cutmix": cutmix}

@@ -230,9 +230,13 @@ def test_grefel_notebook_on_whole_frames_without_votes_or_splits(demo_kmu_zip, t
         _run("GReFEL", tmp_path / "bad", data_path=str(demo_kmu_zip), augment="heavy")
     with pytest.raises(Exception, match="model_ema must be in \\(0, 1\\)"):
         _run("GReFEL", tmp_path / "bad", data_path=str(demo_kmu_zip), model_ema=1.0)
-    assert not (tmp_path / "bad" / "cache").exists()  # both stopped before the data work
-    r = _run("GReFEL", tmp_path, data_path=str(demo_kmu_zip), video_frames=5, augment="shift")
+    with pytest.raises(Exception, match="cutmix must be a Beta"):
+        _run("GReFEL", tmp_path / "bad", data_path=str(demo_kmu_zip), cutmix=-1.0)
+    assert not (tmp_path / "bad" / "cache").exists()  # all stopped before the data work
+    r = _run("GReFEL", tmp_path, data_path=str(demo_kmu_zip), video_frames=5, augment="shift", mixup=0.2, cutmix=1.0)
     assert r["config"]["augment"] == "shift"
+    last = H.load_checkpoint(Path(r["run_dir"]) / "last.pth")  # the landmark model trained on mixed batches
+    assert (last["mixup"], last["cutmix"]) == (0.2, 1.0) and r["config"]["mixup"] == 0.2
     d = r["dataset"]
     assert d["ferplus"] is False and d["face_detection"] is True and d["name"] == demo_kmu_zip.name.split(".")[0]
     classes = ["angry", "disgust", "fear", "happy", "sad", "surprise"]

@@ -595,3 +595,71 @@ def test_model_ema_resumes_exactly_and_refuses_a_checkpoint_without_it(demo_cach
 def test_pretraining_refuses_a_batch_that_is_not_a_positive_integer(tmp_path, batch):
     with pytest.raises(ValueError, match="pretrain_batch_size must be a positive integer"):
         H.pretrain_classifier(tmp_path / "missing.zip", tmp_path, {"batch_size": 16}, "cpu", 1, 3e-4, batch_size=batch)
+
+
+def test_mixup_blends_each_image_with_its_mirror_in_the_batch_and_mixes_the_targets_by_the_same_share():
+    """Pinned by value: image i of a batch of constant images (value i) becomes lam * i + (1 - lam) * (B - 1 - i),
+    its target lam * own + (1 - lam) * partner's; the landmarks stay each sample's own, lam >= 0.5 (own image
+    dominant), and a soft target (votes) mixes the same way."""
+    torch.manual_seed(0)
+    b, c = 4, 3
+    x = torch.arange(b, dtype=torch.float32)[:, None, None, None].expand(b, 1, 8, 8).clone()
+    points = torch.rand(b, 68, 2)
+    mix = H.BatchMix(mixup=0.4)
+    seen = set()
+    for _ in range(20):
+        (mixed, pts), lam = mix([x, points])
+        assert 0.5 <= lam <= 1.0
+        seen.add(round(lam, 6))
+        want = lam * torch.arange(b) + (1 - lam) * torch.arange(b).flip(0)
+        torch.testing.assert_close(mixed.amax((1, 2, 3)), want.float())
+        torch.testing.assert_close(mixed.amin((1, 2, 3)), want.float())  # every pixel blended alike
+        assert pts is points
+        y = torch.tensor([0, 1, 2, 1])
+        t = H.BatchMix.targets(y, lam, c)
+        torch.testing.assert_close(t[0], torch.tensor([lam, 1 - lam, 0.0]))  # own 0, partner (sample 3) 1
+        torch.testing.assert_close(t.sum(-1), torch.ones(b))
+        votes = torch.tensor([[0.5, 0.5, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0], [0.2, 0.0, 0.8]])
+        torch.testing.assert_close(H.BatchMix.targets(votes, lam, c)[0], lam * votes[0] + (1 - lam) * votes[3])
+    assert len(seen) > 10  # a new share every batch
+
+
+def test_cutmix_pastes_a_box_of_the_partner_and_its_share_is_the_targets_weight():
+    torch.manual_seed(1)
+    b = 4
+    x = torch.arange(b, dtype=torch.float32)[:, None, None, None].expand(b, 3, 16, 16).clone()
+    mix = H.BatchMix(cutmix=1.0)
+    for _ in range(20):
+        (mixed,), lam = mix([x])
+        assert 0.5 <= lam <= 1.0
+        for i in range(b):
+            own = mixed[i] == i
+            pasted = mixed[i] == b - 1 - i
+            assert bool((own | pasted).all())  # nothing blended: each pixel is one image's or the other's
+            assert pasted.float().mean().item() == pytest.approx(1 - lam)  # lam: the share left of its own image
+    assert torch.equal(x[:, 0, 0, 0], torch.arange(b, dtype=torch.float32))  # the input batch is not changed
+
+
+@pytest.mark.parametrize("bad", [-0.1, "0.2", True, float("nan")])
+def test_batch_mix_refuses_an_alpha_that_is_not_a_number_at_least_0(bad):
+    with pytest.raises(ValueError, match="mixup must be a Beta"):
+        H.check_batch_mix(bad, 0.0)
+    with pytest.raises(ValueError, match="cutmix must be a Beta"):
+        H.BatchMix(0.0, bad)
+
+
+def test_mixup_trains_on_mixed_batches_resumes_exactly_and_refuses_a_checkpoint_of_another_mix(demo_cache, tmp_path):
+    cache, classes = demo_cache
+    _, plain = _fit(cache, classes, tmp_path / "plain")
+    _, full = _fit(cache, classes, tmp_path / "full", mixup=0.4, cutmix=1.0)
+    assert full["mixup"] == 0.4 and full["cutmix"] == 1.0
+    # the mixed targets reach the loss: another training loss than the same run without them
+    assert full["history"][0]["train_loss"] != pytest.approx(plain["history"][0]["train_loss"], rel=1e-3)
+    with pytest.raises(KeyboardInterrupt):
+        _fit(cache, classes, tmp_path / "cut", mixup=0.4, cutmix=1.0, on_epoch_end=_kill_after_epoch_2)
+    _, resumed = _fit(cache, classes, tmp_path / "cut", mixup=0.4, cutmix=1.0)
+    assert [h["train_loss"] for h in resumed["history"]] == pytest.approx([h["train_loss"] for h in full["history"]],
+                                                                          rel=1e-5)
+    with pytest.raises(ValueError, match=r"other settings \(mixup, cutmix\)"):
+        _fit(cache, classes, tmp_path / "cut", num_epochs=4)  # the same folder without the mix
+    assert H.load_checkpoint(tmp_path / "plain" / "last.pth")["mixup"] == 0.0
