@@ -78,6 +78,8 @@ model_ema = None               # decay of a moving average of the weights, e.g. 
 dropout = None                 # head dropout
 augment = None                 # training augmentation: "seed" (the seed notebook's) | "nir" (in-car near-infrared)
 augment_erasing = None         # probability of random erasing (occlusion by hands, glasses)
+mixup = None                   # Beta(alpha, alpha) of mixup of the folds' training image pairs and their labels, e.g. 0.2 | 0: off (not in pre-training)
+cutmix = None                  # Beta(alpha, alpha) of CutMix on the folds (a box of another frame pasted), e.g. 1.0 | 0: off
 tta_flip = None                # True: validation and test predictions average each image and its mirror image (the epoch is chosen by the test's rule, so it is a training run of its own)
 pretrain_data_path = None      # FER+ (any labelled faces) to train the GCViT on first | "auto": a *ferplus* archive in workdir | None: off
 pretrain_epochs = None         # epochs of that pre-training
@@ -120,7 +122,7 @@ COMMON = dict(export=True, video_source=None, video_frames=None, ema=0.6, channe
               max_folds=None, nproc=None, allow_random_init=False, finetune="full", frozen_stages=0, layer_decay=None, model_ema=None, dropout=0.3,
               label_smoothing=0.0, class_weighted=False, clip_grad=1.0, amp="auto", early_stopping=None,
               pretrain_data_path=None, pretrain_epochs=8, pretrain_lr=3e-4, pretrain_augment=None, pretrain_batch_size=None,
-              augment="seed", augment_erasing=0.0,
+              augment="seed", augment_erasing=0.0, mixup=0.0, cutmix=0.0,
               tta_flip=False, data_on_device="auto", torch_compile="auto", channels_last=False,
               lr_scaling="none", lr_reference_batch=None)
 PROFILES = {
@@ -160,7 +162,7 @@ config = H.resolve_config(profile, PROFILES, dict(
     dropout=dropout,
     pretrain_data_path=pretrain_data_path, pretrain_epochs=pretrain_epochs, pretrain_lr=pretrain_lr,
     pretrain_augment=pretrain_augment, pretrain_batch_size=pretrain_batch_size,
-    augment=augment, augment_erasing=augment_erasing, tta_flip=tta_flip,
+    augment=augment, augment_erasing=augment_erasing, mixup=mixup, cutmix=cutmix, tta_flip=tta_flip,
     num_epochs=num_epochs, batch_size=batch_size, lr=lr, lr_scaling=lr_scaling,
     lr_reference_batch=lr_reference_batch, weight_decay=weight_decay, warmup_epochs=warmup_epochs,
     label_smoothing=label_smoothing, class_weighted=class_weighted, clip_grad=clip_grad, amp=amp,
@@ -169,6 +171,7 @@ config = H.resolve_config(profile, PROFILES, dict(
 # Fail here, not deep inside timm, if the model cannot take this input size or these weights.
 H.validate_gcvit_size(config["model_name"], config["image_size"], config["weights"])
 H.check_model_ema(config["model_ema"])
+H.check_batch_mix(config["mixup"], config["cutmix"])
 # the learning-rate rule for other batch sizes (recorded in config): lr was chosen at the profile's batch
 config["lr_reference_batch"] = config["lr_reference_batch"] or PROFILES[profile]["batch_size"]
 workdir = Path(config["workdir"])
@@ -359,7 +362,9 @@ H.require(globals(), config="Configuration", cache_attrs="Preprocess: face crops
 # tta_flip also validates with flip TTA (the epoch is chosen by the test's rule): a setting of its own when on
 run_key = H.config_fingerprint(config, exclude=("workdir", "max_folds", "nproc", "export", "video_source",
                                                 "video_frames", "ema", "cross_data_path", "torch_compile", "channels_last")
-                               + (() if config["tta_flip"] else ("tta_flip",)),
+                               + (() if config["tta_flip"] else ("tta_flip",))
+                               # mixup and cutmix joined later: off, they leave the run folders of before them their names
+                               + tuple(k for k in ("mixup", "cutmix") if not config[k]),
                                contents={"data": cache_attrs["fingerprint"], "weights": weights_info.get("sha256")})
 run_dir = out_dir / "runs" / f"{config['protocol']}_{config['model_name']}_{config['image_size']}px_{run_key}"
 spec_path = H.write_run_spec(run_dir / "run.json", config=config, cache_path=cache_path, class_names=class_names,

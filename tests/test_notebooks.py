@@ -32,6 +32,25 @@ def test_committed_notebooks_have_no_outputs_and_one_parameters_cell():
         assert sum("parameters" in c.metadata.get("tags", []) for c in code) == 1, name
 
 
+def test_every_parameter_reaches_the_config():
+    """A name of the Parameters cell that the Configuration cell's ``resolve_config(profile, ..., dict(...))``
+    does not pass as ``name=name`` would be ignored without a word (papermill injects it, nothing reads it)."""
+    import ast
+
+    for name in ("DFER_GCViT", "GReFEL"):
+        nb = nbformat.read(ROOT / f"{name}.ipynb", as_version=4)
+        code = [c for c in nb.cells if c.cell_type == "code"]
+        params = next(c for c in code if "parameters" in c.metadata.get("tags", []))
+        names = [t.id for node in ast.parse(params.source).body if isinstance(node, ast.Assign) for t in node.targets]
+        calls = [node for c in code for node in ast.walk(ast.parse(c.source))
+                 if isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "resolve_config"]
+        assert len(calls) == 1, name
+        profile, _, overrides = calls[0].args
+        passed = {kw.arg for kw in overrides.keywords if isinstance(kw.value, ast.Name) and kw.value.id == kw.arg}
+        assert profile.id == "profile" and len(names) > 40, name
+        assert [n for n in names if n not in passed | {"profile"}] == [], name
+
+
 def test_paired_scripts_match_the_notebooks():
     import jupytext
 
@@ -135,14 +154,17 @@ def test_dfer_notebook_trains_on_ferplus_and_its_weights_start_a_kmu_run(tmp_pat
     assert again["config"]["finetune"] == "partial" and again["run_dir"] != kmu["run_dir"]
     assert H.load_checkpoint(last)["config"]["finetune"] == "full"
     # a run that changes only its own recipe (augmentation, the pre-training's pinned by pretrain_augment; layer-wise
-    # lr decay, the weight average and flip TTA, which fine-tuning uses and training from scratch does not) reuses it
+    # lr decay, the weight average, mixup / CutMix and flip TTA, which fine-tuning uses and training from scratch
+    # does not) reuses it
     nir = _run("DFER_GCViT", tmp_path / "kmu", pretrain_data_path=str(fer_zip), pretrain_epochs=1, augment="nir",
-               pretrain_augment="seed", layer_decay=0.5, model_ema=0.9, tta_flip=True)
+               pretrain_augment="seed", layer_decay=0.5, model_ema=0.9, tta_flip=True, mixup=0.2, cutmix=1.0)
     assert nir["pretraining"]["sha256"] == pre["sha256"] and last.stat().st_mtime_ns == written
     assert nir["config"]["augment"] == "nir" and nir["run_dir"] != kmu["run_dir"]
     fold_last = H.load_checkpoint(Path(nir["run_dir"]) / "fold_1" / "last.pth")
     assert fold_last["model_ema"] == 0.9 and fold_last["ema"].keys() == fold_last["model"].keys()
     assert nir["config"]["model_ema"] == 0.9 and kmu["config"]["model_ema"] is None
+    assert (fold_last["mixup"], fold_last["cutmix"]) == (0.2, 1.0)  # the folds mixed their batches,
+    assert (H.load_checkpoint(last)["mixup"], H.load_checkpoint(last)["cutmix"]) == (0.0, 0.0)  # the pre-training not
     # tta_flip validates the folds with TTA too (one view beside it); the pre-training stayed one view
     assert fold_last["val_tta_flip"] and all("val_acc_single" in row for row in fold_last["history"])
     assert not H.load_checkpoint(last).get("val_tta_flip", False)
