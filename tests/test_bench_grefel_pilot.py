@@ -59,13 +59,14 @@ def test_a_variant_is_the_cpu_profile_with_its_own_settings_changed(pilot, packe
     _, npz = packed
     nb_config = pilot.cpu_profile(tmp_path / "nb")
     assert nb_config["profile"] == "cpu" and nb_config["num_epochs"] > 1
-    pilot.launch(str(npz), tmp_path / "out", ["soft"], deadline=600, epochs=1, limit=8, work=tmp_path / "w")
+    pilot.launch(str(npz), tmp_path / "out", ["soft_mixup"], deadline=600, epochs=1, limit=8, work=tmp_path / "w")
     assert [f.name for f in (tmp_path / "out").iterdir()] == ["pilot.json"]  # one file to fetch from a device
-    r = json.loads((tmp_path / "out" / "pilot.json").read_text())["variants"]["soft"]
+    r = json.loads((tmp_path / "out" / "pilot.json").read_text())["variants"]["soft_mixup"]
     assert r["done"] and len(r["history"]) == 1 and r["train"] == 8 and r["val"] == 2
     changed = {k for k in nb_config if r["config"][k] != nb_config[k]}
-    assert changed == {"soft_labels", "num_epochs", "workdir"}, changed
+    assert changed == {"soft_labels", "mixup", "num_epochs", "workdir"}, changed
     assert r["config"]["soft_labels"] is True and r["best_val_acc"] == r["history"][0]["val_acc"]
+    assert H.load_checkpoint(tmp_path / "w" / "run_soft_mixup" / "last.pth")["mixup"] == 0.2  # training mixed
 
 
 def test_speed_bench_rows_train_in_the_layout_and_data_path_they_name(tmp_path, monkeypatch, capsys):
