@@ -122,7 +122,7 @@ COMMON = dict(export=True, video_source=None, video_frames=None, ema=0.6, channe
               max_folds=None, nproc=None, allow_random_init=False, finetune="full", frozen_stages=0, layer_decay=None, model_ema=None, dropout=0.3,
               label_smoothing=0.0, class_weighted=False, clip_grad=1.0, amp="auto", early_stopping=None,
               pretrain_data_path=None, pretrain_epochs=8, pretrain_lr=3e-4, pretrain_augment=None, pretrain_batch_size=None,
-              augment="seed", augment_erasing=0.0, mixup=0.0, cutmix=0.0,
+              augment="seed", augment_erasing=0.0, **H.BATCH_MIX_OFF,
               tta_flip=False, data_on_device="auto", torch_compile="auto", channels_last=False,
               lr_scaling="none", lr_reference_batch=None)
 PROFILES = {
@@ -364,7 +364,7 @@ run_key = H.config_fingerprint(config, exclude=("workdir", "max_folds", "nproc",
                                                 "video_frames", "ema", "cross_data_path", "torch_compile", "channels_last")
                                + (() if config["tta_flip"] else ("tta_flip",))
                                # mixup and cutmix joined later: off, they leave the run folders of before them their names
-                               + tuple(k for k in ("mixup", "cutmix") if not config[k]),
+                               + tuple(k for k, off in H.BATCH_MIX_OFF.items() if config[k] == off),
                                contents={"data": cache_attrs["fingerprint"], "weights": weights_info.get("sha256")})
 run_dir = out_dir / "runs" / f"{config['protocol']}_{config['model_name']}_{config['image_size']}px_{run_key}"
 spec_path = H.write_run_spec(run_dir / "run.json", config=config, cache_path=cache_path, class_names=class_names,

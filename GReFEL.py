@@ -110,7 +110,7 @@ ema = None                     # smoothing of probabilities over frames, in [0, 
 COMMON = dict(video_source=None, video_frames=30, ema=0.6, max_per_split=None, val_fraction=0.1, soft_labels=False,
               label_pattern=None, labels_csv=None, dropout=0.1,
               backbone_args=None, components="full", label_smoothing=0.1, augment="grefel", augment_erasing=0.25,
-              mixup=0.0, cutmix=0.0, tta_flip=True,
+              **H.BATCH_MIX_OFF, tta_flip=True,
               lambda_cls=1.0, lambda_plain=0.0, lambda_anchor=1.0, lambda_center=1.0, anchor_margin=2.0, class_weighted=False,
               balanced_sampling=False, clip_grad=1.0, model_ema=None, amp="auto", early_stopping=None, torch_compile="auto",
               channels_last=False,
@@ -659,7 +659,7 @@ PLACE_AND_SPEED = ("workdir", "video_source", "video_frames", "ema", "torch_comp
 # model_ema, mixup and cutmix joined the settings later: off, they leave the run folders of before them their names
 run_key = H.config_fingerprint(config, exclude=PLACE_AND_SPEED + ("tta_flip", "data_on_device")
                                + (("model_ema",) if config["model_ema"] is None else ())
-                               + tuple(k for k in ("mixup", "cutmix") if not config[k]),
+                               + tuple(k for k, off in H.BATCH_MIX_OFF.items() if config[k] == off),
                                contents={"data": cache_attrs["fingerprint"],  # new data or weights: a new run
                                          "weights": backbone_info.get("sha256"),
                                          # a new model revision too (revision-1 runs keep their names)
@@ -906,7 +906,7 @@ print("Wrote", run_dir, "and its latest copies", out_dir / "final_results.json",
 # %%
 # not the recipe: the row itself, the data's path (the data is compared by its fingerprint), the loader's workers
 NOT_RECIPE = {*PLACE_AND_SPEED, "components", "data_path", "num_workers"}
-ADDED_LATER = {"mixup": 0.0, "cutmix": 0.0}  # settings runs of before them lack: they ran with these values
+ADDED_LATER = H.BATCH_MIX_OFF  # settings runs of before them lack: they ran with these values
 
 
 def other_settings(theirs: dict, ours: dict) -> str:

@@ -41,7 +41,7 @@ from .models import (TimmClassifier, WeightsUnavailableError, count_parameters, 
                      validate_gcvit_size)
 from .distributed import (ShardedBatchSampler, barrier, get_rank, get_world_size, init_distributed, is_distributed,
                           is_main, shutdown)
-from .train import (BatchMix, build_optimizer, build_scheduler, channels_last_layout, check_batch_mix, check_model_ema,
+from .train import (BATCH_MIX_OFF, BatchMix, build_optimizer, build_scheduler, channels_last_layout, check_batch_mix, check_model_ema,
                     class_weights_from_labels, compile_for_training, cpu_amp, cross_entropy_loss, evaluate, fit, scaled_lr,
                     load_checkpoint, make_loader, output_probs, resolve_amp, save_checkpoint, seed_everything,
                     train_one_epoch)
@@ -82,7 +82,7 @@ __all__ = [
     # train
     "seed_everything", "make_loader", "build_optimizer", "build_scheduler", "cross_entropy_loss",
     "class_weights_from_labels", "output_probs", "resolve_amp", "train_one_epoch", "evaluate",
-    "save_checkpoint", "load_checkpoint", "fit", "check_model_ema", "BatchMix", "check_batch_mix", "compile_for_training", "channels_last_layout",
+    "save_checkpoint", "load_checkpoint", "fit", "check_model_ema", "BATCH_MIX_OFF", "BatchMix", "check_batch_mix", "compile_for_training", "channels_last_layout",
     "cpu_amp", "scaled_lr",
     # distributed
     "init_distributed", "shutdown", "is_distributed", "get_rank", "get_world_size", "is_main", "barrier",

@@ -29,7 +29,7 @@ from .metrics import compute_metrics, sequence_metrics
 from .models import create_classifier, set_finetune_strategy
 from .setup import config_fingerprint, environment_info, save_json
 from .splits import make_folds
-from .train import (class_weights_from_labels, scaled_lr, cross_entropy_loss, evaluate, fit, load_checkpoint, make_loader,
+from .train import (BATCH_MIX_OFF, class_weights_from_labels, scaled_lr, cross_entropy_loss, evaluate, fit, load_checkpoint, make_loader,
                     resolve_amp, seed_everything)
 
 SPEC_KEYS = ("task", "config", "cache_path", "class_names", "folds", "run_dir", "run_key")
@@ -41,7 +41,7 @@ CONFIG_KEYS = ("model_name", "weights", "allow_random_init", "image_size", "chan
 # reuses it): every layer trained (freezing would freeze random weights) with one learning rate (layer decay is
 # for fine-tuning), no weight average, no mixup or CutMix, validation and FER+ test in one view
 FINETUNING_ONLY = {"finetune": "full", "frozen_stages": 0, "layer_decay": None, "model_ema": None, "tta_flip": False,
-                   "mixup": 0.0, "cutmix": 0.0}
+                   **BATCH_MIX_OFF}
 
 
 def build_classifier(config: dict, class_names: list[str]):

@@ -198,7 +198,7 @@ def cross_entropy_loss(label_smoothing: float = 0.0, class_weights: torch.Tensor
         ``loss_fn(outputs, y, progress) -> scalar tensor``.
     """
     def loss_fn(outputs, y, progress):
-        logits = outputs["logits"] if isinstance(outputs, dict) else outputs
+        logits = output_logits(outputs)
         w = class_weights.to(logits.device) if class_weights is not None else None
         return F.cross_entropy(logits.float(), y, weight=w, label_smoothing=label_smoothing)
 
@@ -210,6 +210,11 @@ def class_weights_from_labels(labels: np.ndarray, num_classes: int) -> torch.Ten
     counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
     w = np.where(counts > 0, counts.sum() / np.maximum(counts, 1) / num_classes, 0.0)
     return torch.tensor(w / w[counts > 0].mean(), dtype=torch.float32)
+
+
+def output_logits(outputs) -> torch.Tensor:
+    """A model's logits: ``logits`` of a dict, else the output itself."""
+    return outputs["logits"] if isinstance(outputs, dict) else outputs
 
 
 def output_probs(outputs) -> torch.Tensor:
@@ -305,7 +310,7 @@ def train_one_epoch(model: nn.Module, loader, optimizer, scheduler, loss_fn: Cal
                 inputs, lam = mix(inputs)
             outputs = model(*inputs)
             if mix is not None:
-                y = mix.targets(y, lam, output_probs(outputs).shape[-1])
+                y = mix.targets(y, lam, output_logits(outputs).shape[-1])  # the class count, no softmax
             loss = loss_fn(outputs, y, frac)
         first_bad = (bad_step < 0) & ~torch.isfinite(loss.detach())
         bad_step = torch.where(first_bad, step, bad_step)
@@ -500,6 +505,9 @@ def compile_for_training(model: nn.Module, torch_compile: bool | str, loader, lo
 
 # ----------------------------------------------------------------------------- mixup / cutmix
 
+BATCH_MIX_OFF = {"mixup": 0.0, "cutmix": 0.0}  # the settings off; runs and checkpoints from before them ran so
+
+
 class BatchMix:
     """Mixup (Zhang et al., 2018) or CutMix (Yun et al., 2019) of each training batch with itself reversed.
 
@@ -654,7 +662,7 @@ def fit(model: nn.Module, train_loader, val_loader, out_dir: str | Path, *, num_
             # fit's own settings (not in config) count too; checkpoints from before val_tta_flip validated one
             # view, and those from before mixup / cutmix mixed nothing
             own = [k for k, value, absent in (("model_ema", model_ema, None), ("val_tta_flip", val_tta_flip, False),
-                                              ("mixup", mixup, 0.0), ("cutmix", cutmix, 0.0))
+                                              *((k, v, BATCH_MIX_OFF[k]) for k, v in (("mixup", mixup), ("cutmix", cutmix))))
                    if ckpt.get(k, absent) != value]
             if ckpt.get("run_key") != run_key or own:
                 changed = sorted(k for k in set(config) | set(ckpt["config"]) if config.get(k) != ckpt["config"].get(k))
