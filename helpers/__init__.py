@@ -44,7 +44,7 @@ from .distributed import (ShardedBatchSampler, barrier, get_rank, get_world_size
 from .train import (BATCH_MIX_OFF, BatchMix, build_optimizer, build_scheduler, channels_last_layout, check_batch_mix, check_model_ema,
                     class_weights_from_labels, compile_for_training, cpu_amp, cross_entropy_loss, evaluate, fit, scaled_lr,
                     load_checkpoint, make_loader, output_probs, resolve_amp, save_checkpoint, seed_everything,
-                    train_one_epoch)
+                    time_left, train_one_epoch)
 from .metrics import (adjust_logits, class_log_prior, compute_metrics, expected_calibration_error, fit_logit_adjustment,
                       fit_temperature, fold_summary, sequence_metrics)
 from .plots import (plot_class_distribution, plot_confidence_histograms, plot_confusion_matrix, plot_metric_summary,
@@ -81,7 +81,7 @@ __all__ = [
     "load_matching_weights", "validate_gcvit_size", "count_parameters", "set_finetune_strategy",
     # train
     "seed_everything", "make_loader", "build_optimizer", "build_scheduler", "cross_entropy_loss",
-    "class_weights_from_labels", "output_probs", "resolve_amp", "train_one_epoch", "evaluate",
+    "class_weights_from_labels", "output_probs", "resolve_amp", "train_one_epoch", "time_left", "evaluate",
     "save_checkpoint", "load_checkpoint", "fit", "check_model_ema", "BATCH_MIX_OFF", "BatchMix", "check_batch_mix", "compile_for_training", "channels_last_layout",
     "cpu_amp", "scaled_lr",
     # distributed

@@ -23,6 +23,7 @@ import contextlib
 import math
 import os
 import random
+import statistics
 import time
 from pathlib import Path
 from typing import Callable
@@ -573,6 +574,15 @@ def check_model_ema(model_ema: float | None) -> None:
         raise ValueError(f"model_ema must be in (0, 1) (the moving average's decay, e.g. 0.99) or None, not {model_ema!r}")
 
 
+def time_left(epoch_s: list[float], epochs_left: int) -> str:
+    """``"~1 h 05 min left"``: the median of the epoch times so far x the epochs left ("" when none are), so a
+    researcher knows after the first epoch what a run costs on this machine."""
+    if epochs_left <= 0 or not epoch_s:
+        return ""
+    minutes = round(statistics.median(epoch_s) * epochs_left / 60)
+    return f"~{minutes // 60} h {minutes % 60:02d} min left" if minutes >= 60 else f"~{max(minutes, 1)} min left"
+
+
 def fit(model: nn.Module, train_loader, val_loader, out_dir: str | Path, *, num_epochs: int, lr: float,
         weight_decay: float, device, loss_fn: Callable | None = None, seed: int = 42,
         warmup_epochs: float = 0.0, restart_epochs: int | None = None, min_lr_ratio: float = 0.0,
@@ -701,7 +711,7 @@ def fit(model: nn.Module, train_loader, val_loader, out_dir: str | Path, *, num_
             model.train()
             model, compile_info = compile_for_training(model, torch_compile, train_loader, loss_fn, device, amp_dtype,
                                                        progress)
-        t0 = time.time()
+        t0, timed = time.time(), []  # timed: this call's epoch times (a resumed run's earlier ones may be another machine's)
         for epoch in range(start, num_epochs):
             if stopped:
                 break
@@ -753,8 +763,11 @@ def fit(model: nn.Module, train_loader, val_loader, out_dir: str | Path, *, num_
                                 ema=None if ema is None else ema.module.state_dict())
                 save_json(history, out_dir / "history.json")
             if progress:
+                timed.append(row["epoch_s"])
+                left = "" if stopped else time_left(timed, num_epochs - epoch - 1)
                 print(f"epoch {epoch + 1:3d}/{num_epochs}  train loss {tr['loss']:.4f} acc {tr['acc']:.3f}  "
-                      f"val loss {va['loss']:.4f} acc {va['acc']:.3f}  {row['epoch_s']:.0f}s" + ("  *" if improved else ""))
+                      f"val loss {va['loss']:.4f} acc {va['acc']:.3f}  {row['epoch_s']:.0f}s" + ("  *" if improved else "")
+                      + (f"  ({left})" if left else ""))
             if on_epoch_end is not None:
                 on_epoch_end(row)
         if stopped and progress:

@@ -159,6 +159,16 @@ def test_early_stopping_and_finished_run_is_not_retrained(demo_cache, tmp_path):
     assert again["epochs_run"] == 2
 
 
+def test_each_epoch_line_says_how_long_the_rest_of_the_run_will_take(demo_cache, tmp_path, capsys):
+    assert H.time_left([240.0, 250.0, 9000.0], 99) == "~6 h 52 min left"  # the median: one slow epoch does not count
+    assert H.time_left([50.0], 3) == "~2 min left" and H.time_left([5.0], 1) == "~1 min left"
+    assert H.time_left([50.0], 0) == "" and H.time_left([], 5) == ""
+    cache, classes = demo_cache
+    _fit(cache, classes, tmp_path, num_epochs=3, progress=True)
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("epoch ")]
+    assert len(lines) == 3 and "left)" in lines[0] and "left)" in lines[1] and "left" not in lines[2]
+
+
 def test_amp_selection_and_bf16_on_cpu(demo_cache, tmp_path):
     assert H.resolve_amp("auto", "cpu") is None and H.resolve_amp("off", "cuda") is None
     assert H.resolve_amp("bf16", "cpu") == torch.bfloat16 and H.resolve_amp("fp16", "cpu") == torch.float16
