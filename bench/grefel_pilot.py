@@ -5,12 +5,14 @@ several recipe variants side by side, one process each, chosen on FER2013Valid.
 cpu profile's budget (soft labels, a weight EMA, 48 px native input, ...). Each variant is the notebook's
 resolved ``cpu`` profile (its Parameters and Configuration cells are executed with ``profile="cpu"``) with a
 few settings changed, the model and loss are the notebook's cells tagged ``grefel-model``, and training is
-``H.fit`` with the notebook's arguments (the training split on the device and augmented there on CUDA, as
-``data_on_device="auto"`` does; ``torch_compile`` off, so that no variant spends its time compiling). Every
+``H.fit`` with the notebook's arguments (the profile's ``data_on_device`` and ``channels_last``: the training
+split held in memory and augmented in batches in the training process; ``torch_compile`` off, so that no variant spends its time compiling). Every
 epoch's history row is written as soon as it exists and gathered every 10 s into one ``<out>/pilot.json``
 (the device returns a few files a call), so a variant killed at a deadline keeps what it measured; a second
 ``launch`` resumes unfinished variants from their ``last.pth``.
-FER2013Test is not packed: a pilot chooses settings, and chooses them on validation.
+FER2013Test is not packed: a pilot chooses settings, and chooses them on validation. A finished variant also
+records its selected checkpoint's FER2013Valid macro F1, classes predicted and recall per class (``best_val``):
+what the rare-class variants (``class_weighted``, ``balanced``) are judged by.
 
 It runs where the notebook's archive and cache cannot go (the GPU machine takes 64 MiB): ``pack`` turns the
 notebook's FER+ landmark cache (labels, votes, dlib landmarks) and the archive's 48-px faces into one .npz
@@ -56,6 +58,12 @@ VARIANTS = {
     "mixup": dict(mixup=0.2),                       # mixup of image pairs and their targets (H.BatchMix)
     "cutmix": dict(cutmix=1.0),                     # a box of another face pasted
     "soft_mixup": dict(soft_labels=True, mixup=0.2),  # the vote distributions mixed
+    # the rare classes (disgust, contempt: under 1% of FER2013Train each), chosen by the macro F1 the pilot reports
+    "class_weighted": dict(class_weighted=True),    # inverse-frequency weights in the NLL
+    "balanced": dict(balanced_sampling=True, data_on_device=False),  # each class drawn equally often (a sampler:
+                                                                     # the DataLoader path)
+    "backbone_class_weighted": dict(components="backbone", class_weighted=True),  # the same on the plain CNN,
+    "backbone_soft": dict(components="backbone", soft_labels=True),               # which learns faster on a CPU
     # the longer budget: the plain CNN overfits at 120 epochs with the profile's recipe (training accuracy ~93%
     # under augmentation, FER2013Valid below its 48-epoch best), so each long variant is paired with a regularized one
     "backbone_120": dict(components="backbone", num_epochs=120),
@@ -144,13 +152,15 @@ def write_cache(npz: str, path: Path, size: int, limit: int) -> dict:  # -> trai
         f["votes"] = d["votes"][pick].astype(np.float32)
         f.attrs["class_names"] = json.dumps([str(c) for c in d["class_names"]])
     return {"train": np.flatnonzero(~is_val[pick]), "val": np.flatnonzero(is_val[pick]),
-            "num_classes": len(d["class_names"])}
+            "num_classes": len(d["class_names"]), "class_names": [str(c) for c in d["class_names"]]}
 
 
 def build_training(config: dict, cache: Path, train_idx, val_idx, num_classes: int, device, data_on_device,
                    num_workers: int, progress: bool = True):
     """What the notebook's Training cell builds from a config and a landmark cache: the training batches (and
     how they are served), the validation loader, the model (seeded) and its loss."""
+    import torch
+
     g = model_cells()
     norm = {"mean": (0.5,) * 3, "std": (0.5,) * 3}  # from scratch, as the notebook
     size = config["image_size"]
@@ -159,16 +169,21 @@ def build_training(config: dict, cache: Path, train_idx, val_idx, num_classes: i
     eval_tf = H.build_transform("eval", size, norm["mean"], norm["std"], channels=1, keypoints=True)
     train_ds = H.H5Dataset(cache, train_idx, train_tf, in_memory=True, landmarks=True,
                            soft_labels=config["soft_labels"])
+    sampler = None
+    if config["balanced_sampling"]:  # as the notebook's Training cell: each class drawn equally often
+        w = 1.0 / np.bincount(train_ds.labels, minlength=num_classes)[train_ds.labels]
+        sampler = torch.utils.data.WeightedRandomSampler(w, len(w), generator=torch.Generator().manual_seed(config["seed"]))
     train_loader, training_data = H.training_batches(train_ds, config["augment"], size, norm,
                                                      config["augment_erasing"], config["batch_size"], data_on_device,
-                                                     device, num_workers=num_workers, seed=config["seed"],
-                                                     progress=progress)
+                                                     device, num_workers=num_workers, sampler=sampler,
+                                                     seed=config["seed"], progress=progress)
     val_loader = H.make_loader(H.H5Dataset(cache, val_idx, eval_tf, in_memory=True, landmarks=True),
                                config["batch_size"], shuffle=False, device=device)
     H.seed_everything(config["seed"])
     model = g["build_grefel"](config, num_classes, weights=config["weights"])
+    class_w = H.class_weights_from_labels(train_ds.labels, num_classes) if config["class_weighted"] else None
     loss_fn = g["grefel_loss"](model, config["lambda_cls"], config["lambda_anchor"], config["lambda_center"],
-                               config["anchor_margin"], None, config["label_smoothing"], config["lambda_plain"])
+                               config["anchor_margin"], class_w, config["label_smoothing"], config["lambda_plain"])
     return train_loader, training_data, val_loader, model, loss_fn
 
 
@@ -187,7 +202,7 @@ def train(npz: str, out: Path, name: str, epochs: int, limit: int, work: Path) -
     cache = work / f"{name}.h5"
     idx = write_cache(npz, cache, config["image_size"], limit)
     train_loader, training_data, val_loader, model, loss_fn = build_training(
-        config, cache, idx["train"], idx["val"], idx["num_classes"], device, "auto", num_workers=0)
+        config, cache, idx["train"], idx["val"], idx["num_classes"], device, config["data_on_device"], num_workers=0)
     record = {"variant": name, "changed": VARIANTS[name], "config": config, "device": str(device),
               "torch": torch.__version__, "training_data": training_data, "train": len(idx["train"]),
               "val": len(idx["val"]), "setup_s": round(time.time() - t0, 1), "history": []}
@@ -202,10 +217,17 @@ def train(npz: str, out: Path, name: str, epochs: int, limit: int, work: Path) -
     run = H.fit(model, train_loader, val_loader, run_dir, num_epochs=config["num_epochs"],
                 lr=H.fold_lr(config), weight_decay=config["weight_decay"], device=device, loss_fn=loss_fn,
                 seed=config["seed"], warmup_epochs=config["warmup_epochs"], clip_grad=config["clip_grad"],
-                amp=config["amp"], config=config, torch_compile=False, model_ema=config["model_ema"],
+                amp=config["amp"], config=config, torch_compile=False, channels_last=config["channels_last"],
+                model_ema=config["model_ema"],
                 mixup=config["mixup"], cutmix=config["cutmix"],
                 # the run's whole history so far (H.fit has written it), resumed epochs included
                 on_epoch_end=lambda row: save(json.loads((run_dir / "history.json").read_text())), progress=False)
+    # the selected checkpoint on FER2013Valid, per class: what the rare-class variants are chosen by
+    model.load_state_dict(H.load_checkpoint(run["best_path"])["model"])
+    ev = H.evaluate(model, val_loader, device)
+    m = H.compute_metrics(ev["y_true"], ev["y_pred"], idx["class_names"])
+    record["best_val"] = {"accuracy": m["accuracy"], "f1_macro": m["f1_macro"], "predicted_classes": m["predicted_classes"],
+                          "recall": {c: r["recall"] for c, r in m["per_class"].items()}}
     record["done"] = True
     save(run["history"])
 
@@ -244,15 +266,18 @@ def launch(npz: str, out: Path, names: list[str], deadline: float, epochs: int, 
             p.wait()
         logs[n].close()
     found = gather()
-    print(f"{'variant':16s} {'epochs':>9s} {'best FER2013Valid (epoch)':>27s} {'last':>7s} {'wall':>6s}")
+    print(f"{'variant':16s} {'epochs':>9s} {'best FER2013Valid (epoch)':>27s} {'last':>7s} {'wall':>6s} "
+          f"{'its macro F1':>12s} {'classes':>7s}")
     for n in names:
         if n not in found:
             print(f"{n:16s} no result (rc {procs[n].poll()}); its log ends:\n" + (work / f"{n}.log").read_text()[-800:])
             continue
         r = found[n]
         h = r["history"]
+        bv = r.get("best_val")  # a variant stopped at the deadline has no final evaluation
         print(f"{n:16s} {len(h):4d}/{r['config']['num_epochs']:<4d} {r['best_val_acc']:19.2%} ({r['best_epoch']:3d}) "
-              f"{h[-1]['val_acc']:7.2%} {r['wall_s']:5.0f}s")
+              f"{h[-1]['val_acc']:7.2%} {r['wall_s']:5.0f}s "
+              + (f"{bv['f1_macro']:12.2%} {bv['predicted_classes']:7d}" if bv else f"{'-':>12s} {'-':>7s}"))
 
 
 def main() -> None:

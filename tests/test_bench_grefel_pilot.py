@@ -6,6 +6,7 @@ import json
 import h5py
 import numpy as np
 import pytest
+import torch
 
 import helpers as H
 from conftest import load_bench
@@ -67,6 +68,41 @@ def test_a_variant_is_the_cpu_profile_with_its_own_settings_changed(pilot, packe
     assert changed == {"soft_labels", "mixup", "num_epochs", "workdir"}, changed
     assert r["config"]["soft_labels"] is True and r["best_val_acc"] == r["history"][0]["val_acc"]
     assert H.load_checkpoint(tmp_path / "w" / "run_soft_mixup" / "last.pth")["mixup"] == 0.2  # training mixed
+    best = r["best_val"]  # the selected checkpoint evaluated on validation again: the same accuracy, and per class
+    assert best["accuracy"] == pytest.approx(r["best_val_acc"]) and 0 <= best["f1_macro"] <= 1
+    assert list(best["recall"]) == list(H.FERPLUS_CLASSES) and 1 <= best["predicted_classes"] <= 8
+
+
+def test_rare_class_variants_weight_the_loss_or_balance_the_draw_as_the_notebook_does(pilot, packed, tmp_path):
+    cache, _ = packed
+    config = {**pilot.cpu_profile(tmp_path / "nb"), "components": "backbone"}
+    with h5py.File(cache, "r") as f:
+        split = f["split"].asstr()[:]
+    train, val = np.flatnonzero(split == "train"), np.flatnonzero(split == "val")
+    counts = np.bincount(H.H5Dataset(cache, train).labels, minlength=8)
+
+    def build(name):
+        return pilot.build_training({**config, **pilot.VARIANTS[name]}, cache, train, val, 8, "cpu", False, 0,
+                                    progress=False)
+
+    plain, weighted, balanced = build("base"), build("class_weighted"), build("balanced")
+    assert not hasattr(plain[0].sampler, "weights") and isinstance(balanced[0].sampler, torch.utils.data.WeightedRandomSampler)
+    # each training image drawn with probability 1 / its class's count: every class equally often
+    np.testing.assert_allclose(balanced[0].sampler.weights.numpy(), 1.0 / counts[H.H5Dataset(cache, train).labels])
+    # the NLL weights each sample by its class's inverse frequency: a rare-class sample's loss counts more
+    rare, common = int(np.argmin(np.where(counts > 0, counts, 1 << 30))), int(np.argmax(counts))
+    probs = torch.full((2, 8), 1 / 8).index_put_((torch.tensor([0, 1]), torch.tensor([rare, common])), torch.tensor(0.5))
+    probs = probs / probs.sum(1, keepdim=True)
+    out = {"final_probs": probs, "probs": probs}
+    y = torch.tensor([rare, rare])  # sample 0 right-ish, sample 1 wrong: the same under both losses if weights are equal
+    assert weighted[4](out, y, 1.0).item() == pytest.approx(plain[4](out, y, 1.0).item())  # one class: weights cancel
+    y = torch.tensor([rare, common])
+    w = H.class_weights_from_labels(H.H5Dataset(cache, train).labels, 8)
+    nll = -(torch.log(probs[[0, 1], [rare, common]]) * 0.9 + 0.1 / 8 * torch.log(probs).sum(1))  # label smoothing 0.1
+    assert config["label_smoothing"] == 0.1 and counts[rare] < counts[common]
+    both = config["lambda_cls"] + config["lambda_plain"]  # without reliability balancing final = p: both NLL terms
+    assert weighted[4](out, y, 1.0).item() == pytest.approx(both * ((w[y] * nll).sum() / w[y].sum()).item(), rel=1e-5)
+    assert plain[4](out, y, 1.0).item() == pytest.approx(both * nll.mean().item(), rel=1e-5)
 
 
 def test_speed_bench_rows_train_in_the_layout_and_data_path_they_name(tmp_path, monkeypatch, capsys):
