@@ -6,10 +6,10 @@ cpu profile's budget (soft labels, a weight EMA, 48 px native input, ...). Each 
 resolved ``cpu`` profile (its Parameters and Configuration cells are executed with ``profile="cpu"``) with a
 few settings changed, the model and loss are the notebook's cells tagged ``grefel-model``, and training is
 ``H.fit`` with the notebook's arguments (the profile's ``data_on_device`` and ``channels_last``: the training
-split held in memory and augmented in batches in the training process; ``torch_compile`` off, so that no variant spends its time compiling). Every
-epoch's history row is written as soon as it exists and gathered every 10 s into one ``<out>/pilot.json``
-(the device returns a few files a call), so a variant killed at a deadline keeps what it measured; a second
-``launch`` resumes unfinished variants from their ``last.pth``.
+split held in memory and augmented in batches in the training process; ``torch_compile`` off, so that no
+variant spends its time compiling). Every epoch's history row is written as soon as it exists and gathered
+every 10 s into one ``<out>/pilot.json`` (the device returns a few files a call), so a variant killed at a
+deadline keeps what it measured; a second ``launch`` resumes unfinished variants from their ``last.pth``.
 FER2013Test is not packed: a pilot chooses settings, and chooses them on validation. A finished variant also
 records its selected checkpoint's FER2013Valid macro F1, classes predicted and recall per class (``best_val``):
 what the rare-class variants (``class_weighted``, ``balanced``) are judged by.
@@ -172,7 +172,8 @@ def build_training(config: dict, cache: Path, train_idx, val_idx, num_classes: i
     sampler = None
     if config["balanced_sampling"]:  # as the notebook's Training cell: each class drawn equally often
         w = 1.0 / np.bincount(train_ds.labels, minlength=num_classes)[train_ds.labels]
-        sampler = torch.utils.data.WeightedRandomSampler(w, len(w), generator=torch.Generator().manual_seed(config["seed"]))
+        sampler = torch.utils.data.WeightedRandomSampler(w, len(w),
+                                                         generator=torch.Generator().manual_seed(config["seed"]))
     train_loader, training_data = H.training_batches(train_ds, config["augment"], size, norm,
                                                      config["augment_erasing"], config["batch_size"], data_on_device,
                                                      device, num_workers=num_workers, sampler=sampler,
@@ -226,7 +227,8 @@ def train(npz: str, out: Path, name: str, epochs: int, limit: int, work: Path) -
     model.load_state_dict(H.load_checkpoint(run["best_path"])["model"])
     ev = H.evaluate(model, val_loader, device)
     m = H.compute_metrics(ev["y_true"], ev["y_pred"], idx["class_names"])
-    record["best_val"] = {"accuracy": m["accuracy"], "f1_macro": m["f1_macro"], "predicted_classes": m["predicted_classes"],
+    record["best_val"] = {"accuracy": m["accuracy"], "f1_macro": m["f1_macro"],
+                          "predicted_classes": m["predicted_classes"],
                           "recall": {c: r["recall"] for c, r in m["per_class"].items()}}
     record["done"] = True
     save(run["history"])
