@@ -79,7 +79,8 @@ def test_rare_class_variants_weight_the_loss_or_balance_the_draw_as_the_notebook
     with h5py.File(cache, "r") as f:
         split = f["split"].asstr()[:]
     train, val = np.flatnonzero(split == "train"), np.flatnonzero(split == "val")
-    counts = np.bincount(H.H5Dataset(cache, train).labels, minlength=8)
+    labels = H.H5Dataset(cache, train).labels
+    counts = np.bincount(labels, minlength=8)
 
     def build(name):
         return pilot.build_training({**config, **pilot.VARIANTS[name]}, cache, train, val, 8, "cpu", False, 0,
@@ -88,7 +89,7 @@ def test_rare_class_variants_weight_the_loss_or_balance_the_draw_as_the_notebook
     plain, weighted, balanced = build("base"), build("class_weighted"), build("balanced")
     assert not hasattr(plain[0].sampler, "weights") and isinstance(balanced[0].sampler, torch.utils.data.WeightedRandomSampler)
     # each training image drawn with probability 1 / its class's count: every class equally often
-    np.testing.assert_allclose(balanced[0].sampler.weights.numpy(), 1.0 / counts[H.H5Dataset(cache, train).labels])
+    np.testing.assert_allclose(balanced[0].sampler.weights.numpy(), 1.0 / counts[labels])
     # the NLL weights each sample by its class's inverse frequency: a rare-class sample's loss counts more
     rare, common = int(np.argmin(np.where(counts > 0, counts, 1 << 30))), int(np.argmax(counts))
     probs = torch.full((2, 8), 1 / 8).index_put_((torch.tensor([0, 1]), torch.tensor([rare, common])), torch.tensor(0.5))
@@ -97,7 +98,7 @@ def test_rare_class_variants_weight_the_loss_or_balance_the_draw_as_the_notebook
     y = torch.tensor([rare, rare])  # sample 0 right-ish, sample 1 wrong: the same under both losses if weights are equal
     assert weighted[4](out, y, 1.0).item() == pytest.approx(plain[4](out, y, 1.0).item())  # one class: weights cancel
     y = torch.tensor([rare, common])
-    w = H.class_weights_from_labels(H.H5Dataset(cache, train).labels, 8)
+    w = H.class_weights_from_labels(labels, 8)
     nll = -(torch.log(probs[[0, 1], [rare, common]]) * 0.9 + 0.1 / 8 * torch.log(probs).sum(1))  # label smoothing 0.1
     assert config["label_smoothing"] == 0.1 and counts[rare] < counts[common]
     both = config["lambda_cls"] + config["lambda_plain"]  # without reliability balancing final = p: both NLL terms
