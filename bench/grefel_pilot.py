@@ -64,6 +64,7 @@ VARIANTS = {
                                                                      # the DataLoader path)
     "backbone_class_weighted": dict(components="backbone", class_weighted=True),  # the same on the plain CNN,
     "backbone_soft": dict(components="backbone", soft_labels=True),               # which learns faster on a CPU
+    "backbone_px48": dict(PX48, components="backbone"),  # native 48 px: what the input size costs and saves
     # the longer budget: the plain CNN overfits at 120 epochs with the profile's recipe (training accuracy ~93%
     # under augmentation, FER2013Valid below its 48-epoch best), so each long variant is paired with a regularized one
     "backbone_120": dict(components="backbone", num_epochs=120),
