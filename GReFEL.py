@@ -88,7 +88,8 @@ lambda_plain = None            # weight of an extra NLL of the plain classifier 
 lambda_anchor = None           # weight of the anchor separation loss
 lambda_center = None           # weight of the centre loss
 anchor_margin = None           # separation margin of anchors of different classes (embedding units)
-class_weighted = None          # True: inverse-frequency class weights in the NLL
+class_weighted = None          # True: inverse-frequency class weights in the NLL | a power p of it, e.g. 0.5 (square root) | False
+logit_adjusted_loss = None     # tau of the logit-adjusted NLL (Menon et al. 2021: log p + tau x log prior in training), e.g. 1.0 | None: off
 balanced_sampling = None       # True: class-balanced sampling of training batches
 clip_grad = None               # max gradient norm | None: off
 model_ema = None               # decay of a moving average of the weights, e.g. 0.999 (about the last 1000 steps): validated, kept and tested instead of the last weights | None: off
@@ -112,6 +113,7 @@ COMMON = dict(video_source=None, video_frames=30, ema=0.6, max_per_split=None, v
               backbone_args=None, components="full", label_smoothing=0.1, augment="grefel", augment_erasing=0.25,
               **H.BATCH_MIX_OFF, tta_flip=True,
               lambda_cls=1.0, lambda_plain=0.0, lambda_anchor=1.0, lambda_center=1.0, anchor_margin=2.0, class_weighted=False,
+              logit_adjusted_loss=None,
               balanced_sampling=False, clip_grad=1.0, model_ema=None, amp="auto", early_stopping=None, torch_compile="auto",
               channels_last=False,
               data_on_device="auto", lr_scaling="none", lr_reference_batch=None)
@@ -154,7 +156,7 @@ config = H.resolve_config(profile, PROFILES, dict(
     num_epochs=num_epochs, batch_size=batch_size, lr=lr, lr_scaling=lr_scaling,
     lr_reference_batch=lr_reference_batch, weight_decay=weight_decay, warmup_epochs=warmup_epochs,
     lambda_cls=lambda_cls, lambda_plain=lambda_plain, lambda_anchor=lambda_anchor, lambda_center=lambda_center, anchor_margin=anchor_margin,
-    class_weighted=class_weighted, balanced_sampling=balanced_sampling, clip_grad=clip_grad, model_ema=model_ema, amp=amp,
+    class_weighted=class_weighted, logit_adjusted_loss=logit_adjusted_loss, balanced_sampling=balanced_sampling, clip_grad=clip_grad, model_ema=model_ema, amp=amp,
     early_stopping=early_stopping, num_workers=num_workers, torch_compile=torch_compile, channels_last=channels_last,
     data_on_device=data_on_device, video_source=video_source, video_frames=video_frames,
     ema=ema))
@@ -162,6 +164,8 @@ config = H.resolve_config(profile, PROFILES, dict(
 if config["augment"] not in ("grefel", "shift"):
     raise ValueError(f"augment must be 'grefel' or 'shift', not {config['augment']!r}")
 H.check_model_ema(config["model_ema"])
+H.class_weight_power(config["class_weighted"])
+H.check_logit_adjusted_loss(config["logit_adjusted_loss"])
 H.check_batch_mix(config["mixup"], config["cutmix"])
 H.create_feature_pyramid(config["backbone"], config["image_size"], config["patch_sizes"],
                          backbone_args=config["backbone_args"])
@@ -565,12 +569,16 @@ def anchor_separation_loss(anchors: torch.Tensor, margin: float) -> torch.Tensor
 
 def grefel_loss(model: GReFELModel, lambda_cls: float = 1.0, lambda_anchor: float = 1.0,
                 lambda_center: float = 1.0, margin: float = 2.0, class_weights: torch.Tensor | None = None,
-                label_smoothing: float = 0.0, lambda_plain: float = 0.0):
+                label_smoothing: float = 0.0, lambda_plain: float = 0.0, prior_shift: torch.Tensor | None = None):
     """The pluggable loss for H.fit: ``loss_fn(outputs, y, progress)``.
 
     ``y`` is (B,) class indices or (B, C) vote distributions (soft labels). The NLL is a
     weighted mean, ``sum_i w_i l_i / sum_i w_i`` with ``w_i`` the weight of sample i's
     (majority) class, as ``F.nll_loss(weight=...)`` computes it, for hard and soft labels alike.
+    ``prior_shift`` ((C,) ``tau`` x log prior, ``H.logit_adjustment_shift``) makes it the logit-adjusted NLL of
+    Menon et al. (2021): the NLL of ``log_softmax(log p + tau log prior)``. Frequent classes get a head
+    start in training that the model's own ``p`` (what is evaluated) does not keep, so ``p`` leans towards
+    the rare classes: post-hoc logit adjustment learned instead of applied.
     """
     def loss_fn(out, y, progress):
         c = out["final_probs"].shape[-1]
@@ -580,7 +588,10 @@ def grefel_loss(model: GReFELModel, lambda_cls: float = 1.0, lambda_anchor: floa
         w = class_weights.to(target.device)[hard] if class_weights is not None else torch.ones_like(target[:, 0])
 
         def nll(probs):  # the weighted mean of -sum(target * log probs), (B, C) -> ()
-            return (w * -(target * probs.float().clamp_min(1e-8).log()).sum(-1)).sum() / w.sum()
+            logp = probs.float().clamp_min(1e-8).log()
+            if prior_shift is not None:
+                logp = (logp + prior_shift.to(logp.device)).log_softmax(-1)
+            return (w * -(target * logp).sum(-1)).sum() / w.sum()
 
         cls = lambda_cls * nll(out["final_probs"])
         if lambda_plain:
@@ -647,18 +658,20 @@ val_loader = H.make_loader(H.H5Dataset(cache_path, idx["val"], eval_tf, in_memor
 H.seed_everything(config["seed"])
 model = build_grefel(config, len(class_names), weights=config["weights"])
 param_counts = H.count_parameters(model)
-class_w = H.class_weights_from_labels(train_ds.labels, len(class_names)) if config["class_weighted"] else None
 loss_fn = grefel_loss(model, config["lambda_cls"], config["lambda_anchor"], config["lambda_center"],
-                      config["anchor_margin"], class_w, config["label_smoothing"], config["lambda_plain"])
+                      config["anchor_margin"], H.class_weights_for(config["class_weighted"], train_ds.labels, len(class_names)),
+                      config["label_smoothing"], config["lambda_plain"],
+                      H.logit_adjustment_shift(config["logit_adjusted_loss"], train_ds.labels, len(class_names)))
 backbone_info = model.features.backbone_info  # stages, channels, weights source (and a file's SHA-256)
 print(f"GReFEL ({config['components']}) {param_counts['total']:,} parameters; train {len(idx['train'])}, val {len(idx['val'])}, "
       f"test {len(idx['test'])}; device {device}")
 revision = MODEL_REVISION[config["components"]]
 # settings that say where outputs go, what the video demo shows or how fast training runs, not what is trained
 PLACE_AND_SPEED = ("workdir", "video_source", "video_frames", "ema", "torch_compile", "channels_last")
-# model_ema, mixup and cutmix joined the settings later: off, they leave the run folders of before them their names
+# model_ema, mixup, cutmix and logit_adjusted_loss joined the settings later: off, they leave the run folders of
+# before them their names
 run_key = H.config_fingerprint(config, exclude=PLACE_AND_SPEED + ("tta_flip", "data_on_device")
-                               + (("model_ema",) if config["model_ema"] is None else ())
+                               + tuple(k for k in ("model_ema", "logit_adjusted_loss") if config[k] is None)
                                + tuple(k for k, off in H.BATCH_MIX_OFF.items() if config[k] == off),
                                contents={"data": cache_attrs["fingerprint"],  # new data or weights: a new run
                                          "weights": backbone_info.get("sha256"),

@@ -65,6 +65,8 @@ VARIANTS = {
     "backbone_class_weighted": dict(components="backbone", class_weighted=True),  # the same on the plain CNN,
     "backbone_soft": dict(components="backbone", soft_labels=True),               # which learns faster on a CPU
     "backbone_px48": dict(PX48, components="backbone"),  # native 48 px: what the input size costs and saves
+    "backbone_sqrt_weighted": dict(components="backbone", class_weighted=0.5),  # milder: (1/frequency)^0.5
+    "backbone_la": dict(components="backbone", logit_adjusted_loss=1.0),  # the logit-adjusted NLL (Menon et al.)
     # the longer budget: the plain CNN overfits at 120 epochs with the profile's recipe (training accuracy ~93%
     # under augmentation, FER2013Valid below its 48-epoch best), so each long variant is paired with a regularized one
     "backbone_120": dict(components="backbone", num_epochs=120),
@@ -183,9 +185,11 @@ def build_training(config: dict, cache: Path, train_idx, val_idx, num_classes: i
                                config["batch_size"], shuffle=False, device=device)
     H.seed_everything(config["seed"])
     model = g["build_grefel"](config, num_classes, weights=config["weights"])
-    class_w = H.class_weights_from_labels(train_ds.labels, num_classes) if config["class_weighted"] else None
     loss_fn = g["grefel_loss"](model, config["lambda_cls"], config["lambda_anchor"], config["lambda_center"],
-                               config["anchor_margin"], class_w, config["label_smoothing"], config["lambda_plain"])
+                               config["anchor_margin"],
+                               H.class_weights_for(config["class_weighted"], train_ds.labels, num_classes),
+                               config["label_smoothing"], config["lambda_plain"],
+                               H.logit_adjustment_shift(config["logit_adjusted_loss"], train_ds.labels, num_classes))
     return train_loader, training_data, val_loader, model, loss_fn
 
 

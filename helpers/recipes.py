@@ -29,7 +29,7 @@ from .metrics import compute_metrics, sequence_metrics
 from .models import create_classifier, set_finetune_strategy
 from .setup import config_fingerprint, environment_info, save_json
 from .splits import make_folds
-from .train import (BATCH_MIX_OFF, class_weights_from_labels, scaled_lr, cross_entropy_loss, evaluate, fit, load_checkpoint, make_loader,
+from .train import (BATCH_MIX_OFF, class_weights_for, scaled_lr, cross_entropy_loss, evaluate, fit, load_checkpoint, make_loader,
                     resolve_amp, seed_everything)
 
 SPEC_KEYS = ("task", "config", "cache_path", "class_names", "folds", "run_dir", "run_key")
@@ -128,7 +128,7 @@ def train_fold(spec: dict, fold: int, device, progress: bool = True) -> dict:
     norm = model.data_config()
     train_tf, eval_tf = classifier_transforms(config, norm)
     train_ds = H5Dataset(spec["cache_path"], f["train"], train_tf, in_memory=True)
-    weights = class_weights_from_labels(train_ds.labels, len(class_names)) if config["class_weighted"] else None
+    weights = class_weights_for(config["class_weighted"], train_ds.labels, len(class_names))
     loss_fn = cross_entropy_loss(config["label_smoothing"], weights)
     bs = config["batch_size"]
     train_loader, training_data = training_batches(

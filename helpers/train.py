@@ -35,6 +35,7 @@ from torch import nn
 
 from . import distributed
 from .augment import seed_transform
+from .metrics import class_log_prior
 from .setup import atomic_write, config_fingerprint, output_lock, save_json
 
 
@@ -206,11 +207,48 @@ def cross_entropy_loss(label_smoothing: float = 0.0, class_weights: torch.Tensor
     return loss_fn
 
 
-def class_weights_from_labels(labels: np.ndarray, num_classes: int) -> torch.Tensor:
-    """Inverse-frequency class weights normalised to mean 1 (absent classes get 0)."""
+def class_weights_from_labels(labels: np.ndarray, num_classes: int, power: float = 1.0) -> torch.Tensor:
+    """Inverse-frequency class weights to the power ``power`` (1: inverse frequency, 0.5: its square root),
+    normalised to mean 1 over the classes present (absent classes get 0)."""
     counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
-    w = np.where(counts > 0, counts.sum() / np.maximum(counts, 1) / num_classes, 0.0)
+    w = np.where(counts > 0, (counts.sum() / np.maximum(counts, 1) / num_classes) ** power, 0.0)
     return torch.tensor(w / w[counts > 0].mean(), dtype=torch.float32)
+
+
+def class_weight_power(class_weighted) -> float | None:
+    """The power of the inverse class frequency a ``class_weighted`` setting asks for: ``None`` (no weights) for
+    ``None``/``False``/0, 1.0 for ``True``, the number itself for a number > 0 (0.5: square-root weights, milder
+    than inverse frequency). Anything else stops with what is accepted (notebooks call it before their data work)."""
+    if class_weighted is None or class_weighted is False or class_weighted == 0:
+        return None
+    if class_weighted is True:
+        return 1.0
+    if isinstance(class_weighted, (int, float)) and 0 < class_weighted <= 2:
+        return float(class_weighted)
+    raise ValueError(f"class_weighted must be True (inverse-frequency weights), a power of the inverse frequency "
+                     f"in (0, 2] (0.5: square root), or False/None, not {class_weighted!r}")
+
+
+def class_weights_for(class_weighted, labels: np.ndarray, num_classes: int) -> torch.Tensor | None:
+    """The loss's class weights for a ``class_weighted`` setting (:func:`class_weight_power`) and the training
+    labels, or ``None`` when it asks for none."""
+    power = class_weight_power(class_weighted)
+    return None if power is None else class_weights_from_labels(labels, num_classes, power)
+
+
+def check_logit_adjusted_loss(tau) -> None:
+    """Refuse a logit-adjustment strength that is not a number >= 0 (or None: off), before the data work."""
+    if tau is not None and not (isinstance(tau, (int, float)) and not isinstance(tau, bool) and tau >= 0):
+        raise ValueError(f"logit_adjusted_loss must be a number >= 0 (tau; 1.0 as Menon et al.) or None, not {tau!r}")
+
+
+def logit_adjustment_shift(tau: float | None, train_labels, num_classes: int) -> torch.Tensor | None:
+    """(C,) ``tau`` x the training split's log class prior (add-one smoothed, :func:`class_log_prior`): what
+    the logit-adjusted loss adds to the log-probabilities in training; None when ``tau`` is None or 0."""
+    check_logit_adjusted_loss(tau)
+    if not tau:
+        return None
+    return torch.tensor(tau * class_log_prior(train_labels, num_classes), dtype=torch.float32)
 
 
 def output_logits(outputs) -> torch.Tensor:

@@ -104,6 +104,13 @@ def test_rare_class_variants_weight_the_loss_or_balance_the_draw_as_the_notebook
     both = config["lambda_cls"] + config["lambda_plain"]  # without reliability balancing final = p: both NLL terms
     assert weighted[4](out, y, 1.0).item() == pytest.approx(both * ((w[y] * nll).sum() / w[y].sum()).item(), rel=1e-5)
     assert plain[4](out, y, 1.0).item() == pytest.approx(both * nll.mean().item(), rel=1e-5)
+    # the milder variants: square-root weights, and the logit-adjusted NLL (log p + log prior, renormalised)
+    w = H.class_weights_from_labels(labels, 8, power=0.5)
+    assert build("backbone_sqrt_weighted")[4](out, y, 1.0).item() == pytest.approx(
+        both * ((w[y] * nll).sum() / w[y].sum()).item(), rel=1e-5)
+    shifted = torch.log_softmax(torch.log(probs) + torch.tensor(H.class_log_prior(labels, 8)).float(), 1)
+    nll_la = -(shifted[[0, 1], [rare, common]] * 0.9 + 0.1 / 8 * shifted.sum(1))
+    assert build("backbone_la")[4](out, y, 1.0).item() == pytest.approx(both * nll_la.mean().item(), rel=1e-5)
 
 
 def test_speed_bench_rows_train_in_the_layout_and_data_path_they_name(tmp_path, monkeypatch, capsys):

@@ -149,6 +149,28 @@ def test_plain_output_term_by_value(g):
                                torch.tensor(2.0 * nll_final + 0.5 * nll_plain))
 
 
+def test_logit_adjusted_nll_by_value(g):
+    """Menon et al.'s logit-adjusted loss: the NLL of softmax(log p + tau log prior), by hand; tau = 0 is the NLL,
+    and a frequent class's head start lowers its loss, so training moves p towards the rare classes."""
+    final = torch.tensor([[0.7, 0.2, 0.1], [0.1, 0.6, 0.3]])
+    y = torch.tensor([0, 2])
+    labels = np.array([0] * 6 + [1] * 2 + [2] * 1)
+    log_prior = np.log((np.bincount(labels, minlength=3) + 1) / (len(labels) + 3))  # add-one smoothed
+    shift = H.logit_adjustment_shift(2.0, labels, 3)
+    torch.testing.assert_close(shift, torch.tensor(2.0 * log_prior, dtype=torch.float32))
+    adjusted = final * np.exp(2.0 * log_prior)  # p_c x prior_c^tau, renormalised
+    adjusted = adjusted / adjusted.sum(1, keepdim=True)
+    expected = -torch.log(adjusted[torch.arange(2), y]).mean()
+    torch.testing.assert_close(g["grefel_loss"](None, prior_shift=shift)(_outputs(final), y, 0.0), expected.float())
+    assert H.logit_adjustment_shift(0.0, labels, 3) is None and H.logit_adjustment_shift(None, labels, 3) is None
+    per_sample = [g["grefel_loss"](None, prior_shift=shift)(_outputs(final[i:i + 1]), y[i:i + 1], 0.0) for i in (0, 1)]
+    plain = [g["grefel_loss"](None)(_outputs(final[i:i + 1]), y[i:i + 1], 0.0) for i in (0, 1)]
+    assert per_sample[0] < plain[0] and per_sample[1] > plain[1]  # the frequent class 0 easier, the rare 2 harder
+    for bad in (-1.0, "1", True):
+        with pytest.raises(ValueError, match="logit_adjusted_loss"):
+            H.check_logit_adjusted_loss(bad)
+
+
 def test_center_and_anchor_terms_by_value(g):
     torch.manual_seed(0)
     model = g["GReFELModel"](**{**SMALL, "num_classes": 2, "num_anchors_per_class": 2, "embed_dim": 4, "num_heads": 2})

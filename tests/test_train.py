@@ -213,6 +213,18 @@ def test_scheduler_warmup_cosine_and_restarts():
 def test_class_weights_inverse_frequency():
     w = H.class_weights_from_labels(np.array([0, 0, 0, 1]), 3)
     assert w[0] < w[1] and w[2] == 0 and w[:2].mean() == pytest.approx(1.0)
+    assert float(w[1] / w[0]) == pytest.approx(3.0)  # 1/count: class 1 is three times rarer
+
+
+def test_class_weighted_setting_gives_a_power_of_the_inverse_frequency():
+    labels = np.array([0] * 9 + [1])
+    assert H.class_weights_for(None, labels, 2) is None and H.class_weights_for(False, labels, 2) is None
+    torch.testing.assert_close(H.class_weights_for(True, labels, 2), H.class_weights_from_labels(labels, 2))
+    sqrt = H.class_weights_for(0.5, labels, 2)  # the square root: 9x rarer weighs 3x, mean 1
+    torch.testing.assert_close(sqrt, torch.tensor([0.5, 1.5]))
+    for bad in ("sqrt", -1, 3.0):
+        with pytest.raises(ValueError, match="class_weighted must be"):
+            H.class_weight_power(bad)
 
 
 # ----------------------------------------------------------------------------- models
