@@ -95,7 +95,7 @@ lr_reference_batch = None      # the batch size lr was chosen for | None: the pr
 weight_decay = None            # AdamW decoupled weight decay
 warmup_epochs = None           # linear warm-up, epochs
 label_smoothing = None         # cross-entropy label smoothing
-class_weighted = None          # True: inverse-frequency class weights in the loss
+class_weighted = None          # True: inverse-frequency class weights in the loss | a power p of it, e.g. 0.5 (square root) | False
 clip_grad = None               # max gradient norm | None: off
 amp = None                     # "auto" (bf16/fp16 on CUDA, off on CPU/MPS) | "fp16" | "bf16" | "off" (cpu profile: H.cpu_amp())
 early_stopping = None          # epochs without val improvement before stopping | None: never
@@ -171,6 +171,7 @@ config = H.resolve_config(profile, PROFILES, dict(
 # Fail here, not deep inside timm, if the model cannot take this input size or these weights.
 H.validate_gcvit_size(config["model_name"], config["image_size"], config["weights"])
 H.check_model_ema(config["model_ema"])
+H.class_weight_power(config["class_weighted"])
 H.check_batch_mix(config["mixup"], config["cutmix"])
 # the learning-rate rule for other batch sizes (recorded in config): lr was chosen at the profile's batch
 config["lr_reference_batch"] = config["lr_reference_batch"] or PROFILES[profile]["batch_size"]

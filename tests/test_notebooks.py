@@ -254,9 +254,15 @@ def test_grefel_notebook_on_whole_frames_without_votes_or_splits(demo_kmu_zip, t
         _run("GReFEL", tmp_path / "bad", data_path=str(demo_kmu_zip), model_ema=1.0)
     with pytest.raises(Exception, match="cutmix must be a Beta"):
         _run("GReFEL", tmp_path / "bad", data_path=str(demo_kmu_zip), cutmix=-1.0)
+    with pytest.raises(Exception, match="class_weighted must be True"):
+        _run("GReFEL", tmp_path / "bad", data_path=str(demo_kmu_zip), class_weighted="sqrt")
+    with pytest.raises(Exception, match="logit_adjusted_loss must be a number >= 0"):
+        _run("GReFEL", tmp_path / "bad", data_path=str(demo_kmu_zip), logit_adjusted_loss=-1.0)
     assert not (tmp_path / "bad" / "cache").exists()  # all stopped before the data work
-    r = _run("GReFEL", tmp_path, data_path=str(demo_kmu_zip), video_frames=5, augment="shift", mixup=0.2, cutmix=1.0)
-    assert r["config"]["augment"] == "shift"
+    # the rare-class knobs on: square-root class weights and the logit-adjusted NLL train end to end
+    r = _run("GReFEL", tmp_path, data_path=str(demo_kmu_zip), video_frames=5, augment="shift", mixup=0.2, cutmix=1.0,
+             class_weighted=0.5, logit_adjusted_loss=1.0)
+    assert (r["config"]["augment"], r["config"]["class_weighted"], r["config"]["logit_adjusted_loss"]) == ("shift", 0.5, 1.0)
     last = H.load_checkpoint(Path(r["run_dir"]) / "last.pth")  # the landmark model trained on mixed batches
     assert (last["mixup"], last["cutmix"]) == (0.2, 1.0) and r["config"]["mixup"] == 0.2
     d = r["dataset"]
