@@ -13,7 +13,8 @@ by ``H.BatchAugment`` in the training process, where the DataLoader's workers wo
 cores with it), ``nchw-batched``; over the profile's ``nhwc-batched``: ``nhwc-batched-dropout0``
 (``dropout=0``: the fusion transformer's and the head's dropout off, a recipe change, so what it
 does to accuracy is a training run's question, not this one's) and ``nhwc-batched-compiled``
-(``torch_compile=True``; its compile time is reported apart and not in the step time).
+(``torch_compile=True``; its compile time is reported apart and not in the step time) and
+``nhwc-batched-48px`` (FER+'s native 48 px instead of 64, grids 12/6/3: what the smaller input saves).
 
     OMP_NUM_THREADS=2 .venv/bin/python bench/bench_grefel_speed.py
     OMP_NUM_THREADS=2 .venv/bin/python bench/bench_grefel_speed.py --components backbone --images 2048 --json out.json
@@ -37,7 +38,8 @@ from grefel_pilot import H, build_training, cpu_profile  # noqa: E402
 ROWS = {"nchw-loader": (False, False, {}, False), "nhwc-loader": (True, False, {}, False),
         "nhwc-batched": (True, True, {}, False), "nchw-batched": (False, True, {}, False),
         "nhwc-batched-dropout0": (True, True, {"dropout": 0.0}, False),
-        "nhwc-batched-compiled": (True, True, {}, True)}
+        "nhwc-batched-compiled": (True, True, {}, True),
+        "nhwc-batched-48px": (True, True, {"image_size": 48, "patch_sizes": [12, 6, 3], "window": 3}, False)}
 
 
 def make_cache(path: Path, n: int, size: int, classes: int = 8) -> Path:
@@ -55,9 +57,12 @@ def make_cache(path: Path, n: int, size: int, classes: int = 8) -> Path:
     return path
 
 
-def measure(name: str, config: dict, cache: Path, n: int, epochs: int, work: Path) -> dict:
+def measure(name: str, config: dict, n: int, epochs: int, work: Path) -> dict:
     nhwc, batched, changed, compiled = ROWS[name]
     config = {**config, **changed}
+    cache = work / f"faces_{config['image_size']}px.h5"  # generated once per input size
+    if not cache.exists():
+        make_cache(cache, n, config["image_size"])
     device = torch.device("cpu")
     batches, data, val, model, loss_fn = build_training(config, cache, np.arange(n), np.arange(config["batch_size"]),
                                                         8, device, batched, config["num_workers"], progress=False)
@@ -69,7 +74,7 @@ def measure(name: str, config: dict, cache: Path, n: int, epochs: int, work: Pat
     steps = len(batches)
     return {"row": name, "channels_last": run["channels_last"], "batched": data["on_device"],
             "training_data": data["why"], "changed": changed, "compile": run["compile"], "steps": steps,
-            "dropout_p": sorted({m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)}),
+            "image_size": config["image_size"], "dropout_p": sorted({m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)}),
             "s_per_step": round(last["train_s"] / steps, 4), "images_per_s": round(last["train_samples"] / last["train_s"], 1)}
 
 
@@ -84,8 +89,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         config = {**cpu_profile(work / "nbwork"), "components": args.components}
-        cache = make_cache(work / "faces.h5", args.images, config["image_size"])
-        rows = [measure(r, config, cache, args.images, args.epochs, work) for r in args.rows]
+        rows = [measure(r, config, args.images, args.epochs, work) for r in args.rows]
     base = rows[0]["s_per_step"]
     print(f"GReFEL `{args.components}`, cpu profile ({config['image_size']} px, batch {config['batch_size']}, "
           f"amp {config['amp']}, {torch.get_num_threads()} threads, {config['num_workers']} loader workers), "
