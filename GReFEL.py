@@ -578,13 +578,18 @@ def grefel_loss(model: GReFELModel, lambda_cls: float = 1.0, lambda_anchor: floa
     ``prior_shift`` ((C,) ``tau`` x log prior, ``H.logit_adjustment_shift``) makes it the logit-adjusted NLL of
     Menon et al. (2021): the NLL of ``log_softmax(log p + tau log prior)``. Frequent classes get a head
     start in training that the model's own ``p`` (what is evaluated) does not keep, so ``p`` leans towards
-    the rare classes: post-hoc logit adjustment learned instead of applied.
+    the rare classes: post-hoc logit adjustment learned instead of applied. Label smoothing then spreads its
+    share as ``softmax(tau log prior)``, which is uniform after the adjustment.
     """
     def loss_fn(out, y, progress):
         c = out["final_probs"].shape[-1]
         target = F.one_hot(y, c).float() if y.ndim == 1 else y.float()
         hard = target.argmax(-1)
-        target = (1 - label_smoothing) * target + label_smoothing / c
+        # label smoothing mixes in what an uninformed model outputs: uniform, or under logit adjustment
+        # softmax(tau log prior) (uniform after the adjustment); mixing in uniform there would make the
+        # rarest classes the best guess of an uninformed model (a 5-epoch pilot collapsed to 2% training accuracy)
+        smooth = prior_shift.to(target.device).softmax(-1) if prior_shift is not None else 1 / c
+        target = (1 - label_smoothing) * target + label_smoothing * smooth
         w = class_weights.to(target.device)[hard] if class_weights is not None else torch.ones_like(target[:, 0])
 
         def nll(probs):  # the weighted mean of -sum(target * log probs), (B, C) -> ()

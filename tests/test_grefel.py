@@ -166,6 +166,17 @@ def test_logit_adjusted_nll_by_value(g):
     per_sample = [g["grefel_loss"](None, prior_shift=shift)(_outputs(final[i:i + 1]), y[i:i + 1], 0.0) for i in (0, 1)]
     plain = [g["grefel_loss"](None)(_outputs(final[i:i + 1]), y[i:i + 1], 0.0) for i in (0, 1)]
     assert per_sample[0] < plain[0] and per_sample[1] > plain[1]  # the frequent class 0 easier, the rare 2 harder
+    # with label smoothing an uninformed model (p uniform) is at its optimum when the targets follow the prior:
+    # the smoothing share is spread as softmax(tau log prior), not uniformly (which would favour the rare classes)
+    prior = torch.tensor(np.exp(log_prior), dtype=torch.float32)
+    f = torch.zeros(1, 3, requires_grad=True)
+    g["grefel_loss"](None, label_smoothing=0.1, prior_shift=H.logit_adjustment_shift(1.0, labels, 3))(
+        _outputs(f.softmax(-1)), prior[None], 0.0).backward()
+    torch.testing.assert_close(f.grad, torch.zeros(1, 3), atol=1e-6, rtol=0)
+    smoothed = 0.9 * torch.eye(3)[y] + 0.1 * torch.softmax(shift, 0)  # tau = 2: smoothing spread as prior^2
+    expected = -(smoothed * torch.log(adjusted)).sum(1).mean()
+    torch.testing.assert_close(g["grefel_loss"](None, label_smoothing=0.1, prior_shift=shift)(_outputs(final), y, 0.0),
+                               expected.float())
     for bad in (-1.0, "1", True):
         with pytest.raises(ValueError, match="logit_adjusted_loss"):
             H.check_logit_adjusted_loss(bad)
