@@ -676,7 +676,7 @@ PLACE_AND_SPEED = ("workdir", "video_source", "video_frames", "ema", "torch_comp
 # model_ema, mixup, cutmix and logit_adjusted_loss joined the settings later: off, they leave the run folders of
 # before them their names
 run_key = H.config_fingerprint(config, exclude=PLACE_AND_SPEED + ("tta_flip", "data_on_device")
-                               + tuple(k for k in ("model_ema", "logit_adjusted_loss") if config[k] is None)
+                               + tuple(k for k in ("model_ema", "logit_adjusted_loss") if not config[k])
                                + tuple(k for k, off in H.BATCH_MIX_OFF.items() if config[k] == off),
                                contents={"data": cache_attrs["fingerprint"],  # new data or weights: a new run
                                          "weights": backbone_info.get("sha256"),

@@ -74,7 +74,8 @@ def measure(name: str, config: dict, n: int, epochs: int, work: Path) -> dict:
     steps = len(batches)
     return {"row": name, "channels_last": run["channels_last"], "batched": data["on_device"],
             "training_data": data["why"], "changed": changed, "compile": run["compile"], "steps": steps,
-            "image_size": config["image_size"], "dropout_p": sorted({m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)}),
+            "image_size": config["image_size"],
+            "dropout_p": sorted({m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)}),
             "s_per_step": round(last["train_s"] / steps, 4), "images_per_s": round(last["train_samples"] / last["train_s"], 1)}
 
 
