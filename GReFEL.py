@@ -588,14 +588,15 @@ def grefel_loss(model: GReFELModel, lambda_cls: float = 1.0, lambda_anchor: floa
         # label smoothing mixes in what an uninformed model outputs: uniform, or under logit adjustment
         # softmax(tau log prior) (uniform after the adjustment); mixing in uniform there would make the
         # rarest classes the best guess of an uninformed model (a 5-epoch pilot collapsed to 2% training accuracy)
-        smooth = prior_shift.to(target.device).softmax(-1) if prior_shift is not None else 1 / c
+        shift = prior_shift.to(target.device) if prior_shift is not None else None  # moved once a step
+        smooth = shift.softmax(-1) if shift is not None else 1 / c
         target = (1 - label_smoothing) * target + label_smoothing * smooth
         w = class_weights.to(target.device)[hard] if class_weights is not None else torch.ones_like(target[:, 0])
 
         def nll(probs):  # the weighted mean of -sum(target * log probs), (B, C) -> ()
             logp = probs.float().clamp_min(1e-8).log()
-            if prior_shift is not None:
-                logp = (logp + prior_shift.to(logp.device)).log_softmax(-1)
+            if shift is not None:
+                logp = (logp + shift).log_softmax(-1)
             return (w * -(target * logp).sum(-1)).sum() / w.sum()
 
         cls = lambda_cls * nll(out["final_probs"])

@@ -219,7 +219,7 @@ def class_weight_power(class_weighted) -> float | None:
     """The power of the inverse class frequency a ``class_weighted`` setting asks for: ``None`` (no weights) for
     ``None``/``False``/0, 1.0 for ``True``, the number itself for a number > 0 (0.5: square-root weights, milder
     than inverse frequency). Anything else stops with what is accepted (notebooks call it before their data work)."""
-    if class_weighted is None or class_weighted is False or class_weighted == 0:
+    if class_weighted is None or class_weighted == 0:  # False == 0 too
         return None
     if class_weighted is True:
         return 1.0
