@@ -67,6 +67,9 @@ VARIANTS = {
     "backbone_px48": dict(PX48, components="backbone"),  # native 48 px: what the input size costs and saves
     "backbone_sqrt_weighted": dict(components="backbone", class_weighted=0.5),  # milder: (1/frequency)^0.5
     "backbone_la": dict(components="backbone", logit_adjusted_loss=1.0),  # the logit-adjusted NLL (Menon et al.)
+    # the two at 48 px, where a pilot takes half the CPU time (against backbone_px48)
+    "backbone_px48_sqrt_weighted": dict(PX48, components="backbone", class_weighted=0.5),
+    "backbone_px48_la": dict(PX48, components="backbone", logit_adjusted_loss=1.0),
     # the longer budget: the plain CNN overfits at 120 epochs with the profile's recipe (training accuracy ~93%
     # under augmentation, FER2013Valid below its 48-epoch best), so each long variant is paired with a regularized one
     "backbone_120": dict(components="backbone", num_epochs=120),
