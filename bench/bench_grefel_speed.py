@@ -14,7 +14,8 @@ cores with it), ``nchw-batched``; over the profile's ``nhwc-batched``: ``nhwc-ba
 (``dropout=0``: the fusion transformer's and the head's dropout off, a recipe change, so what it
 does to accuracy is a training run's question, not this one's) and ``nhwc-batched-compiled``
 (``torch_compile=True``; its compile time is reported apart and not in the step time) and
-``nhwc-batched-48px`` (FER+'s native 48 px instead of 64, grids 12/6/3: what the smaller input saves).
+``nhwc-batched-48px`` (FER+'s native 48 px instead of 64, grids 12/6/3: what the smaller input saves) and
+``nhwc-batched-48px-half`` (the same with a half-width ResNet, ``backbone_args=HALF_WIDTH``).
 
     OMP_NUM_THREADS=2 .venv/bin/python bench/bench_grefel_speed.py
     OMP_NUM_THREADS=2 .venv/bin/python bench/bench_grefel_speed.py --components backbone --images 2048 --json out.json
@@ -32,14 +33,16 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from grefel_pilot import H, build_training, cpu_profile  # noqa: E402
+from grefel_pilot import HALF_WIDTH, H, build_training, cpu_profile  # noqa: E402
 
+PX48_GRIDS = {"image_size": 48, "patch_sizes": [12, 6, 3], "window": 3}
 # row -> (channels_last, batched augmentation, settings changed from the profile, torch.compile)
 ROWS = {"nchw-loader": (False, False, {}, False), "nhwc-loader": (True, False, {}, False),
         "nhwc-batched": (True, True, {}, False), "nchw-batched": (False, True, {}, False),
         "nhwc-batched-dropout0": (True, True, {"dropout": 0.0}, False),
         "nhwc-batched-compiled": (True, True, {}, True),
-        "nhwc-batched-48px": (True, True, {"image_size": 48, "patch_sizes": [12, 6, 3], "window": 3}, False)}
+        "nhwc-batched-48px": (True, True, PX48_GRIDS, False),
+        "nhwc-batched-48px-half": (True, True, {**PX48_GRIDS, "backbone_args": HALF_WIDTH}, False)}
 
 
 def make_cache(path: Path, n: int, size: int, classes: int = 8) -> Path:
@@ -74,7 +77,7 @@ def measure(name: str, config: dict, n: int, epochs: int, work: Path) -> dict:
     steps = len(batches)
     return {"row": name, "channels_last": run["channels_last"], "batched": data["on_device"],
             "training_data": data["why"], "changed": changed, "compile": run["compile"], "steps": steps,
-            "image_size": config["image_size"],
+            "image_size": config["image_size"], "parameters": sum(p.numel() for p in model.parameters()),
             "dropout_p": sorted({m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)}),
             "s_per_step": round(last["train_s"] / steps, 4), "images_per_s": round(last["train_samples"] / last["train_s"], 1)}
 

@@ -44,6 +44,7 @@ sys.path.insert(0, str(ROOT))
 import helpers as H  # noqa: E402
 
 PX48 = dict(image_size=48, patch_sizes=[12, 6, 3], window=3, num_epochs=48)  # ~ the CPU time of 64 px x 36 epochs
+HALF_WIDTH = {"channels": [32, 64, 128, 256], "stem_width": 32}  # a ResNet-18 at half width: ~1/4 of the FLOPs
 # name: settings changed from the cpu profile (one thing per variant, then the promising pairs)
 VARIANTS = {
     "base": {},
@@ -70,6 +71,7 @@ VARIANTS = {
     # the two at 48 px, where a pilot takes half the CPU time (against backbone_px48)
     "backbone_px48_sqrt_weighted": dict(PX48, components="backbone", class_weighted=0.5),
     "backbone_px48_la": dict(PX48, components="backbone", logit_adjusted_loss=1.0),
+    "backbone_px48_half": dict(PX48, components="backbone", backbone_args=HALF_WIDTH),  # more epochs per CPU hour
     # the longer budget: the plain CNN overfits at 120 epochs with the profile's recipe (training accuracy ~93%
     # under augmentation, FER2013Valid below its 48-epoch best), so each long variant is paired with a regularized one
     "backbone_120": dict(components="backbone", num_epochs=120),

@@ -114,14 +114,14 @@ def test_rare_class_variants_weight_the_loss_or_balance_the_draw_as_the_notebook
     assert build("backbone_la")[4](out, y, 1.0).item() == pytest.approx(both * nll_la.mean().item(), rel=1e-5)
 
 
-def test_speed_bench_rows_train_in_the_layout_and_data_path_they_name(tmp_path, monkeypatch, capsys):
+def test_speed_bench_rows_train_in_the_layout_and_data_path_they_name(pilot, tmp_path, monkeypatch, capsys):
     """bench/bench_grefel_speed.py: each row is a real H.fit run of the notebook's model whose record says
     channels-last, the batched augmentation, dropout off and the input size exactly where the row's name does."""
     bench = load_bench("bench_grefel_speed")
     out = tmp_path / "speed.json"
     monkeypatch.setattr("sys.argv", ["bench_grefel_speed.py", "--components", "backbone", "--images", "128",
                                      "--epochs", "1", "--rows", "nchw-loader", "nhwc-batched", "nhwc-batched-dropout0",
-                                     "nhwc-batched-48px",
+                                     "nhwc-batched-48px", "nhwc-batched-48px-half",
                                      "--json", str(out)])
     bench.main()
     rows = {r["row"]: r for r in json.loads(out.read_text())["rows"]}
@@ -130,5 +130,8 @@ def test_speed_bench_rows_train_in_the_layout_and_data_path_they_name(tmp_path, 
     assert rows["nhwc-batched"]["dropout_p"] == [0.1] and rows["nhwc-batched-dropout0"]["dropout_p"] == [0.0]
     assert rows["nhwc-batched-dropout0"]["batched"] and not rows["nhwc-batched"]["compile"]["used"]
     assert (rows["nhwc-batched"]["image_size"], rows["nhwc-batched-48px"]["image_size"]) == (64, 48)
+    half, full = rows["nhwc-batched-48px-half"], rows["nhwc-batched-48px"]  # the half-width ResNet: ~1/4 the weights
+    assert half["image_size"] == 48 and half["changed"]["backbone_args"] == pilot.HALF_WIDTH
+    assert 0.2 < half["parameters"] / full["parameters"] < 0.5
     assert all(r["steps"] == 1 and r["s_per_step"] > 0 for r in rows.values())
     assert "nhwc-batched" in capsys.readouterr().out
