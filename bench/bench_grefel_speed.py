@@ -33,9 +33,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from grefel_pilot import HALF_WIDTH, H, build_training, cpu_profile  # noqa: E402
+from grefel_pilot import HALF_WIDTH, PX48_GRIDS, H, build_training, cpu_profile  # noqa: E402
 
-PX48_GRIDS = {"image_size": 48, "patch_sizes": [12, 6, 3], "window": 3}
 # row -> (channels_last, batched augmentation, settings changed from the profile, torch.compile)
 ROWS = {"nchw-loader": (False, False, {}, False), "nhwc-loader": (True, False, {}, False),
         "nhwc-batched": (True, True, {}, False), "nchw-batched": (False, True, {}, False),
