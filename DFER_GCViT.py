@@ -99,6 +99,7 @@ class_weighted = None          # True: inverse-frequency class weights in the lo
 clip_grad = None               # max gradient norm | None: off
 amp = None                     # "auto" (bf16/fp16 on CUDA, off on CPU/MPS) | "fp16" | "bf16" | "off" (cpu profile: H.cpu_amp())
 early_stopping = None          # epochs without val improvement before stopping | None: never
+monitor = None                 # the epoch kept and tested: "val_acc" | "val_f1_macro" (rare classes weigh as much as common ones) | "val_loss"
 num_workers = None             # DataLoader worker processes (per training process)
 data_on_device = None          # "auto" (CUDA: the training split on the GPU, augmented there in batches) | True | False
 torch_compile = None           # torch.compile the training step: "auto" (CUDA only) | True | False
@@ -120,7 +121,7 @@ ema = None                     # smoothing of probabilities over frames, in [0, 
 # %%
 COMMON = dict(export=True, video_source=None, video_frames=None, ema=0.6, channels=1, face_crop=True, face_margin=0.25, no_face="full", max_images=None, val_fraction=0.1,
               max_folds=None, nproc=None, allow_random_init=False, finetune="full", frozen_stages=0, layer_decay=None, model_ema=None, dropout=0.3,
-              label_smoothing=0.0, class_weighted=False, clip_grad=1.0, amp="auto", early_stopping=None,
+              label_smoothing=0.0, class_weighted=False, clip_grad=1.0, amp="auto", early_stopping=None, monitor="val_acc",
               pretrain_data_path=None, pretrain_epochs=8, pretrain_lr=3e-4, pretrain_augment=None, pretrain_batch_size=None,
               augment="seed", augment_erasing=0.0, **H.BATCH_MIX_OFF,
               tta_flip=False, data_on_device="auto", torch_compile="auto", channels_last=False,
@@ -166,11 +167,12 @@ config = H.resolve_config(profile, PROFILES, dict(
     num_epochs=num_epochs, batch_size=batch_size, lr=lr, lr_scaling=lr_scaling,
     lr_reference_batch=lr_reference_batch, weight_decay=weight_decay, warmup_epochs=warmup_epochs,
     label_smoothing=label_smoothing, class_weighted=class_weighted, clip_grad=clip_grad, amp=amp,
-    early_stopping=early_stopping, num_workers=num_workers, data_on_device=data_on_device, torch_compile=torch_compile, channels_last=channels_last, nproc=nproc, cross_data_path=cross_data_path, export=export,
+    early_stopping=early_stopping, monitor=monitor, num_workers=num_workers, data_on_device=data_on_device, torch_compile=torch_compile, channels_last=channels_last, nproc=nproc, cross_data_path=cross_data_path, export=export,
     video_source=video_source, video_frames=video_frames, ema=ema))
 # Fail here, not deep inside timm, if the model cannot take this input size or these weights.
 H.validate_gcvit_size(config["model_name"], config["image_size"], config["weights"])
 H.check_model_ema(config["model_ema"])
+H.check_monitor(config["monitor"])
 H.class_weight_power(config["class_weighted"])
 H.check_batch_mix(config["mixup"], config["cutmix"])
 # the learning-rate rule for other batch sizes (recorded in config): lr was chosen at the profile's batch
@@ -364,8 +366,10 @@ H.require(globals(), config="Configuration", cache_attrs="Preprocess: face crops
 run_key = H.config_fingerprint(config, exclude=("workdir", "max_folds", "nproc", "export", "video_source",
                                                 "video_frames", "ema", "cross_data_path", "torch_compile", "channels_last")
                                + (() if config["tta_flip"] else ("tta_flip",))
-                               # mixup and cutmix joined later: off, they leave the run folders of before them their names
-                               + tuple(k for k, off in H.BATCH_MIX_OFF.items() if config[k] == off),
+                               # mixup, cutmix and monitor joined later: at their defaults, they leave the run folders of
+                               # before them their names
+                               + tuple(k for k, off in H.BATCH_MIX_OFF.items() if config[k] == off)
+                               + (("monitor",) if config["monitor"] == "val_acc" else ()),
                                contents={"data": cache_attrs["fingerprint"], "weights": weights_info.get("sha256")})
 run_dir = out_dir / "runs" / f"{config['protocol']}_{config['model_name']}_{config['image_size']}px_{run_key}"
 spec_path = H.write_run_spec(run_dir / "run.json", config=config, cache_path=cache_path, class_names=class_names,

@@ -95,6 +95,7 @@ clip_grad = None               # max gradient norm | None: off
 model_ema = None               # decay of a moving average of the weights, e.g. 0.999 (about the last 1000 steps): validated, kept and tested instead of the last weights | None: off
 amp = None                     # "auto" (bf16/fp16 on CUDA, off on CPU/MPS) | "fp16" | "bf16" | "off" (cpu profile: H.cpu_amp())
 early_stopping = None          # epochs without val improvement | None: never
+monitor = None                 # the epoch kept and tested: "val_acc" | "val_f1_macro" (rare classes weigh as much as common ones) | "val_loss"
 num_workers = None             # DataLoader worker processes
 torch_compile = None           # torch.compile the training step: "auto" (CUDA only) | True | False
 channels_last = None           # train in channels-last (NHWC) memory order: True | False (faster convolutions on CUDA and on this CPU)
@@ -114,7 +115,8 @@ COMMON = dict(video_source=None, video_frames=30, ema=0.6, max_per_split=None, v
               **H.BATCH_MIX_OFF, tta_flip=True,
               lambda_cls=1.0, lambda_plain=0.0, lambda_anchor=1.0, lambda_center=1.0, anchor_margin=2.0, class_weighted=False,
               logit_adjusted_loss=None,
-              balanced_sampling=False, clip_grad=1.0, model_ema=None, amp="auto", early_stopping=None, torch_compile="auto",
+              balanced_sampling=False, clip_grad=1.0, model_ema=None, amp="auto", early_stopping=None, monitor="val_acc",
+              torch_compile="auto",
               channels_last=False,
               data_on_device="auto", lr_scaling="none", lr_reference_batch=None)
 PROFILES = {
@@ -157,13 +159,14 @@ config = H.resolve_config(profile, PROFILES, dict(
     lr_reference_batch=lr_reference_batch, weight_decay=weight_decay, warmup_epochs=warmup_epochs,
     lambda_cls=lambda_cls, lambda_plain=lambda_plain, lambda_anchor=lambda_anchor, lambda_center=lambda_center, anchor_margin=anchor_margin,
     class_weighted=class_weighted, logit_adjusted_loss=logit_adjusted_loss, balanced_sampling=balanced_sampling, clip_grad=clip_grad, model_ema=model_ema, amp=amp,
-    early_stopping=early_stopping, num_workers=num_workers, torch_compile=torch_compile, channels_last=channels_last,
+    early_stopping=early_stopping, monitor=monitor, num_workers=num_workers, torch_compile=torch_compile, channels_last=channels_last,
     data_on_device=data_on_device, video_source=video_source, video_frames=video_frames,
     ema=ema))
 # fail here, before the data work, on an unknown recipe or backbone, or a pyramid the input size cannot give
 if config["augment"] not in ("grefel", "shift"):
     raise ValueError(f"augment must be 'grefel' or 'shift', not {config['augment']!r}")
 H.check_model_ema(config["model_ema"])
+H.check_monitor(config["monitor"])
 H.class_weight_power(config["class_weighted"])
 H.check_logit_adjusted_loss(config["logit_adjusted_loss"])
 H.check_batch_mix(config["mixup"], config["cutmix"])
@@ -674,11 +677,12 @@ print(f"GReFEL ({config['components']}) {param_counts['total']:,} parameters; tr
 revision = MODEL_REVISION[config["components"]]
 # settings that say where outputs go, what the video demo shows or how fast training runs, not what is trained
 PLACE_AND_SPEED = ("workdir", "video_source", "video_frames", "ema", "torch_compile", "channels_last")
-# model_ema, mixup, cutmix and logit_adjusted_loss joined the settings later: off, they leave the run folders of
+# model_ema, mixup, cutmix, logit_adjusted_loss and monitor joined the settings later: off, they leave the run folders of
 # before them their names
 run_key = H.config_fingerprint(config, exclude=PLACE_AND_SPEED + ("tta_flip", "data_on_device")
                                + tuple(k for k in ("model_ema", "logit_adjusted_loss") if not config[k])
-                               + tuple(k for k, off in H.BATCH_MIX_OFF.items() if config[k] == off),
+                               + tuple(k for k, off in H.BATCH_MIX_OFF.items() if config[k] == off)
+                               + (("monitor",) if config["monitor"] == "val_acc" else ()),
                                contents={"data": cache_attrs["fingerprint"],  # new data or weights: a new run
                                          "weights": backbone_info.get("sha256"),
                                          # a new model revision too (revision-1 runs keep their names)
@@ -689,7 +693,8 @@ lr = H.fold_lr(config)  # lr scaled by lr_scaling from lr_reference_batch to bat
 run = H.fit(model, train_loader, val_loader, run_dir, num_epochs=config["num_epochs"], lr=lr,
             weight_decay=config["weight_decay"], device=device, loss_fn=loss_fn, seed=config["seed"],
             warmup_epochs=config["warmup_epochs"], clip_grad=config["clip_grad"], amp=config["amp"],
-            early_stopping=config["early_stopping"], config=config, torch_compile=config["torch_compile"],
+            early_stopping=config["early_stopping"], monitor=config["monitor"], config=config,
+            torch_compile=config["torch_compile"],
             channels_last=config["channels_last"], model_ema=config["model_ema"], mixup=config["mixup"],
             cutmix=config["cutmix"],
             extra_state={"class_names": class_names, "preprocess": cache_attrs["preprocess"], "norm": norm},

@@ -219,10 +219,11 @@ def train(npz: str, out: Path, name: str, epochs: int, limit: int, work: Path) -
               "torch": torch.__version__, "training_data": training_data, "train": len(idx["train"]),
               "val": len(idx["val"]), "setup_s": round(time.time() - t0, 1), "history": []}
 
-    def save(history):
-        best = max(range(len(history)), key=lambda i: history[i]["val_acc"])
+    def save(history):  # the epoch H.fit keeps: the best by the notebook's monitor
+        pick = min if config["monitor"] == "val_loss" else max
+        best = pick(range(len(history)), key=lambda i: history[i][config["monitor"]])
         record.update(history=history, best_val_acc=history[best]["val_acc"], best_epoch=best + 1,
-                      wall_s=round(time.time() - t0, 1))
+                      monitor=config["monitor"], wall_s=round(time.time() - t0, 1))
         H.save_json(record, out / f"{name}.json")
 
     run_dir = work / f"run_{name}"
@@ -230,7 +231,7 @@ def train(npz: str, out: Path, name: str, epochs: int, limit: int, work: Path) -
                 lr=H.fold_lr(config), weight_decay=config["weight_decay"], device=device, loss_fn=loss_fn,
                 seed=config["seed"], warmup_epochs=config["warmup_epochs"], clip_grad=config["clip_grad"],
                 amp=config["amp"], config=config, torch_compile=False, channels_last=config["channels_last"],
-                model_ema=config["model_ema"],
+                model_ema=config["model_ema"], monitor=config["monitor"],
                 mixup=config["mixup"], cutmix=config["cutmix"],
                 # the run's whole history so far (H.fit has written it), resumed epochs included
                 on_epoch_end=lambda row: save(json.loads((run_dir / "history.json").read_text())), progress=False)

@@ -41,14 +41,14 @@ from .models import (TimmClassifier, WeightsUnavailableError, count_parameters, 
                      validate_gcvit_size)
 from .distributed import (ShardedBatchSampler, barrier, get_rank, get_world_size, init_distributed, is_distributed,
                           is_main, shutdown)
-from .train import (BATCH_MIX_OFF, BatchMix, build_optimizer, build_scheduler, channels_last_layout, check_batch_mix,
-                    check_logit_adjusted_loss, check_model_ema, class_weight_power, class_weights_for,
+from .train import (BATCH_MIX_OFF, MONITORS, BatchMix, build_optimizer, build_scheduler, channels_last_layout, check_batch_mix,
+                    check_logit_adjusted_loss, check_model_ema, check_monitor, class_weight_power, class_weights_for,
                     class_weights_from_labels, compile_for_training, cpu_amp, cross_entropy_loss, evaluate, fit,
                     logit_adjustment_shift, scaled_lr,
                     load_checkpoint, make_loader, output_probs, resolve_amp, save_checkpoint, seed_everything,
                     time_left, train_one_epoch)
 from .metrics import (adjust_logits, class_log_prior, compute_metrics, expected_calibration_error, fit_logit_adjustment,
-                      fit_temperature, fold_summary, sequence_metrics)
+                      fit_temperature, fold_summary, macro_f1, sequence_metrics)
 from .plots import (plot_class_distribution, plot_confidence_histograms, plot_confusion_matrix, plot_metric_summary,
                     plot_reliability_diagram, plot_sample_grid, plot_training_curves)
 from .export import (Backend, Predictor, ProbabilityModel, export_metadata, export_onnx, export_torchscript,
@@ -85,13 +85,13 @@ __all__ = [
     "seed_everything", "make_loader", "build_optimizer", "build_scheduler", "cross_entropy_loss",
     "class_weights_from_labels", "class_weight_power", "class_weights_for", "check_logit_adjusted_loss",
     "logit_adjustment_shift", "output_probs", "resolve_amp", "train_one_epoch", "time_left", "evaluate",
-    "save_checkpoint", "load_checkpoint", "fit", "check_model_ema", "BATCH_MIX_OFF", "BatchMix", "check_batch_mix", "compile_for_training", "channels_last_layout",
+    "save_checkpoint", "load_checkpoint", "fit", "check_model_ema", "check_monitor", "MONITORS", "BATCH_MIX_OFF", "BatchMix", "check_batch_mix", "compile_for_training", "channels_last_layout",
     "cpu_amp", "scaled_lr",
     # distributed
     "init_distributed", "shutdown", "is_distributed", "get_rank", "get_world_size", "is_main", "barrier",
     "ShardedBatchSampler",
     # metrics
-    "compute_metrics", "fold_summary", "sequence_metrics", "expected_calibration_error", "fit_temperature",
+    "compute_metrics", "macro_f1", "fold_summary", "sequence_metrics", "expected_calibration_error", "fit_temperature",
     "class_log_prior", "adjust_logits", "fit_logit_adjustment",
     # plots
     "plot_class_distribution", "plot_sample_grid", "plot_confusion_matrix", "plot_training_curves",

@@ -47,6 +47,15 @@ def compute_metrics(y_true: np.ndarray, y_pred: np.ndarray, class_names: list[st
     return out
 
 
+def macro_f1(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> float:
+    """Macro F1 over classes ``0..num_classes-1``, as :func:`compute_metrics` reports it (``f1_macro``): a class
+    absent from both ``y_true`` and ``y_pred`` counts 0, so a model that never predicts a class pays for it."""
+    if not len(y_true):
+        return float("nan")
+    return float(precision_recall_fscore_support(y_true, y_pred, labels=list(range(num_classes)), average="macro",
+                                                 zero_division=0)[2])
+
+
 def fold_summary(values) -> dict:
     """Mean, standard deviation and 95% confidence interval of one figure over folds.
 
@@ -192,11 +201,10 @@ def fit_logit_adjustment(log_probs: np.ndarray, y_true: np.ndarray, log_prior: n
         ``{"tau", "val_f1_macro", "val_accuracy", "grid": [{"tau", "f1_macro", "accuracy"}, ...]}``.
     """
     y_true = np.asarray(y_true)
-    labels = list(range(np.asarray(log_probs).shape[1]))
     grid = []
     for tau in taus:
         pred = adjust_logits(log_probs, log_prior, float(tau)).argmax(1)
-        f1 = precision_recall_fscore_support(y_true, pred, labels=labels, average="macro", zero_division=0)[2]
-        grid.append({"tau": float(tau), "f1_macro": float(f1), "accuracy": float((pred == y_true).mean())})
+        f1 = macro_f1(y_true, pred, np.asarray(log_probs).shape[1])
+        grid.append({"tau": float(tau), "f1_macro": f1, "accuracy": float((pred == y_true).mean())})
     best = max(grid, key=lambda g: (g["f1_macro"], -g["tau"]))
     return {"tau": best["tau"], "val_f1_macro": best["f1_macro"], "val_accuracy": best["accuracy"], "grid": grid}

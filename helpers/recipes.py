@@ -41,7 +41,7 @@ CONFIG_KEYS = ("model_name", "weights", "allow_random_init", "image_size", "chan
 # reuses it): every layer trained (freezing would freeze random weights) with one learning rate (layer decay is
 # for fine-tuning), no weight average, no mixup or CutMix, validation and FER+ test in one view
 FINETUNING_ONLY = {"finetune": "full", "frozen_stages": 0, "layer_decay": None, "model_ema": None, "tta_flip": False,
-                   **BATCH_MIX_OFF}
+                   "monitor": "val_acc", **BATCH_MIX_OFF}
 
 
 def build_classifier(config: dict, class_names: list[str]):
@@ -142,7 +142,8 @@ def train_fold(spec: dict, fold: int, device, progress: bool = True) -> dict:
     run = fit(model, train_loader, val_loader, _fold_dir(spec, fold), num_epochs=config["num_epochs"], lr=lr,
               weight_decay=config["weight_decay"], device=device, loss_fn=loss_fn, seed=config["seed"],
               warmup_epochs=config["warmup_epochs"], clip_grad=config["clip_grad"], amp=config["amp"],
-              early_stopping=config["early_stopping"], config=config, run_key=spec["run_key"], progress=progress,
+              early_stopping=config["early_stopping"], monitor=config.get("monitor", "val_acc"), config=config,
+              run_key=spec["run_key"], progress=progress,
               torch_compile=config.get("torch_compile", False), channels_last=config.get("channels_last", False),
               layer_decay=config.get("layer_decay"), model_ema=config.get("model_ema"),
               mixup=config.get("mixup", 0.0), cutmix=config.get("cutmix", 0.0),

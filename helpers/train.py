@@ -35,7 +35,7 @@ from torch import nn
 
 from . import distributed
 from .augment import seed_transform
-from .metrics import class_log_prior
+from .metrics import class_log_prior, macro_f1
 from .setup import atomic_write, config_fingerprint, output_lock, save_json
 
 
@@ -606,6 +606,15 @@ def check_batch_mix(mixup: float, cutmix: float) -> None:
 
 # ----------------------------------------------------------------------------- fit
 
+MONITORS = ("val_acc", "val_f1_macro", "val_loss")  # what fit may select the best epoch by
+
+
+def check_monitor(monitor: str) -> None:
+    """Refuse a ``monitor`` that :func:`fit` cannot select by, naming the ones it can."""
+    if monitor not in MONITORS:
+        raise ValueError(f"monitor must be one of {', '.join(map(repr, MONITORS))}, not {monitor!r}")
+
+
 def check_model_ema(model_ema: float | None) -> None:
     """Refuse a weight-average decay outside (0, 1) (notebooks call it before their data work, :func:`fit` again)."""
     if model_ema is not None and not (isinstance(model_ema, (int, float)) and 0.0 < model_ema < 1.0):
@@ -645,8 +654,10 @@ def fit(model: nn.Module, train_loader, val_loader, out_dir: str | Path, *, num_
         warmup_epochs, restart_epochs, min_lr_ratio: schedule (see :func:`build_scheduler`).
         clip_grad: max gradient norm, None to disable.
         amp: see :func:`resolve_amp`; fp16 uses a GradScaler.
-        monitor: ``"val_acc"`` (higher is better) or ``"val_loss"`` (lower is better) for
-            the best checkpoint and early stopping.
+        monitor: what chooses ``best_model.pth`` and counts for early stopping: ``"val_acc"``,
+            ``"val_f1_macro"`` (macro F1 over all classes: the rare ones weigh as much as the common ones;
+            higher is better for both) or ``"val_loss"`` (lower is better). Every epoch's history row holds
+            all three.
         early_stopping: stop after this many epochs without improvement (None: never).
         resume: continue from ``out_dir/last.pth`` when it exists and is not finished.
         config: saved in every checkpoint (the notebook's ``config`` dict).
@@ -684,6 +695,7 @@ def fit(model: nn.Module, train_loader, val_loader, out_dir: str | Path, *, num_
         "wall_s", "world_size", "compile", "channels_last", "model_ema", "val_tta_flip", "mixup", "cutmix"}``.
     """
     check_model_ema(model_ema)
+    check_monitor(monitor)
     mix = BatchMix(mixup, cutmix) if (mixup or cutmix) else None  # checks both
     out_dir = Path(out_dir)
     device = torch.device(device)
@@ -700,7 +712,7 @@ def fit(model: nn.Module, train_loader, val_loader, out_dir: str | Path, *, num_
         scheduler = build_scheduler(optimizer, num_epochs, len(train_loader), warmup_epochs, restart_epochs, min_lr_ratio)
         amp_dtype = resolve_amp(amp, device)
         scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
-        higher = monitor.endswith("acc")
+        higher = monitor != "val_loss"
         history, best, start, waited, trained_by = [], None, 0, 0, world
         last_path, best_path = out_dir / "last.pth", out_dir / "best_model.pth"
         config = _plain(config or {})
@@ -708,8 +720,9 @@ def fit(model: nn.Module, train_loader, val_loader, out_dir: str | Path, *, num_
         if resume and last_path.exists():
             ckpt = load_checkpoint(last_path)
             # fit's own settings (not in config) count too; checkpoints from before val_tta_flip validated one
-            # view, and those from before mixup / cutmix mixed nothing
+            # view, those from before mixup / cutmix mixed nothing, those from before monitor chose by val_acc
             own = [k for k, value, absent in (("model_ema", model_ema, None), ("val_tta_flip", val_tta_flip, False),
+                                              ("monitor", monitor, "val_acc"),
                                               *((k, v, BATCH_MIX_OFF[k]) for k, v in (("mixup", mixup), ("cutmix", cutmix))))
                    if ckpt.get(k, absent) != value]
             if ckpt.get("run_key") != run_key or own:
@@ -776,7 +789,8 @@ def fit(model: nn.Module, train_loader, val_loader, out_dir: str | Path, *, num_
                 distributed.broadcast_buffers(ema.module)
             va = evaluate(rated, val_loader, device, loss_fn, amp_dtype, tta_flip=val_tta_flip)
             row = {"epoch": epoch + 1, "train_loss": tr["loss"], "train_acc": tr["acc"], "val_loss": va["loss"],
-                   "val_acc": va["acc"], "lr": optimizer.param_groups[0]["lr"], "epoch_s": time.time() - te,
+                   "val_acc": va["acc"], "val_f1_macro": macro_f1(va["y_true"], va["y_pred"], va["probs"].shape[1]),
+                   "lr": optimizer.param_groups[0]["lr"], "epoch_s": time.time() - te,
                    "train_s": train_s, "train_samples": tr["samples"], "world_size": world}
             if val_tta_flip:  # the one-view figure beside the one that selects
                 row["val_acc_single"] = va["acc_single"]
@@ -797,7 +811,7 @@ def fit(model: nn.Module, train_loader, val_loader, out_dir: str | Path, *, num_
                                 scheduler=scheduler.state_dict(), scaler=scaler.state_dict() if scaler else None,
                                 epoch=epoch + 1, history=history, best=best, waited=waited, config=config,
                                 run_key=run_key, world_size=world, model_ema=model_ema, val_tta_flip=val_tta_flip,
-                                mixup=mixup, cutmix=cutmix,
+                                mixup=mixup, cutmix=cutmix, monitor=monitor,
                                 ema=None if ema is None else ema.module.state_dict())
                 save_json(history, out_dir / "history.json")
             if progress:

@@ -159,6 +159,51 @@ def test_early_stopping_and_finished_run_is_not_retrained(demo_cache, tmp_path):
     assert again["epochs_run"] == 2
 
 
+def _scripted_validation(monkeypatch, predictions, y_true):
+    """fit's validation returns ``predictions[k]`` at its k-th call (one-hot probabilities), whatever the model."""
+    calls = iter(predictions)
+
+    def evaluate(model, loader, device, loss_fn=None, amp_dtype=None, progress=False, tta_flip=False):
+        y_pred = np.asarray(next(calls))
+        return {"acc": float((y_pred == y_true).mean()), "y_true": y_true, "y_pred": y_pred,
+                "probs": np.eye(3)[y_pred], "loss": 1.0 - float((y_pred == y_true).mean())}
+
+    monkeypatch.setattr(H.train, "evaluate", evaluate)
+
+
+@pytest.mark.parametrize("monitor, kept", [("val_acc", 1), ("val_f1_macro", 2)])
+def test_monitor_val_f1_macro_keeps_the_epoch_where_the_rare_classes_are_predicted(demo_cache, tmp_path, monkeypatch,
+                                                                                   monitor, kept):
+    """Epoch 1 predicts only the majority class (accuracy 4/6, macro F1 (0.8 + 0 + 0) / 3); epoch 2 predicts all
+    three (accuracy 3/6; F1 per class 0.4, 0.5, 0.667: macro 0.522); epoch 3 repeats epoch 1. Accuracy keeps
+    epoch 1, macro F1 keeps epoch 2; every row records both."""
+    y_true = np.array([0, 0, 0, 0, 1, 2])
+    _scripted_validation(monkeypatch, [[0] * 6, [0, 1, 1, 2, 1, 2], [0] * 6], y_true)
+    cache, classes = demo_cache
+    _, run = _fit(cache, classes, tmp_path, linear=True, monitor=monitor)
+    assert [h["val_f1_macro"] for h in run["history"]] == pytest.approx([0.8 / 3, (0.4 + 0.5 + 2 / 3) / 3, 0.8 / 3])
+    assert [h["val_acc"] for h in run["history"]] == pytest.approx([4 / 6, 3 / 6, 4 / 6])
+    assert run["best"]["epoch"] == kept and run["best"]["metric"] == monitor
+    assert H.load_checkpoint(run["best_path"])["epoch"] == kept
+    # resuming the folder with another selection rule would mix two runs
+    other = "val_acc" if monitor != "val_acc" else "val_f1_macro"
+    with pytest.raises(ValueError, match=r"other settings \(monitor\)"):
+        _fit(cache, classes, tmp_path, linear=True, num_epochs=4, monitor=other)
+
+
+def test_macro_f1_of_the_history_is_the_metrics_macro_f1_of_the_kept_weights(demo_cache, tmp_path):
+    cache, classes = demo_cache
+    model, run = _fit(cache, classes, tmp_path, monitor="val_f1_macro")
+    f1s = [h["val_f1_macro"] for h in run["history"]]
+    assert run["best"]["value"] == max(f1s) and run["best"]["epoch"] == f1s.index(max(f1s)) + 1
+    model.load_state_dict(H.load_checkpoint(run["best_path"])["model"])
+    ev = H.evaluate(model, _loaders(cache)[1], "cpu")
+    assert H.compute_metrics(ev["y_true"], ev["y_pred"], classes)["f1_macro"] == pytest.approx(max(f1s))
+    with pytest.raises(ValueError, match="monitor must be one of 'val_acc', 'val_f1_macro', 'val_loss', not 'f1'"):
+        _fit(cache, classes, tmp_path / "bad", monitor="f1")
+    assert not (tmp_path / "bad").exists()  # refused before any file
+
+
 def test_each_epoch_line_says_how_long_the_rest_of_the_run_will_take(demo_cache, tmp_path, capsys):
     assert H.time_left([240.0, 250.0, 9000.0], 99) == "~6 h 52 min left"  # the median: one slow epoch does not count
     assert H.time_left([50.0], 3) == "~2 min left" and H.time_left([5.0], 1) == "~1 min left"
