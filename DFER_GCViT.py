@@ -464,7 +464,7 @@ pd.DataFrame([{"dataset": Path(c["source"]).name, "images": c["num_samples"], "c
 # face crop): face detection, the same crop, the evaluation transform, the model.
 
 # %%
-best_fold = int(np.argmax([r["best"]["value"] for r in fold_runs]))
+best_fold = H.best_fold([r["best"] for r in fold_runs])  # by its validation split, the run's monitor
 best_ckpt = H.load_checkpoint(fold_runs[best_fold]["best_path"])
 model, _, _ = build_model()
 model.load_state_dict(best_ckpt["model"])
@@ -489,7 +489,7 @@ results = {
     "notebook": "DFER_GCViT", "run_key": run_key, "run_dir": str(run_dir), "data": data_kind, "source": str(source), "config": config,
     "protocol": {"name": config["protocol"], "folds": len(folds),
                  "sizes": [{p: int(len(f[p])) for p in ("train", "val", "test")} for f in folds],
-                 "model_selection": "best val_acc on a validation split carved from the training side"},
+                 "model_selection": f"best {config['monitor']} on a validation split carved from the training side"},
     "metrics": {"per_fold": fold_metrics, "mean_std": summary, "confusion_matrix_total": total_cm.tolist(),
                 "sequence_mean_std": sequence_summary},
     "cross_dataset": cross,

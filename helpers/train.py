@@ -609,6 +609,20 @@ def check_batch_mix(mixup: float, cutmix: float) -> None:
 MONITORS = ("val_acc", "val_f1_macro", "val_loss")  # what fit may select the best epoch by
 
 
+def best_fold(bests: list[dict]) -> int:
+    """Index of the fold whose kept epoch scored best on its validation split.
+
+    Args:
+        bests: each fold's ``fit(...)["best"]``, ``{"epoch", "metric", "value"}``, all by one metric
+            (lower is better for ``val_loss``, higher for the others).
+    """
+    metrics = {b["metric"] for b in bests}
+    if len(metrics) != 1:
+        raise ValueError(f"the folds were selected by different metrics ({', '.join(sorted(metrics))}): not comparable")
+    values = [b["value"] for b in bests]
+    return int(np.argmin(values) if metrics == {"val_loss"} else np.argmax(values))
+
+
 def check_monitor(monitor: str) -> None:
     """Refuse a ``monitor`` that :func:`fit` cannot select by, naming the ones it can."""
     if monitor not in MONITORS:

@@ -224,20 +224,24 @@ def check_grefel_results(r, out):
 def test_grefel_notebook_on_generated_demo(tmp_path):
     """The demo FER+ trained on its vote distributions, from the GPU data path (asked for: on a CPU here;
     the batched recipe moves the landmarks and the soft targets come along), at another batch size with
-    a learning-rate rule, in channels-last order, with a moving average of the weights."""
+    a learning-rate rule, in channels-last order, with a moving average of the weights, the epoch kept by
+    validation macro F1."""
     r = _run("GReFEL", tmp_path, soft_labels=True, data_on_device=True, batch_size=16, lr_scaling="linear",
-             channels_last=True, model_ema=0.9)
+             channels_last=True, model_ema=0.9, monitor="val_f1_macro")
     assert r["data"] == "generated demo" and r["channels_last"] is True
     last = H.load_checkpoint(Path(r["run_dir"]) / "last.pth")  # the average validated and kept, the live weights beside
     assert last["model_ema"] == 0.9 and last["ema"].keys() == last["model"].keys()
     assert r["training_data"] == {"on_device": True, "why": "data_on_device=True"}
+    history = json.loads((Path(r["run_dir"]) / "history.json").read_text())
+    f1s = [h["val_f1_macro"] for h in history]
+    assert r["model"]["best"] == {"epoch": f1s.index(max(f1s)) + 1, "metric": "val_f1_macro", "value": max(f1s)}
     # half the profile's batch (32), linear rule: half its lr (1e-3), recorded
     assert r["config"]["lr_reference_batch"] == 32 and r["lr_effective"] == pytest.approx(5e-4)
     check_grefel_results(r, tmp_path / "GReFEL")
     # the backbone row in the same working directory, with another label smoothing and layout: the ablation
     # table lists both runs, this run's recipe first; the other's recipe differences (not its layout) by its values
     b = _run("GReFEL", tmp_path, soft_labels=True, data_on_device=True, batch_size=16, lr_scaling="linear",
-             model_ema=0.9, components="backbone", label_smoothing=0.0)
+             model_ema=0.9, monitor="val_f1_macro", components="backbone", label_smoothing=0.0)
     table = pd.read_csv(tmp_path / "GReFEL" / "ablation.csv", keep_default_na=False)
     assert list(table["components"]) == ["backbone", "full"]
     assert list(table["other settings"]) == ["", "label_smoothing=0.1"]

@@ -191,6 +191,14 @@ def test_monitor_val_f1_macro_keeps_the_epoch_where_the_rare_classes_are_predict
         _fit(cache, classes, tmp_path, linear=True, num_epochs=4, monitor=other)
 
 
+def test_best_fold_is_the_highest_score_or_the_lowest_loss():
+    assert H.best_fold([{"metric": "val_acc", "value": v} for v in (0.5, 0.7, 0.6)]) == 1
+    assert H.best_fold([{"metric": "val_f1_macro", "value": v} for v in (0.5, 0.4, 0.6)]) == 2
+    assert H.best_fold([{"metric": "val_loss", "value": v} for v in (0.5, 0.3, 0.6)]) == 1
+    with pytest.raises(ValueError, match="different metrics"):
+        H.best_fold([{"metric": "val_loss", "value": 0.5}, {"metric": "val_acc", "value": 0.5}])
+
+
 def test_macro_f1_of_the_history_is_the_metrics_macro_f1_of_the_kept_weights(demo_cache, tmp_path):
     cache, classes = demo_cache
     model, run = _fit(cache, classes, tmp_path, monitor="val_f1_macro")
