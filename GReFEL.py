@@ -83,6 +83,7 @@ augment_erasing = None         # probability of random erasing (occlusions: hand
 mixup = None                   # Beta(alpha, alpha) of mixup of training image pairs and their targets, e.g. 0.2 | 0: off
 cutmix = None                  # Beta(alpha, alpha) of CutMix (a box of another face pasted), e.g. 1.0 | 0: off (both on: one or the other per batch)
 tta_flip = None                # True: average the test prediction of each image and its mirror image
+tta_shift = None               # px: also average views moved this far right, left, down and up (landmarks follow; with tta_flip, 10 views) | 0: off
 lambda_cls = None              # weight of the classification NLL (of the final, reliability-balanced output)
 lambda_plain = None            # weight of an extra NLL of the plain classifier output p (0: off, as ARBEx)
 lambda_anchor = None           # weight of the anchor separation loss
@@ -112,7 +113,7 @@ ema = None                     # smoothing of probabilities over frames, in [0, 
 COMMON = dict(video_source=None, video_frames=30, ema=0.6, max_per_split=None, val_fraction=0.1, soft_labels=False,
               label_pattern=None, labels_csv=None, dropout=0.1,
               backbone_args=None, components="full", label_smoothing=0.1, augment="grefel", augment_erasing=0.25,
-              **H.BATCH_MIX_OFF, tta_flip=True,
+              **H.BATCH_MIX_OFF, tta_flip=True, tta_shift=0,
               lambda_cls=1.0, lambda_plain=0.0, lambda_anchor=1.0, lambda_center=1.0, anchor_margin=2.0, class_weighted=False,
               logit_adjusted_loss=None,
               balanced_sampling=False, clip_grad=1.0, model_ema=None, amp="auto", early_stopping=None, monitor="val_acc",
@@ -153,7 +154,7 @@ config = H.resolve_config(profile, PROFILES, dict(
     image_size=image_size, max_per_split=max_per_split, val_fraction=val_fraction, soft_labels=soft_labels, backbone=backbone, backbone_args=backbone_args,
     weights=weights, components=components, label_smoothing=label_smoothing, augment=augment,
     augment_erasing=augment_erasing, mixup=mixup, cutmix=cutmix,
-    tta_flip=tta_flip, embed_dim=embed_dim, num_heads=num_heads, depth=depth,
+    tta_flip=tta_flip, tta_shift=tta_shift, embed_dim=embed_dim, num_heads=num_heads, depth=depth,
     patch_sizes=patch_sizes, window=window, num_anchors_per_class=num_anchors_per_class, dropout=dropout,
     num_epochs=num_epochs, batch_size=batch_size, lr=lr, lr_scaling=lr_scaling,
     lr_reference_batch=lr_reference_batch, weight_decay=weight_decay, warmup_epochs=warmup_epochs,
@@ -170,6 +171,7 @@ H.check_monitor(config["monitor"])
 H.class_weight_power(config["class_weighted"])
 H.check_logit_adjusted_loss(config["logit_adjusted_loss"])
 H.check_batch_mix(config["mixup"], config["cutmix"])
+H.check_tta_shift(config["tta_shift"], config["image_size"])
 H.create_feature_pyramid(config["backbone"], config["image_size"], config["patch_sizes"],
                          backbone_args=config["backbone_args"])
 # the learning-rate rule for other batch sizes (recorded in config): lr was chosen at the profile's batch
@@ -679,7 +681,7 @@ revision = MODEL_REVISION[config["components"]]
 PLACE_AND_SPEED = ("workdir", "video_source", "video_frames", "ema", "torch_compile", "channels_last")
 # model_ema, mixup, cutmix, logit_adjusted_loss and monitor joined the settings later: off, they leave the run folders of
 # before them their names
-run_key = H.config_fingerprint(config, exclude=PLACE_AND_SPEED + ("tta_flip", "data_on_device")
+run_key = H.config_fingerprint(config, exclude=PLACE_AND_SPEED + ("tta_flip", "tta_shift", "data_on_device")
                                + tuple(k for k in ("model_ema", "logit_adjusted_loss") if not config[k])
                                + tuple(k for k, off in H.BATCH_MIX_OFF.items() if config[k] == off)
                                + (("monitor",) if config["monitor"] == "val_acc" else ()),
@@ -762,24 +764,31 @@ class GReFELEvaluator:
                 "face_box": None if box is None else [float(v) for v in box], "landmarks_ok": bool(landmarks_ok)}
 
     @torch.no_grad()
-    def outputs(self, loader, tta_flip: bool = False) -> dict:
+    def outputs(self, loader, tta_flip: bool = False, tta_shift: int = 0) -> dict:
         """Stacked numpy outputs over a loader: y, probs (p), final (balanced), confidence, and the
         anchor and attention corrections when the model has reliability balancing.
 
         Args:
             tta_flip: average each output with that of the mirror image (landmarks mirrored and
                 their left/right indices swapped, as in training).
+            tta_shift: pixels; also average the views moved this far right, left, down and up
+                (:func:`H.shifted_views`: the border black as in the training's shifts; the landmarks
+                move with the face), each mirrored too under ``tta_flip``. 0: off.
         """
         self.model.eval()
         keep = ("probs", "final_probs", "confidence", "anchor_probs", "attention_probs")
+        black = [-m / s for m, s in zip(self.norm["mean"], self.norm["std"])]  # pixel 0 after normalisation
         acc = {"y": []}
         for x, lm, y in loader:
             x, lm = x.to(self.device), lm.to(self.device)
-            out = self.model(x, lm)
-            mirrored = self.model(x.flip(-1), mirror_landmarks(lm)) if tta_flip else None
-            for k in (k for k in keep if k in out):
-                v = out[k].float() if mirrored is None else (out[k].float() + mirrored[k].float()) / 2
-                acc.setdefault(k, []).append(v.cpu())
+            outs = []
+            for view, dx, dy in H.shifted_views(x, tta_shift, black[:x.shape[1]]):
+                moved = lm + lm.new_tensor([dx / x.shape[-1], dy / x.shape[-2]])  # (B, 68, 2) in [0, 1]
+                outs.append(self.model(view, moved))
+                if tta_flip:
+                    outs.append(self.model(view.flip(-1), mirror_landmarks(moved)))
+            for k in (k for k in keep if k in outs[0]):
+                acc.setdefault(k, []).append(torch.stack([o[k].float() for o in outs]).mean(0).cpu())
             acc["y"].append((y if y.ndim == 1 else y.argmax(-1)).cpu())
         return {k: torch.cat(v).numpy() for k, v in acc.items()}
 
@@ -840,19 +849,28 @@ class GReFELEvaluator:
 H.require(globals(), run="Training", GReFELEvaluator="Evaluation (the cell above)")
 evaluator = GReFELEvaluator(run["best_path"], device)
 test_loader = H.make_loader(H.H5Dataset(cache_path, idx["test"], eval_tf, landmarks=True), 128, False)
+tta = dict(tta_flip=config["tta_flip"], tta_shift=config["tta_shift"])  # the test-time views
 test_out_single = evaluator.outputs(test_loader)  # one view: what the export and video run
-test_out = evaluator.outputs(test_loader, tta_flip=True) if config["tta_flip"] else test_out_single
+test_out = evaluator.outputs(test_loader, **tta) if config["tta_flip"] or config["tta_shift"] else test_out_single
 accuracy_single_view = float((test_out_single["final_probs"].argmax(1) == test_out_single["y"]).mean())
+# with shifted views too: the flip pair alone beside them, so that what the shifts add is on record
+accuracy_flip_only = (float((evaluator.outputs(test_loader, tta_flip=True)["final_probs"].argmax(1) == test_out["y"]).mean())
+                      if config["tta_flip"] and config["tta_shift"] else None)
 metrics_uncalibrated = evaluator.evaluate(test_loader, test_out)
-val_out = evaluator.outputs(val_loader, tta_flip=config["tta_flip"])
+val_out = evaluator.outputs(val_loader, **tta)
 temperature = evaluator.fit_temperature(val_loader, o=val_out)
 metrics = evaluator.evaluate(test_loader, test_out)
 reliability = evaluator.analyze_reliability_balancing(test_loader, test_out)
 prior_adjusted = evaluator.logit_adjustment(val_out, test_out, meta["label"].to_numpy()[idx["train"]])
 confidence_stats = evaluator.analyze_confidence_distribution(test_loader, test_out,
                                                              save_path=run_dir / "confidence_distribution.png")
-print(f"test accuracy {metrics['accuracy']:.4f} ({len(class_names)} classes{', majority vote' if ferplus else ''}{', flip TTA' if config['tta_flip'] else ''}; "
-      f"one view {accuracy_single_view:.4f}), macro F1 {metrics['f1_macro']:.4f}; "
+tta_views = (5 if config["tta_shift"] else 1) * (2 if config["tta_flip"] else 1)
+tta_parts = ["the mirror image"] * config["tta_flip"] + [f"shifts of {config['tta_shift']} px"] * bool(config["tta_shift"])
+tta_text = f", TTA: {' and '.join(tta_parts)}" if tta_parts else ""
+print(f"test accuracy {metrics['accuracy']:.4f} ({len(class_names)} classes{', majority vote' if ferplus else ''}{tta_text}; "
+      f"one view {accuracy_single_view:.4f}"
+      + (f", the mirror pair alone {accuracy_flip_only:.4f}" if accuracy_flip_only is not None else "")
+      + f"), macro F1 {metrics['f1_macro']:.4f}; "
       f"without reliability balancing {reliability['accuracy_without']:.4f}; "
       f"{reliability['share_changed']:.1%} of predictions changed by it")
 print(f"ECE {metrics_uncalibrated['ece']:.4f} -> {metrics['ece']:.4f} after temperature scaling (T = {temperature:.3f})")
@@ -895,7 +913,8 @@ results = {
                 "counts": {s: {c: int(v) for c, v in row.items()} for s, row in counts.iterrows()},
                 "used": {s: int(len(v)) for s, v in idx.items()}},
     "metrics": {"test": metrics, "test_uncalibrated": metrics_uncalibrated, "reliability_balancing": reliability,
-                "tta_flip": config["tta_flip"], "accuracy_single_view": accuracy_single_view,
+                "tta_flip": config["tta_flip"], "tta_shift": config["tta_shift"], "tta_views": tta_views,
+                "accuracy_single_view": accuracy_single_view, "accuracy_flip_only": accuracy_flip_only,
                 "confidence": confidence_stats, "temperature": temperature, "logit_adjusted": prior_adjusted,
                 "ece_before_scaling": metrics_uncalibrated["ece"], "ece_after_scaling": metrics["ece"]},
     "model": {"components": config["components"], "revision": revision, "backbone": backbone_info,
@@ -930,7 +949,7 @@ print("Wrote", run_dir, "and its latest copies", out_dir / "final_results.json",
 # %%
 # not the recipe: the row itself, the data's path (the data is compared by its fingerprint), the loader's workers
 NOT_RECIPE = {*PLACE_AND_SPEED, "components", "data_path", "num_workers"}
-ADDED_LATER = H.BATCH_MIX_OFF  # settings runs of before them lack: they ran with these values
+ADDED_LATER = {**H.BATCH_MIX_OFF, "tta_shift": 0, "monitor": "val_acc"}  # settings runs of before them lack: they ran so
 
 
 def other_settings(theirs: dict, ours: dict) -> str:

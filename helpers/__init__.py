@@ -44,7 +44,7 @@ from .distributed import (ShardedBatchSampler, barrier, get_rank, get_world_size
 from .train import (BATCH_MIX_OFF, MONITORS, BatchMix, best_fold, build_optimizer, build_scheduler, channels_last_layout, check_batch_mix,
                     check_logit_adjusted_loss, check_model_ema, check_monitor, class_weight_power, class_weights_for,
                     class_weights_from_labels, compile_for_training, cpu_amp, cross_entropy_loss, evaluate, fit,
-                    logit_adjustment_shift, scaled_lr,
+                    logit_adjustment_shift, scaled_lr, shifted_views, check_tta_shift,
                     load_checkpoint, make_loader, output_probs, resolve_amp, save_checkpoint, seed_everything,
                     time_left, train_one_epoch)
 from .metrics import (adjust_logits, class_log_prior, compute_metrics, expected_calibration_error, fit_logit_adjustment,
@@ -84,7 +84,7 @@ __all__ = [
     # train
     "seed_everything", "make_loader", "build_optimizer", "build_scheduler", "cross_entropy_loss",
     "class_weights_from_labels", "class_weight_power", "class_weights_for", "check_logit_adjusted_loss",
-    "logit_adjustment_shift", "output_probs", "resolve_amp", "train_one_epoch", "time_left", "evaluate",
+    "logit_adjustment_shift", "output_probs", "resolve_amp", "train_one_epoch", "time_left", "check_tta_shift", "shifted_views", "evaluate",
     "save_checkpoint", "load_checkpoint", "fit", "best_fold", "check_model_ema", "check_monitor", "MONITORS", "BATCH_MIX_OFF", "BatchMix", "check_batch_mix", "compile_for_training", "channels_last_layout",
     "cpu_amp", "scaled_lr",
     # distributed

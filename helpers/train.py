@@ -387,6 +387,39 @@ def train_one_epoch(model: nn.Module, loader, optimizer, scheduler, loss_fn: Cal
 
 
 @torch.no_grad()
+def check_tta_shift(shift, image_size: int) -> None:
+    """Refuse a test-time shift that is not a whole number of pixels from 0 to a quarter of the side."""
+    if isinstance(shift, bool) or not isinstance(shift, int) or not 0 <= shift <= image_size // 4:
+        raise ValueError(f"tta_shift must be a whole number of pixels from 0 to {image_size // 4} (a quarter of the "
+                         f"{image_size}-px side), not {shift!r}")
+
+
+def shifted_views(x: torch.Tensor, shift: int, fill) -> list[tuple[torch.Tensor, int, int]]:
+    """Test-time views of a batch: the batch itself and, for ``shift`` > 0, copies of it moved ``shift``
+    pixels right, left, down and up, the uncovered border filled as the training's shifts fill it.
+
+    Args:
+        x: (B, C, H, W) normalised images.
+        shift: pixels (0: the batch alone).
+        fill: the border's value, a number or one per channel (black after normalisation:
+            ``-mean / std``).
+
+    Returns:
+        ``[(view, dx, dy), ...]``: each view's content moved ``dx`` px right and ``dy`` px down
+        (landmarks in [0, 1] of the side follow by ``dx / W``, ``dy / H``).
+    """
+    h, w = x.shape[-2:]
+    check_tta_shift(shift, min(h, w))
+    views = [(x, 0, 0)]
+    fill = torch.as_tensor(fill, dtype=x.dtype, device=x.device).reshape(1, -1, 1, 1)
+    for dx, dy in ((shift, 0), (-shift, 0), (0, shift), (0, -shift)) if shift else ():
+        view = fill.expand_as(x).clone()  # (B, C, H, W) of the border value
+        view[..., max(dy, 0):h + min(dy, 0), max(dx, 0):w + min(dx, 0)] = \
+            x[..., max(-dy, 0):h - max(dy, 0), max(-dx, 0):w - max(dx, 0)]
+        views.append((view, dx, dy))
+    return views
+
+
 def evaluate(model: nn.Module, loader, device, loss_fn: Callable | None = None, amp_dtype=None,
              progress: bool = False, tta_flip: bool = False) -> dict:
     """Predictions and loss over ``loader`` in eval mode.

@@ -358,6 +358,50 @@ def test_checkpoint_round_trips_through_the_evaluator(g, tmp_path):
     assert not np.allclose(calibrated, ref.numpy(), atol=1e-3) and calibrated.argmax() == ref.argmax()
 
 
+def test_shift_tta_averages_the_ten_views_with_the_landmarks_moved_along(g, tmp_path):
+    """outputs(tta_flip, tta_shift=2) is the mean of the model's outputs over the image moved 0 / 2 px right,
+    left, down and up (black border: -1 after this normalisation), landmarks moved by the same share of the
+    side, each view with its mirror image; rebuilt here by padding and cropping."""
+    torch.manual_seed(0)
+    model = g["build_grefel"](dict(SMALL_CONFIG), 8)
+    model.set_progress(1.0)
+    norm = {"mean": (0.5,) * 3, "std": (0.5,) * 3}
+    H.save_checkpoint(tmp_path / "m.pth", model=model.state_dict(), config=dict(SMALL_CONFIG),
+                      class_names=list(H.FERPLUS_CLASSES), norm=norm)
+    ev = g["GReFELEvaluator"](tmp_path / "m.pth")
+    x, lm, y = torch.rand(4, 3, 48, 48) * 2 - 1, torch.rand(4, 68, 2) * 0.6 + 0.2, torch.arange(4)
+    out = ev.outputs([(x, lm, y)], tta_flip=True, tta_shift=2)
+    model.eval()
+    padded = torch.nn.functional.pad(x, (2, 2, 2, 2), value=-1.0)
+    views = []
+    with torch.no_grad():
+        for dx, dy in ((0, 0), (2, 0), (-2, 0), (0, 2), (0, -2)):
+            view, moved = padded[..., 2 - dy:50 - dy, 2 - dx:50 - dx], lm + torch.tensor([dx / 48, dy / 48])
+            views += [model(view, moved)["final_probs"], model(view.flip(-1), g["mirror_landmarks"](moved))["final_probs"]]
+    np.testing.assert_allclose(out["final_probs"], torch.stack(views).mean(0).numpy(), atol=1e-5)
+    np.testing.assert_array_equal(out["y"], [0, 1, 2, 3])
+    # the landmarks each view is given (an untrained model barely reads them, so a recording stand-in checks them)
+    seen = []
+
+    class Recorder(torch.nn.Module):
+        def forward(self, images, landmarks):
+            seen.append((images, landmarks))
+            return {"final_probs": torch.full((len(images), 8), 1 / 8)}
+
+    ev.model = Recorder()
+    ev.outputs([(x, lm, y)], tta_flip=True, tta_shift=2)
+    assert len(seen) == 10
+    for (image, points), (mirror_image, mirror_points), (dx, dy) in zip(seen[::2], seen[1::2],
+                                                                        ((0, 0), (2, 0), (-2, 0), (0, 2), (0, -2))):
+        torch.testing.assert_close(points, lm + torch.tensor([dx / 48, dy / 48]))
+        torch.testing.assert_close(mirror_points, g["mirror_landmarks"](points))
+        torch.testing.assert_close(mirror_image, image.flip(-1))
+    ev.model = model
+    # without shifts: the mirror pair, as before
+    pair = ev.outputs([(x, lm, y)], tta_flip=True)["final_probs"]
+    np.testing.assert_allclose(pair, torch.stack(views[:2]).mean(0).numpy(), atol=1e-5)
+
+
 def test_evaluator_on_a_larger_photo_finds_the_face(g, tmp_path, demo_kmu_zip):
     config = dict(SMALL_CONFIG)
     H.save_checkpoint(tmp_path / "m.pth", model=g["build_grefel"](config, 8).state_dict(), config=config,

@@ -212,6 +212,23 @@ def test_macro_f1_of_the_history_is_the_metrics_macro_f1_of_the_kept_weights(dem
     assert not (tmp_path / "bad").exists()  # refused before any file
 
 
+def test_shifted_views_move_the_content_and_fill_the_border_per_channel():
+    x = torch.arange(32.0).reshape(1, 2, 4, 4)  # channel 0: 0..15, channel 1: 16..31
+    views = H.shifted_views(x, 1, [-1.0, -2.0])
+    assert [(dx, dy) for _, dx, dy in views] == [(0, 0), (1, 0), (-1, 0), (0, 1), (0, -1)]
+    assert views[0][0] is x
+    right, left, down, up = (v for v, _, _ in views[1:])
+    torch.testing.assert_close(right[0, 0, 0], torch.tensor([-1.0, 0.0, 1.0, 2.0]))     # moved right, black column
+    torch.testing.assert_close(right[0, 1, :, 0], torch.full((4,), -2.0))               # the second channel's black
+    torch.testing.assert_close(left[0, 0, 3], torch.tensor([13.0, 14.0, 15.0, -1.0]))
+    torch.testing.assert_close(down[0, 0, :, 1], torch.tensor([-1.0, 1.0, 5.0, 9.0]))
+    torch.testing.assert_close(up[0, 1, :, 0], torch.tensor([20.0, 24.0, 28.0, -2.0]))
+    assert len(H.shifted_views(x, 0, 0.0)) == 1
+    for bad in (-1, 2, 1.5, True):  # a quarter of the 4-px side is 1
+        with pytest.raises(ValueError, match="tta_shift must be a whole number of pixels from 0 to 1"):
+            H.shifted_views(x, bad, 0.0)
+
+
 def test_each_epoch_line_says_how_long_the_rest_of_the_run_will_take(demo_cache, tmp_path, capsys):
     assert H.time_left([240.0, 250.0, 9000.0], 99) == "~6 h 52 min left"  # the median: one slow epoch does not count
     assert H.time_left([50.0], 3) == "~2 min left" and H.time_left([5.0], 1) == "~1 min left"
