@@ -135,3 +135,31 @@ def test_speed_bench_rows_train_in_the_layout_and_data_path_they_name(pilot, tmp
     assert 0.2 < half["parameters"] / full["parameters"] < 0.5
     assert all(r["steps"] == 1 and r["s_per_step"] > 0 for r in rows.values())
     assert "nhwc-batched" in capsys.readouterr().out
+
+
+def test_tta_bench_scores_one_view_the_mirror_pair_and_each_shift_on_the_chosen_split(packed, tmp_path):
+    """bench/grefel_tta.py: the notebook's evaluator over the cache's validation split, a row per view set;
+    its figures are the evaluator's own for the same views (so the bench measures what the notebook does)."""
+    bench = load_bench("grefel_tta")
+    cache, _ = packed
+    g = bench.model_cells()
+    config = {"embed_dim": 16, "num_heads": 2, "depth": 1, "patch_sizes": [16, 8, 4], "num_anchors_per_class": 2,
+              "image_size": 64, "window": 4, "dropout": 0.0, "backbone": "resnet18",
+              "backbone_args": {"channels": [8, 8, 8, 8], "stem_width": 8}, "components": "full"}
+    torch.manual_seed(0)
+    model = g["build_grefel"](config, 8)
+    H.save_checkpoint(tmp_path / "m.pth", model=model.state_dict(), config=config, class_names=list(H.FERPLUS_CLASSES),
+                      norm={"mean": (0.5,) * 3, "std": (0.5,) * 3})
+    out = bench.compare(str(tmp_path / "m.pth"), str(cache), "val", [2, 0, 3])
+    meta, _ = H.read_cache_meta(cache)
+    val = np.flatnonzero(meta["split"].to_numpy() == "val")
+    assert out["images"] == len(val) > 0 and out["config"]["image_size"] == 64
+    assert [(r["views"], r["tta_flip"], r["tta_shift"]) for r in out["rows"]] == [
+        (1, False, 0), (2, True, 0), (10, True, 2), (10, True, 3)]
+    ev = g["GReFELEvaluator"](tmp_path / "m.pth")
+    loader = H.make_loader(H.H5Dataset(cache, val, ev.transform, landmarks=True), 8, shuffle=False)
+    o = ev.outputs(loader, tta_flip=True, tta_shift=3)
+    assert out["rows"][3]["accuracy"] == pytest.approx(float((o["final_probs"].argmax(1) == o["y"]).mean()))
+    assert out["rows"][3]["f1_macro"] == pytest.approx(H.macro_f1(o["y"], o["final_probs"].argmax(1), 8))
+    with pytest.raises(SystemExit, match="has no 'valid' split"):
+        bench.compare(str(tmp_path / "m.pth"), str(cache), "valid", [2])

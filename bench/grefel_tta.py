@@ -1,0 +1,76 @@
+"""Test-time views of a trained GReFEL checkpoint, side by side on FER2013Valid: which ``tta_shift`` to use.
+
+The notebook's evaluator (its cells tagged ``grefel-model``) scores the checkpoint over one split of the
+notebook's landmark cache with one view, the mirror pair (``tta_flip``), and the mirror pair plus the
+views moved ``s`` pixels right, left, down and up (``tta_shift=s``, 10 views) for each ``--shifts`` value:
+accuracy, macro F1 and classes predicted of the final output, each row against the mirror pair.
+Choose on ``--part val`` (FER2013Valid); the test split is the notebook's to read, once, with the
+chosen setting (``-p tta_shift s``: an evaluation setting, so a finished run is evaluated again, not
+retrained).
+
+    OMP_NUM_THREADS=2 .venv/bin/python bench/grefel_tta.py <run folder>/best_model.pth <workdir>/cache/ferplus_real_48px_lm.h5 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(Path(__file__).resolve().parent)]
+import helpers as H  # noqa: E402
+from grefel_pilot import model_cells  # noqa: E402
+
+
+def score(o: dict, class_names: list[str]) -> dict:
+    pred = o["final_probs"].argmax(1)
+    m = H.compute_metrics(o["y"], pred, class_names)
+    return {k: m[k] for k in ("accuracy", "f1_macro", "predicted_classes")}
+
+
+def compare(checkpoint: str, cache: str, part: str, shifts: list[int], device: str = "cpu") -> dict:
+    """One row a view set: ``{"views", "tta_flip", "tta_shift", "accuracy", "f1_macro", "predicted_classes", "s"}``."""
+    g = model_cells()
+    ev = g["GReFELEvaluator"](checkpoint, device)
+    meta, _ = H.read_cache_meta(cache)
+    idx = np.flatnonzero(meta["split"].to_numpy() == part)
+    if not len(idx):
+        raise SystemExit(f"{cache} has no {part!r} split (it has: {', '.join(sorted(set(meta['split'])))})")
+    loader = H.make_loader(H.H5Dataset(cache, idx, ev.transform, in_memory=True, landmarks=True), 256, shuffle=False)
+    rows = []
+    for flip, shift in [(False, 0), (True, 0), *((True, s) for s in shifts if s)]:
+        t0 = time.time()
+        o = ev.outputs(loader, tta_flip=flip, tta_shift=shift)
+        rows.append({"views": (5 if shift else 1) * (2 if flip else 1), "tta_flip": flip, "tta_shift": shift,
+                     **score(o, ev.class_names), "s": round(time.time() - t0, 1)})
+    return {"checkpoint": str(checkpoint), "cache": str(cache), "part": part, "images": int(len(idx)),
+            "config": {k: ev.config.get(k) for k in ("components", "image_size", "backbone", "backbone_args",
+                                                     "num_epochs")},
+            "rows": rows}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("checkpoint", help="a best_model.pth the GReFEL notebook wrote")
+    ap.add_argument("cache", help="the notebook's landmark cache at the checkpoint's size (<workdir>/cache/*_lm.h5)")
+    ap.add_argument("--part", default="val", help="the split to score (val: FER2013Valid; choose there)")
+    ap.add_argument("--shifts", type=int, nargs="+", default=[1, 2, 3, 4], help="tta_shift values, px")
+    ap.add_argument("--json", help="also write the rows here")
+    a = ap.parse_args()
+    out = compare(a.checkpoint, a.cache, a.part, a.shifts)
+    base = next(r for r in out["rows"] if r["tta_flip"] and not r["tta_shift"])
+    print(f"{out['part']}: {out['images']} images; {out['config']}")
+    for r in out["rows"]:
+        name = ("mirror pair" if r["tta_flip"] else "one view") + (f" + shifts of {r['tta_shift']} px" if r["tta_shift"] else "")
+        print(f"{name:28s} {r['views']:2d} views  accuracy {r['accuracy']:.4f} ({r['accuracy'] - base['accuracy']:+.4f})  "
+              f"macro F1 {r['f1_macro']:.4f}  {r['predicted_classes']} classes  {r['s']:.0f} s")
+    if a.json:
+        H.save_json(out, a.json)
+
+
+if __name__ == "__main__":
+    main()
