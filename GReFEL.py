@@ -828,9 +828,10 @@ class GReFELEvaluator:
         """Log of the final probabilities of :meth:`outputs` (clipped at 1e-8 so none is -inf)."""
         return np.log(np.clip(o["final_probs"], 1e-8, None))
 
-    def fit_temperature(self, val_loader, tta_flip: bool = False, o: dict | None = None) -> float:
-        """Fit and keep the temperature that minimises the validation NLL (of the outputs used for testing)."""
-        o = o or self.outputs(val_loader, tta_flip)
+    def fit_temperature(self, val_loader, tta_flip: bool = False, o: dict | None = None, tta_shift: int = 0) -> float:
+        """Fit and keep the temperature that minimises the validation NLL (of the outputs used for testing:
+        the same test-time views)."""
+        o = o or self.outputs(val_loader, tta_flip, tta_shift)
         self.temperature = H.fit_temperature(self.log_final(o), o["y"])
         return self.temperature
 

@@ -32,22 +32,29 @@ def score(o: dict, class_names: list[str]) -> dict:
     return {k: m[k] for k in ("accuracy", "f1_macro", "predicted_classes")}
 
 
-def compare(checkpoint: str, cache: str, part: str, shifts: list[int], device: str = "cpu") -> dict:
-    """One row a view set: ``{"views", "tta_flip", "tta_shift", "accuracy", "f1_macro", "predicted_classes", "s"}``."""
+def compare(checkpoint: str, cache: str, part: str, shifts: list[int], device="cpu", batch_size: int | None = None,
+            keep_outputs: bool = False) -> dict:
+    """One row a view set: ``{"views", "tta_flip", "tta_shift", "accuracy", "f1_macro", "predicted_classes", "s"}``
+    (and its ``final_probs`` with ``keep_outputs``). ``batch_size`` None: the notebook's for that split (the
+    run's ``batch_size`` for validation, 128 for test), since reliability balancing attends over the batch."""
     g = model_cells()
     ev = g["GReFELEvaluator"](checkpoint, device)
     meta, _ = H.read_cache_meta(cache)
     idx = np.flatnonzero(meta["split"].to_numpy() == part)
     if not len(idx):
         raise SystemExit(f"{cache} has no {part!r} split (it has: {', '.join(sorted(set(meta['split'])))})")
-    loader = H.make_loader(H.H5Dataset(cache, idx, ev.transform, in_memory=True, landmarks=True), 256, shuffle=False)
+    batch_size = batch_size or (ev.config["batch_size"] if part == "val" else 128)
+    loader = H.make_loader(H.H5Dataset(cache, idx, ev.transform, in_memory=True, landmarks=True), batch_size,
+                           shuffle=False)
     rows = []
     for flip, shift in [(False, 0), (True, 0), *((True, s) for s in shifts if s)]:
         t0 = time.time()
         o = ev.outputs(loader, tta_flip=flip, tta_shift=shift)
         rows.append({"views": (5 if shift else 1) * (2 if flip else 1), "tta_flip": flip, "tta_shift": shift,
-                     **score(o, ev.class_names), "s": round(time.time() - t0, 1)})
+                     **score(o, ev.class_names), "s": round(time.time() - t0, 1),
+                     **({"final_probs": o["final_probs"]} if keep_outputs else {})})
     return {"checkpoint": str(checkpoint), "cache": str(cache), "part": part, "images": int(len(idx)),
+            "batch_size": batch_size, "device": str(device),
             "config": {k: ev.config.get(k) for k in ("components", "image_size", "backbone", "backbone_args",
                                                      "num_epochs")},
             "rows": rows}
@@ -59,11 +66,14 @@ def main() -> None:
     ap.add_argument("cache", help="the notebook's landmark cache at the checkpoint's size (<workdir>/cache/*_lm.h5)")
     ap.add_argument("--part", default="val", help="the split to score (val: FER2013Valid; choose there)")
     ap.add_argument("--shifts", type=int, nargs="+", default=[1, 2, 3, 4], help="tta_shift values, px")
+    ap.add_argument("--batch-size", type=int, help="default: the notebook's for the split (reliability balancing "
+                    "attends over the batch)")
+    ap.add_argument("--device", default="auto", help="auto (H.select_device), cpu, cuda, mps")
     ap.add_argument("--json", help="also write the rows here")
     a = ap.parse_args()
-    out = compare(a.checkpoint, a.cache, a.part, a.shifts)
+    out = compare(a.checkpoint, a.cache, a.part, a.shifts, H.select_device(a.device), a.batch_size)
     base = next(r for r in out["rows"] if r["tta_flip"] and not r["tta_shift"])
-    print(f"{out['part']}: {out['images']} images; {out['config']}")
+    print(f"{out['part']}: {out['images']} images, batch {out['batch_size']}, {out['device']}; {out['config']}")
     for r in out["rows"]:
         name = ("mirror pair" if r["tta_flip"] else "one view") + (f" + shifts of {r['tta_shift']} px" if r["tta_shift"] else "")
         print(f"{name:28s} {r['views']:2d} views  accuracy {r['accuracy']:.4f} ({r['accuracy'] - base['accuracy']:+.4f})  "

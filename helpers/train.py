@@ -386,7 +386,6 @@ def train_one_epoch(model: nn.Module, loader, optimizer, scheduler, loss_fn: Cal
     return {"loss": loss_sum / max(1, total), "acc": correct / max(1, total), "samples": int(total)}
 
 
-@torch.no_grad()
 def check_tta_shift(shift, image_size: int) -> None:
     """Refuse a test-time shift that is not a whole number of pixels from 0 to a quarter of the side."""
     if isinstance(shift, bool) or not isinstance(shift, int) or not 0 <= shift <= image_size // 4:
@@ -420,6 +419,7 @@ def shifted_views(x: torch.Tensor, shift: int, fill) -> list[tuple[torch.Tensor,
     return views
 
 
+@torch.no_grad()
 def evaluate(model: nn.Module, loader, device, loss_fn: Callable | None = None, amp_dtype=None,
              progress: bool = False, tta_flip: bool = False) -> dict:
     """Predictions and loss over ``loader`` in eval mode.

@@ -148,18 +148,23 @@ def test_tta_bench_scores_one_view_the_mirror_pair_and_each_shift_on_the_chosen_
               "backbone_args": {"channels": [8, 8, 8, 8], "stem_width": 8}, "components": "full"}
     torch.manual_seed(0)
     model = g["build_grefel"](config, 8)
-    H.save_checkpoint(tmp_path / "m.pth", model=model.state_dict(), config=config, class_names=list(H.FERPLUS_CLASSES),
-                      norm={"mean": (0.5,) * 3, "std": (0.5,) * 3})
-    out = bench.compare(str(tmp_path / "m.pth"), str(cache), "val", [2, 0, 3])
+    model.set_progress(1.0)  # the balancing's full weight, as trained: then the outputs depend on the batch
+    H.save_checkpoint(tmp_path / "m.pth", model=model.state_dict(), config={**config, "batch_size": 4},
+                      class_names=list(H.FERPLUS_CLASSES), norm={"mean": (0.5,) * 3, "std": (0.5,) * 3})
+    out = bench.compare(str(tmp_path / "m.pth"), str(cache), "val", [2, 0, 3], keep_outputs=True)
     meta, _ = H.read_cache_meta(cache)
     val = np.flatnonzero(meta["split"].to_numpy() == "val")
-    assert out["images"] == len(val) > 0 and out["config"]["image_size"] == 64
+    assert out["images"] == len(val) > 4 and out["config"]["image_size"] == 64
+    assert out["batch_size"] == 4  # the run's, as the notebook validates (the balancing attends over the batch)
     assert [(r["views"], r["tta_flip"], r["tta_shift"]) for r in out["rows"]] == [
         (1, False, 0), (2, True, 0), (10, True, 2), (10, True, 3)]
     ev = g["GReFELEvaluator"](tmp_path / "m.pth")
-    loader = H.make_loader(H.H5Dataset(cache, val, ev.transform, landmarks=True), 8, shuffle=False)
-    o = ev.outputs(loader, tta_flip=True, tta_shift=3)
+    batches = {b: H.make_loader(H.H5Dataset(cache, val, ev.transform, landmarks=True), b, shuffle=False) for b in (4, 8)}
+    o = ev.outputs(batches[4], tta_flip=True, tta_shift=3)
+    np.testing.assert_allclose(out["rows"][3]["final_probs"], o["final_probs"], atol=1e-6)
     assert out["rows"][3]["accuracy"] == pytest.approx(float((o["final_probs"].argmax(1) == o["y"]).mean()))
     assert out["rows"][3]["f1_macro"] == pytest.approx(H.macro_f1(o["y"], o["final_probs"].argmax(1), 8))
+    # another batch gives other outputs: why the bench takes the notebook's
+    assert not np.allclose(ev.outputs(batches[8], tta_flip=True, tta_shift=3)["final_probs"], o["final_probs"], atol=1e-6)
     with pytest.raises(SystemExit, match="has no 'valid' split"):
         bench.compare(str(tmp_path / "m.pth"), str(cache), "valid", [2])

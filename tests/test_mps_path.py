@@ -75,6 +75,9 @@ def test_grefel_step_evaluation_and_prediction_make_no_float64(tmp_path):
     H.save_checkpoint(tmp_path / "m.pth", model=model.state_dict(), config=config,
                       class_names=list(H.FERPLUS_CLASSES), norm=norm, temperature=1.5)
     evaluator = g["GReFELEvaluator"](tmp_path / "m.pth")
+    eval_ds = H.H5Dataset(cache, transform=evaluator.transform, landmarks=True)
     with H.mps_dtype_guard(GUARDED):
         pred = evaluator.predict_single_image(index["path"][0])
+        views = evaluator.outputs(H.make_loader(eval_ds, 8, shuffle=False), tta_flip=True, tta_shift=2)  # 10 views
     assert np.isfinite(out["loss"]) and sum(pred["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
+    assert views["final_probs"].shape == (len(eval_ds), 8) and views["final_probs"].dtype == np.float32

@@ -241,10 +241,12 @@ def test_grefel_notebook_on_generated_demo(tmp_path):
     # the backbone row in the same working directory, with another label smoothing and layout: the ablation
     # table lists both runs, this run's recipe first; the other's recipe differences (not its layout) by its values
     b = _run("GReFEL", tmp_path, soft_labels=True, data_on_device=True, batch_size=16, lr_scaling="linear",
-             model_ema=0.9, monitor="val_f1_macro", components="backbone", label_smoothing=0.0)
+             model_ema=0.9, monitor="val_f1_macro", components="backbone", label_smoothing=0.0, tta_shift=2)
+    m = b["metrics"]  # the mirror pair and four shifts of 2 px: 10 views, the mirror pair alone on record beside
+    assert m["tta_views"] == 10 and m["tta_shift"] == 2 and 0 <= m["accuracy_flip_only"] <= 1
     table = pd.read_csv(tmp_path / "GReFEL" / "ablation.csv", keep_default_na=False)
     assert list(table["components"]) == ["backbone", "full"]
-    assert list(table["other settings"]) == ["", "label_smoothing=0.1"]
+    assert list(table["other settings"]) == ["", "label_smoothing=0.1, tta_shift=0"]
     assert list(table["run"]) == [Path(b["run_dir"]).name, Path(r["run_dir"]).name]
 
 
@@ -258,6 +260,10 @@ def test_grefel_notebook_on_whole_frames_without_votes_or_splits(demo_kmu_zip, t
         _run("GReFEL", tmp_path / "bad", data_path=str(demo_kmu_zip), model_ema=1.0)
     with pytest.raises(Exception, match="cutmix must be a Beta"):
         _run("GReFEL", tmp_path / "bad", data_path=str(demo_kmu_zip), cutmix=-1.0)
+    with pytest.raises(Exception, match="monitor must be one of 'val_acc', 'val_f1_macro', 'val_loss', not 'f1'"):
+        _run("GReFEL", tmp_path / "bad", data_path=str(demo_kmu_zip), monitor="f1")
+    with pytest.raises(Exception, match="tta_shift must be a whole number of pixels from 0 to"):
+        _run("GReFEL", tmp_path / "bad", data_path=str(demo_kmu_zip), tta_shift=-2)
     with pytest.raises(Exception, match="class_weighted must be True"):
         _run("GReFEL", tmp_path / "bad", data_path=str(demo_kmu_zip), class_weighted="sqrt")
     with pytest.raises(Exception, match="logit_adjusted_loss must be a number >= 0"):

@@ -213,6 +213,10 @@ def test_macro_f1_of_the_history_is_the_metrics_macro_f1_of_the_kept_weights(dem
 
 
 def test_shifted_views_move_the_content_and_fill_the_border_per_channel():
+    wide = torch.arange(24.0).reshape(1, 1, 4, 6)  # not square: columns move with dx, rows with dy
+    (_, right, _, down, _) = (v for v, _, _ in H.shifted_views(wide, 1, 0.0))
+    torch.testing.assert_close(right[0, 0, 1], torch.tensor([0.0, 6.0, 7.0, 8.0, 9.0, 10.0]))
+    torch.testing.assert_close(down[0, 0, :, 5], torch.tensor([0.0, 5.0, 11.0, 17.0]))
     x = torch.arange(32.0).reshape(1, 2, 4, 4)  # channel 0: 0..15, channel 1: 16..31
     views = H.shifted_views(x, 1, [-1.0, -2.0])
     assert [(dx, dy) for _, dx, dy in views] == [(0, 0), (1, 0), (-1, 0), (0, 1), (0, -1)]
