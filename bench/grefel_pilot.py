@@ -220,8 +220,7 @@ def train(npz: str, out: Path, name: str, epochs: int, limit: int, work: Path) -
               "val": len(idx["val"]), "setup_s": round(time.time() - t0, 1), "history": []}
 
     def save(history):  # the epoch H.fit keeps: the best by the notebook's monitor
-        pick = min if config["monitor"] == "val_loss" else max
-        best = pick(range(len(history)), key=lambda i: history[i][config["monitor"]])
+        best = H.best_index([row[config["monitor"]] for row in history], config["monitor"])
         record.update(history=history, best_val_acc=history[best]["val_acc"], best_epoch=best + 1,
                       monitor=config["monitor"], wall_s=round(time.time() - t0, 1))
         H.save_json(record, out / f"{name}.json")

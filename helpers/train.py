@@ -642,6 +642,12 @@ def check_batch_mix(mixup: float, cutmix: float) -> None:
 MONITORS = ("val_acc", "val_f1_macro", "val_loss")  # what fit may select the best epoch by
 
 
+def best_index(values, monitor: str) -> int:
+    """Index of the first best of ``values`` of ``monitor`` (the lowest for ``val_loss``, else the highest): the
+    epoch :func:`fit` keeps, or the fold a protocol keeps."""
+    return int(np.argmin(values) if monitor == "val_loss" else np.argmax(values))
+
+
 def best_fold(bests: list[dict]) -> int:
     """Index of the fold whose kept epoch scored best on its validation split.
 
@@ -652,8 +658,7 @@ def best_fold(bests: list[dict]) -> int:
     metrics = {b["metric"] for b in bests}
     if len(metrics) != 1:
         raise ValueError(f"the folds were selected by different metrics ({', '.join(sorted(metrics))}): not comparable")
-    values = [b["value"] for b in bests]
-    return int(np.argmin(values) if metrics == {"val_loss"} else np.argmax(values))
+    return best_index([b["value"] for b in bests], metrics.pop())
 
 
 def check_monitor(monitor: str) -> None:
