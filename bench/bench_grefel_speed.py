@@ -15,7 +15,9 @@ cores with it), ``nchw-batched``; over the profile's ``nhwc-batched``: ``nhwc-ba
 does to accuracy is a training run's question, not this one's) and ``nhwc-batched-compiled``
 (``torch_compile=True``; its compile time is reported apart and not in the step time) and
 ``nhwc-batched-48px`` (FER+'s native 48 px instead of 64, grids 12/6/3: what the smaller input saves) and
-``nhwc-batched-48px-half`` (the same with a half-width ResNet, ``backbone_args=HALF_WIDTH``).
+``nhwc-batched-48px-half`` (the same with a half-width ResNet, ``backbone_args=HALF_WIDTH``), and the half-width
+ResNet on faces upsampled to 64 px (``nhwc-batched-half``, grids 16/8/4) and 96 px (``nhwc-batched-96px-half``, grids
+24/12/6: its first stage at a quarter of the side instead of an eighth): what a finer first stage costs an epoch.
 
     OMP_NUM_THREADS=2 .venv/bin/python bench/bench_grefel_speed.py
     OMP_NUM_THREADS=2 .venv/bin/python bench/bench_grefel_speed.py --components backbone --images 2048 --json out.json
@@ -35,13 +37,17 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from grefel_pilot import HALF_WIDTH, PX48_GRIDS, H, build_training, cpu_profile  # noqa: E402
 
+PX96_GRIDS = dict(image_size=96, patch_sizes=[24, 12, 6], window=6)  # the half-width ResNet's stages 1-3 at 96 px
+
 # row -> (channels_last, batched augmentation, settings changed from the profile, torch.compile)
 ROWS = {"nchw-loader": (False, False, {}, False), "nhwc-loader": (True, False, {}, False),
         "nhwc-batched": (True, True, {}, False), "nchw-batched": (False, True, {}, False),
         "nhwc-batched-dropout0": (True, True, {"dropout": 0.0}, False),
         "nhwc-batched-compiled": (True, True, {}, True),
         "nhwc-batched-48px": (True, True, PX48_GRIDS, False),
-        "nhwc-batched-48px-half": (True, True, {**PX48_GRIDS, "backbone_args": HALF_WIDTH}, False)}
+        "nhwc-batched-48px-half": (True, True, {**PX48_GRIDS, "backbone_args": HALF_WIDTH}, False),
+        "nhwc-batched-half": (True, True, {"backbone_args": HALF_WIDTH}, False),
+        "nhwc-batched-96px-half": (True, True, {**PX96_GRIDS, "backbone_args": HALF_WIDTH}, False)}
 
 
 def make_cache(path: Path, n: int, size: int, classes: int = 8) -> Path:

@@ -121,8 +121,8 @@ def test_speed_bench_rows_train_in_the_layout_and_data_path_they_name(pilot, tmp
     out = tmp_path / "speed.json"
     monkeypatch.setattr("sys.argv", ["bench_grefel_speed.py", "--components", "backbone", "--images", "128",
                                      "--epochs", "1", "--rows", "nchw-loader", "nhwc-batched", "nhwc-batched-dropout0",
-                                     "nhwc-batched-48px", "nhwc-batched-48px-half",
-                                     "--json", str(out)])
+                                     "nhwc-batched-48px", "nhwc-batched-48px-half", "nhwc-batched-half",
+                                     "nhwc-batched-96px-half", "--json", str(out)])
     bench.main()
     rows = {r["row"]: r for r in json.loads(out.read_text())["rows"]}
     assert (rows["nchw-loader"]["channels_last"], rows["nchw-loader"]["batched"]) == (False, False)
@@ -133,6 +133,10 @@ def test_speed_bench_rows_train_in_the_layout_and_data_path_they_name(pilot, tmp
     half, full = rows["nhwc-batched-48px-half"], rows["nhwc-batched-48px"]  # the half-width ResNet: ~1/4 the weights
     assert half["image_size"] == 48 and half["changed"]["backbone_args"] == pilot.HALF_WIDTH
     assert 0.2 < half["parameters"] / full["parameters"] < 0.5
+    # the same half-width ResNet on upsampled faces: its weights do not depend on the input size
+    assert [(rows[r]["image_size"], rows[r]["parameters"]) for r in ("nhwc-batched-half", "nhwc-batched-96px-half")] \
+        == [(64, half["parameters"]), (96, half["parameters"])]
+    assert rows["nhwc-batched-96px-half"]["changed"]["patch_sizes"] == [24, 12, 6]
     assert all(r["steps"] == 1 and r["s_per_step"] > 0 for r in rows.values())
     assert "nhwc-batched" in capsys.readouterr().out
 
