@@ -60,6 +60,7 @@ def test_a_variant_is_the_cpu_profile_with_its_own_settings_changed(pilot, packe
     _, npz = packed
     nb_config = pilot.cpu_profile(tmp_path / "nb")
     assert nb_config["profile"] == "cpu" and nb_config["num_epochs"] > 1
+    assert nb_config["soft_labels"] is False  # the profile's "auto", pinned to what the variants are measured against
     pilot.launch(str(npz), tmp_path / "out", ["soft_mixup"], deadline=600, epochs=1, limit=8, work=tmp_path / "w")
     assert [f.name for f in (tmp_path / "out").iterdir()] == ["pilot.json"]  # one file to fetch from a device
     r = json.loads((tmp_path / "out" / "pilot.json").read_text())["variants"]["soft_mixup"]

@@ -240,8 +240,9 @@ def test_grefel_notebook_on_generated_demo(tmp_path):
     check_grefel_results(r, tmp_path / "GReFEL")
     # the backbone row in the same working directory, with another label smoothing and layout: the ablation
     # table lists both runs, this run's recipe first; the other's recipe differences (not its layout) by its values
-    b = _run("GReFEL", tmp_path, soft_labels=True, data_on_device=True, batch_size=16, lr_scaling="linear",
+    b = _run("GReFEL", tmp_path, data_on_device=True, batch_size=16, lr_scaling="linear",
              model_ema=0.9, monitor="val_f1_macro", components="backbone", label_smoothing=0.0, tta_shift=2)
+    assert b["config"]["soft_labels"] is True  # the profile's "auto": FER+ has votes, so they are the targets
     m = b["metrics"]  # the mirror pair and four shifts of 2 px: 10 views, the mirror pair alone on record beside
     assert m["tta_views"] == 10 and m["tta_shift"] == 2 and 0 <= m["accuracy_flip_only"] <= 1
     table = pd.read_csv(tmp_path / "GReFEL" / "ablation.csv", keep_default_na=False)
@@ -268,11 +269,14 @@ def test_grefel_notebook_on_whole_frames_without_votes_or_splits(demo_kmu_zip, t
         _run("GReFEL", tmp_path / "bad", data_path=str(demo_kmu_zip), class_weighted="sqrt")
     with pytest.raises(Exception, match="logit_adjusted_loss must be a number >= 0"):
         _run("GReFEL", tmp_path / "bad", data_path=str(demo_kmu_zip), logit_adjusted_loss=-1.0)
+    with pytest.raises(Exception, match="soft_labels must be True, False or 'auto', not 'yes'"):
+        _run("GReFEL", tmp_path / "bad", data_path=str(demo_kmu_zip), soft_labels="yes")
     assert not (tmp_path / "bad" / "cache").exists()  # all stopped before the data work
     # the rare-class knobs on: square-root class weights and the logit-adjusted NLL train end to end
     r = _run("GReFEL", tmp_path, data_path=str(demo_kmu_zip), video_frames=5, augment="shift", mixup=0.2, cutmix=1.0,
              class_weighted=0.5, logit_adjusted_loss=1.0)
     assert (r["config"]["augment"], r["config"]["class_weighted"], r["config"]["logit_adjusted_loss"]) == ("shift", 0.5, 1.0)
+    assert r["config"]["soft_labels"] is False  # the profile's "auto": no votes here, so the labels are the targets
     last = H.load_checkpoint(Path(r["run_dir"]) / "last.pth")  # the landmark model trained on mixed batches
     assert (last["mixup"], last["cutmix"]) == (0.2, 1.0) and r["config"]["mixup"] == 0.2
     d = r["dataset"]
@@ -310,7 +314,7 @@ def test_dfer_notebook_on_real_kmu_fed_subject_protocol_and_ckplus(kmu_zip, ckpl
 def test_grefel_notebook_on_real_ferplus_subset(ferplus_zip, tmp_path):
     r = _run("GReFEL", tmp_path, data_path=str(ferplus_zip), max_per_split=100)
     assert r["data"] == "real" and r["dataset"]["splits"] == {"train": 28558, "val": 3579, "test": 3573}
-    assert r["cache"]["report"]["num_cached"] == 300
+    assert r["cache"]["report"]["num_cached"] == 300 and r["config"]["soft_labels"] is True  # "auto" on FER+
     check_grefel_results(r, tmp_path / "GReFEL")
 
 
