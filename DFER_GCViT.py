@@ -138,6 +138,8 @@ PROFILES = {
             "model_name": "gcvit_xxtiny",
             "weights": "none", "num_epochs": 25, "batch_size": 32, "lr": 1e-3, "weight_decay": 0.05,
             "warmup_epochs": 2, "label_smoothing": 0.1, "num_workers": 2, "pretrain_data_path": "auto",
+            # 12 epochs of FER+ (~55 min here): FER2013Valid 76.2% vs 74.7%, folds' mean best validation 77.3% vs 77.0%
+            "pretrain_epochs": 12,
             # fine-tuning from FER+: chosen on the folds' validation drivers (73.0% vs 70.9% with one lr; README)
             "layer_decay": 0.75,
             # near-infrared augmentation on the folds, the FER+ pre-training with the seed's (76.0% vs 73.0%
