@@ -173,3 +173,41 @@ def test_tta_bench_scores_one_view_the_mirror_pair_and_each_shift_on_the_chosen_
     assert not np.allclose(ev.outputs(batches[8], tta_flip=True, tta_shift=3)["final_probs"], o["final_probs"], atol=1e-6)
     with pytest.raises(SystemExit, match="has no 'valid' split"):
         bench.compare(str(tmp_path / "m.pth"), str(cache), "valid", [2])
+
+
+def test_ensemble_bench_averages_the_members_final_probabilities_view_set_by_view_set(packed, tmp_path):
+    """bench/grefel_ensemble.py: each member scored as the notebook's evaluator scores it, the ensemble the mean of
+    their final probabilities; members of other classes, or a single member, stop it with the file named."""
+    bench = load_bench("grefel_ensemble")
+    cache, _ = packed
+    g = load_bench("grefel_tta").model_cells()
+    config = {"embed_dim": 16, "num_heads": 2, "depth": 1, "patch_sizes": [16, 8, 4], "num_anchors_per_class": 2,
+              "image_size": 64, "window": 4, "dropout": 0.0, "backbone": "resnet18",
+              "backbone_args": {"channels": [8, 8, 8, 8], "stem_width": 8}, "components": "backbone", "batch_size": 4}
+    paths = []
+    for seed, classes in [(0, H.FERPLUS_CLASSES), (1, H.FERPLUS_CLASSES), (2, H.FERPLUS_CLASSES[::-1])]:
+        torch.manual_seed(seed)
+        paths.append(tmp_path / f"m{seed}.pth")
+        H.save_checkpoint(paths[-1], model=g["build_grefel"](config, 8).state_dict(), config=config,
+                          class_names=list(classes), norm={"mean": (0.5,) * 3, "std": (0.5,) * 3})
+    out = bench.ensemble([str(p) for p in paths[:2]], str(cache), "val", [3], keep_outputs=True)
+    meta, _ = H.read_cache_meta(cache)
+    val = np.flatnonzero(meta["split"].to_numpy() == "val")
+    assert out["images"] == len(val) and [(r["views"], r["tta_shift"]) for r in out["rows"]] == [(1, 0), (2, 0), (10, 3)]
+    outputs = []
+    for p in paths[:2]:  # each member through the notebook's evaluator, 10 views, the run's batch
+        ev = g["GReFELEvaluator"](p)
+        loader = H.make_loader(H.H5Dataset(cache, val, ev.transform, landmarks=True), 4, shuffle=False)
+        outputs.append(ev.outputs(loader, tta_flip=True, tta_shift=3))
+    probs = (outputs[0]["final_probs"] + outputs[1]["final_probs"]) / 2
+    row = out["rows"][2]
+    assert not np.allclose(outputs[0]["final_probs"], outputs[1]["final_probs"], atol=1e-3)  # two different members
+    np.testing.assert_allclose(row["final_probs"], probs, atol=1e-6)
+    assert [m["accuracy"] for m in row["members"]] == pytest.approx(
+        [float((o["final_probs"].argmax(1) == o["y"]).mean()) for o in outputs])
+    assert row["accuracy"] == pytest.approx(float((probs.argmax(1) == outputs[0]["y"]).mean()))
+    assert row["f1_macro"] == pytest.approx(H.macro_f1(outputs[0]["y"], probs.argmax(1), 8))
+    with pytest.raises(SystemExit, match="m2.pth: classes"):
+        bench.ensemble([str(paths[0]), str(paths[2])], str(cache), "val", [])
+    with pytest.raises(SystemExit, match="at least two checkpoints, got 1"):
+        bench.ensemble([str(paths[0])], str(cache), "val", [3])
