@@ -26,7 +26,8 @@ from grefel_tta import compare, score  # noqa: E402
 def ensemble(checkpoints: list[str], cache: str, part: str, shifts: list[int], device="cpu",
              keep_outputs: bool = False) -> dict:
     """One row a view set: the members' ``accuracy`` and ``f1_macro`` and the ensemble's (mean of the members'
-    final probabilities, kept in ``final_probs`` with ``keep_outputs``). The members must have been trained on the same classes; one cache, so one image order."""
+    final probabilities, kept in ``final_probs`` with ``keep_outputs``). The members must have been trained on the
+    same classes; one cache, so one image order."""
     if len(checkpoints) < 2:
         raise SystemExit(f"an ensemble needs at least two checkpoints, got {len(checkpoints)}")
     members = [compare(c, cache, part, shifts, device, keep_outputs=True) for c in checkpoints]

@@ -35,8 +35,9 @@ def score(o: dict, class_names: list[str]) -> dict:
 def compare(checkpoint: str, cache: str, part: str, shifts: list[int], device="cpu", batch_size: int | None = None,
             keep_outputs: bool = False) -> dict:
     """One row a view set: ``{"views", "tta_flip", "tta_shift", "accuracy", "f1_macro", "predicted_classes", "s"}``
-    (and its ``final_probs`` with ``keep_outputs``, then the split's labels in ``y``). ``batch_size`` None: the notebook's for that split (the
-    run's ``batch_size`` for validation, 128 for test), since reliability balancing attends over the batch."""
+    (and its ``final_probs`` with ``keep_outputs``, then the split's labels in ``y``). ``batch_size`` None: the
+    notebook's for that split (the run's ``batch_size`` for validation, 128 for test), since reliability
+    balancing attends over the batch."""
     g = model_cells()
     ev = g["GReFELEvaluator"](checkpoint, device)
     meta, _ = H.read_cache_meta(cache)
