@@ -20,7 +20,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(Path(__file__).resolve().parent)]
 import helpers as H  # noqa: E402
-from grefel_tta import compare, score  # noqa: E402
+from grefel_tta import compare, score, view_name  # noqa: E402
 
 
 def ensemble(checkpoints: list[str], cache: str, part: str, shifts: list[int], device="cpu",
@@ -59,9 +59,8 @@ def main() -> None:
     out = ensemble(a.checkpoints, a.cache, a.part, a.shifts, H.select_device(a.device))
     print(f"{out['part']}: {out['images']} images, {len(out['checkpoints'])} members, {out['device']}")
     for r in out["rows"]:
-        name = ("mirror pair" if r["tta_flip"] else "one view") + (f" + shifts of {r['tta_shift']} px" if r["tta_shift"] else "")
         members = " / ".join(f"{m['accuracy']:.4f}" for m in r["members"])
-        print(f"{name:28s} {r['views']:2d} views  members {members}  ensemble {r['accuracy']:.4f} "
+        print(f"{view_name(r):28s} {r['views']:2d} views  members {members}  ensemble {r['accuracy']:.4f} "
               f"({r['accuracy'] - max(m['accuracy'] for m in r['members']):+.4f} over the best member)  "
               f"macro F1 {r['f1_macro']:.4f}  {r['predicted_classes']} classes")
     if a.json:

@@ -32,6 +32,12 @@ def score(o: dict, class_names: list[str]) -> dict:
     return {k: m[k] for k in ("accuracy", "f1_macro", "predicted_classes")}
 
 
+def view_name(row: dict) -> str:
+    """A row's view set in words: "one view", "mirror pair" or "mirror pair + shifts of s px"."""
+    shifts = f" + shifts of {row['tta_shift']} px" if row["tta_shift"] else ""
+    return ("mirror pair" if row["tta_flip"] else "one view") + shifts
+
+
 def compare(checkpoint: str, cache: str, part: str, shifts: list[int], device="cpu", batch_size: int | None = None,
             keep_outputs: bool = False) -> dict:
     """One row a view set: ``{"views", "tta_flip", "tta_shift", "accuracy", "f1_macro", "predicted_classes", "s"}``
@@ -76,8 +82,7 @@ def main() -> None:
     base = next(r for r in out["rows"] if r["tta_flip"] and not r["tta_shift"])
     print(f"{out['part']}: {out['images']} images, batch {out['batch_size']}, {out['device']}; {out['config']}")
     for r in out["rows"]:
-        name = ("mirror pair" if r["tta_flip"] else "one view") + (f" + shifts of {r['tta_shift']} px" if r["tta_shift"] else "")
-        print(f"{name:28s} {r['views']:2d} views  accuracy {r['accuracy']:.4f} ({r['accuracy'] - base['accuracy']:+.4f})  "
+        print(f"{view_name(r):28s} {r['views']:2d} views  accuracy {r['accuracy']:.4f} ({r['accuracy'] - base['accuracy']:+.4f})  "
               f"macro F1 {r['f1_macro']:.4f}  {r['predicted_classes']} classes  {r['s']:.0f} s")
     if a.json:
         H.save_json(out, a.json)

@@ -12,6 +12,12 @@ import helpers as H
 from conftest import load_bench
 
 
+# a GReFEL small enough to score in a second: the benches only need the notebook's evaluator to run it
+TINY_GREFEL = {"embed_dim": 16, "num_heads": 2, "depth": 1, "patch_sizes": [16, 8, 4], "num_anchors_per_class": 2,
+               "image_size": 64, "window": 4, "dropout": 0.0, "backbone": "resnet18",
+               "backbone_args": {"channels": [8, 8, 8, 8], "stem_width": 8}}
+
+
 @pytest.fixture(scope="module")
 def pilot():
     return load_bench("grefel_pilot")
@@ -148,9 +154,7 @@ def test_tta_bench_scores_one_view_the_mirror_pair_and_each_shift_on_the_chosen_
     bench = load_bench("grefel_tta")
     cache, _ = packed
     g = bench.model_cells()
-    config = {"embed_dim": 16, "num_heads": 2, "depth": 1, "patch_sizes": [16, 8, 4], "num_anchors_per_class": 2,
-              "image_size": 64, "window": 4, "dropout": 0.0, "backbone": "resnet18",
-              "backbone_args": {"channels": [8, 8, 8, 8], "stem_width": 8}, "components": "full"}
+    config = {**TINY_GREFEL, "components": "full"}
     torch.manual_seed(0)
     model = g["build_grefel"](config, 8)
     model.set_progress(1.0)  # the balancing's full weight, as trained: then the outputs depend on the batch
@@ -181,9 +185,7 @@ def test_ensemble_bench_averages_the_members_final_probabilities_view_set_by_vie
     bench = load_bench("grefel_ensemble")
     cache, _ = packed
     g = load_bench("grefel_tta").model_cells()
-    config = {"embed_dim": 16, "num_heads": 2, "depth": 1, "patch_sizes": [16, 8, 4], "num_anchors_per_class": 2,
-              "image_size": 64, "window": 4, "dropout": 0.0, "backbone": "resnet18",
-              "backbone_args": {"channels": [8, 8, 8, 8], "stem_width": 8}, "components": "backbone", "batch_size": 4}
+    config = {**TINY_GREFEL, "components": "backbone", "batch_size": 4}
     paths = []
     for seed, classes in [(0, H.FERPLUS_CLASSES), (1, H.FERPLUS_CLASSES), (2, H.FERPLUS_CLASSES[::-1])]:
         torch.manual_seed(seed)
