@@ -153,25 +153,39 @@ def train_fold(spec: dict, fold: int, device, progress: bool = True) -> dict:
             "training_data": training_data}
 
 
-def evaluate_fold(spec: dict, fold: int, checkpoint: str | Path, part: str, device) -> dict:
-    """Metrics of a checkpoint on one part (``"train"``, ``"val"`` or ``"test"``) of a fold.
+def fold_outputs(spec: dict, fold: int, checkpoint: str | Path, part: str, device) -> dict:
+    """A checkpoint's predictions on one part (``"train"``, ``"val"`` or ``"test"``) of a fold, as the run evaluates
+    (its transform, batch, precision and ``tta_flip``): :func:`evaluate`'s ``y_true``, ``y_pred``, ``probs`` (and
+    ``acc_single`` with flip TTA), plus ``groups`` (the images' sequence ids) and ``sha1`` (their content hashes).
 
-    Under torchrun every rank evaluates a share and all get the whole part's metrics.
+    Under torchrun every rank evaluates a share and all get the whole part's predictions.
     """
     config, class_names = spec["config"], spec["class_names"]
     model, _, _ = build_classifier({**config, "weights": "none"}, class_names)  # weights come from the checkpoint
     model.load_state_dict(load_checkpoint(checkpoint)["model"])
     _, eval_tf = classifier_transforms(config, model.data_config())
-    loader = make_loader(H5Dataset(spec["cache_path"], spec["folds"][fold][part], eval_tf), config["batch_size"],
-                         shuffle=False, device=device)
+    rows = spec["folds"][fold][part]
+    loader = make_loader(H5Dataset(spec["cache_path"], rows, eval_tf), config["batch_size"], shuffle=False,
+                         device=device)
     out = evaluate(model.to(device), loader, device, amp_dtype=resolve_amp(config["amp"], device),
                    tta_flip=config.get("tta_flip", False))
+    meta = read_cache_meta(spec["cache_path"])[0].iloc[rows]
+    return {**out, "groups": meta["group"].to_numpy(), "sha1": meta["sha1"].to_numpy()}
+
+
+def outputs_metrics(out: dict, class_names: list[str]) -> dict:
+    """:func:`compute_metrics` of :func:`fold_outputs`' predictions, the one-view accuracy beside a flip-TTA
+    headline, and the sequence-level figures (``"sequence"``: None without sequence ids)."""
     metrics = compute_metrics(out["y_true"], out["y_pred"], class_names, probs=out["probs"])
     if "acc_single" in out:  # tta_flip: the one-view figure beside the headline
         metrics["single_view_accuracy"] = out["acc_single"]
-    groups = read_cache_meta(spec["cache_path"])[0]["group"].to_numpy()[spec["folds"][fold][part]]
-    metrics["sequence"] = sequence_metrics(out["probs"], out["y_true"], groups)  # None without sequence ids
+    metrics["sequence"] = sequence_metrics(out["probs"], out["y_true"], out["groups"])
     return metrics
+
+
+def evaluate_fold(spec: dict, fold: int, checkpoint: str | Path, part: str, device) -> dict:
+    """Metrics of a checkpoint on one part of a fold: :func:`outputs_metrics` of :func:`fold_outputs`."""
+    return outputs_metrics(fold_outputs(spec, fold, checkpoint, part, device), spec["class_names"])
 
 
 def _cache_at_run_size(index, source: str | Path, prefix: str, workdir: Path, config: dict, class_names: list[str],

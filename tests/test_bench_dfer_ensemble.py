@@ -1,0 +1,81 @@
+"""bench/dfer_ensemble.py: DFER_GCViT runs on the same folds averaged fold by fold, by the recipe's own evaluation."""
+
+import numpy as np
+import pytest
+import torch
+
+import helpers as H
+from conftest import load_bench
+
+CONFIG = dict(model_name="gcvit_xxtiny", weights="none", allow_random_init=False, image_size=32, channels=1,
+              dropout=0.0, finetune="full", frozen_stages=0, num_epochs=1, batch_size=8, lr=1e-3, weight_decay=0.05,
+              warmup_epochs=0, label_smoothing=0.0, class_weighted=False, clip_grad=1.0, amp="off",
+              early_stopping=None, num_workers=0, seed=0)
+
+
+@pytest.fixture(scope="module")
+def folds(demo_cache):
+    cache, classes = demo_cache
+    meta, _ = H.read_cache_meta(cache)
+    return H.make_folds(meta, "subject", num_folds=2, val_fraction=0.25, seed=0)
+
+
+def _run(tmp_path, demo_cache, folds, name: str, seed: int, **overrides):
+    """A run folder as the notebook writes it (run.json, fold_k/best_model.pth), with untrained models of ``seed``."""
+    cache, classes = demo_cache
+    config = {**CONFIG, **overrides}
+    run_dir = tmp_path / name
+    H.write_run_spec(run_dir / "run.json", config=config, cache_path=cache, class_names=classes, folds=folds,
+                     run_dir=run_dir, run_key=name)
+    for k in range(len(folds)):
+        torch.manual_seed(seed + k)
+        model, _, _ = H.build_classifier(config, classes)
+        H.save_checkpoint(run_dir / f"fold_{k + 1}" / "best_model.pth", model=model.state_dict())
+    return run_dir
+
+
+def test_ensemble_averages_the_members_probabilities_fold_by_fold(demo_cache, folds, tmp_path):
+    bench = load_bench("dfer_ensemble")
+    runs = [_run(tmp_path, demo_cache, folds, "a", 0), _run(tmp_path, demo_cache, folds, "b", 10, tta_flip=True)]
+    out = bench.ensemble([str(r) for r in runs], "test")
+    classes = demo_cache[1]
+    assert [f["fold"] for f in out["folds"]] == [1, 2]
+    for k, fold in enumerate(out["folds"]):
+        specs = [H.read_run_spec(r / "run.json") for r in runs]
+        outs = [H.fold_outputs(s, k, r / f"fold_{k + 1}" / "best_model.pth", "test", "cpu") for s, r in zip(specs, runs)]
+        probs = (outs[0]["probs"] + outs[1]["probs"]) / 2  # member b with its own flip TTA
+        y = outs[0]["y_true"]
+        assert fold["images"] == len(y) == len(folds[k]["test"])
+        assert fold["ensemble"]["accuracy"] == pytest.approx(float((probs.argmax(1) == y).mean()))
+        assert fold["ensemble"]["f1_macro"] == pytest.approx(H.macro_f1(y, probs.argmax(1), len(classes)))
+        # the probabilities themselves, not only their argmax: the NLL of the mean, unlike either member's
+        nll = -np.mean(np.log(probs[np.arange(len(y)), y]))
+        assert fold["ensemble"]["nll"] == pytest.approx(nll, rel=1e-5)
+        assert all(abs(nll + np.mean(np.log(o["probs"][np.arange(len(y)), y]))) > 1e-4 for o in outs)
+        for m, o in zip(fold["members"], outs):
+            assert m["accuracy"] == pytest.approx(float((o["probs"].argmax(1) == y).mean()))
+        assert fold["members"][0]["accuracy"] == pytest.approx(
+            H.evaluate_fold(specs[0], k, runs[0] / f"fold_{k + 1}" / "best_model.pth", "test", "cpu")["accuracy"])
+    accs = [f["ensemble"]["accuracy"] for f in out["folds"]]
+    assert out["ensemble_mean"]["accuracy"]["mean"] == pytest.approx(np.mean(accs))
+    assert out["ensemble_mean"]["accuracy"]["std"] == pytest.approx(np.std(accs, ddof=1))
+
+
+def test_ensemble_refuses_runs_on_other_folds_or_classes_and_unfinished_runs(demo_cache, folds, tmp_path):
+    bench = load_bench("dfer_ensemble")
+    a = _run(tmp_path, demo_cache, folds, "a", 0)
+    swapped = _run(tmp_path, demo_cache, folds[::-1], "swapped", 1)  # the same images, other folds
+    with pytest.raises(SystemExit, match="fold 1's test images differ"):
+        bench.ensemble([str(a), str(swapped)])
+    cache, classes = demo_cache
+    other = tmp_path / "other"
+    H.write_run_spec(other / "run.json", config=CONFIG, cache_path=cache, class_names=classes[::-1], folds=folds,
+                     run_dir=other, run_key="other")
+    with pytest.raises(SystemExit, match="classes .* differ"):
+        bench.ensemble([str(a), str(other)])
+    unfinished = _run(tmp_path, demo_cache, folds, "unfinished", 2)
+    (unfinished / "fold_2" / "best_model.pth").unlink()
+    with pytest.raises(SystemExit, match="has not finished fold 2"):
+        bench.ensemble([str(a), str(unfinished)])
+    with pytest.raises(SystemExit, match="at least two"):
+        bench.ensemble([str(a)])
