@@ -55,6 +55,7 @@ data_path = None               # archive, folder or annotation CSV to use | None
 label_pattern = None           # regex naming classes in file names: (?P<label>..), optional (?P<subject>..), (?P<group>..)
 labels_csv = None              # CSV with path,label[,subject,group,split] (paths relative to the dataset's root)
 seed = 42                      # int, for splits and generated data
+train_seed = None              # int: the folds' training seed (head initialisation, data order, augmentation), to train the same folds again for an ensemble (bench/dfer_ensemble.py) | None: seed
 # data
 image_size = None              # px, side of the cached face crops
 channels = None                # 1 (near-infrared frames are gray) | 3
@@ -119,7 +120,7 @@ ema = None                     # smoothing of probabilities over frames, in [0, 
 # with every cache, checkpoint and results file.
 
 # %%
-COMMON = dict(export=True, video_source=None, video_frames=None, ema=0.6, channels=1, face_crop=True, face_margin=0.25, no_face="full", max_images=None, val_fraction=0.1,
+COMMON = dict(train_seed=None, export=True, video_source=None, video_frames=None, ema=0.6, channels=1, face_crop=True, face_margin=0.25, no_face="full", max_images=None, val_fraction=0.1,
               max_folds=None, nproc=None, allow_random_init=False, finetune="full", frozen_stages=0, layer_decay=None, model_ema=None, dropout=0.3,
               label_smoothing=0.0, class_weighted=False, clip_grad=1.0, amp="auto", early_stopping=None, monitor="val_acc",
               pretrain_data_path=None, pretrain_epochs=8, pretrain_lr=3e-4, pretrain_augment=None, pretrain_batch_size=None,
@@ -158,6 +159,7 @@ PROFILES = {
 }
 config = H.resolve_config(profile, PROFILES, dict(
     workdir=workdir, data_path=data_path, label_pattern=label_pattern, labels_csv=labels_csv, seed=seed,
+    train_seed=train_seed,
     image_size=image_size, channels=channels,
     face_crop=face_crop, face_margin=face_margin, no_face=no_face, max_images=max_images, protocol=protocol,
     num_folds=num_folds, max_folds=max_folds, val_fraction=val_fraction, model_name=model_name, weights=weights,
@@ -368,10 +370,11 @@ H.require(globals(), config="Configuration", cache_attrs="Preprocess: face crops
 run_key = H.config_fingerprint(config, exclude=("workdir", "max_folds", "nproc", "export", "video_source",
                                                 "video_frames", "ema", "cross_data_path", "torch_compile", "channels_last")
                                + (() if config["tta_flip"] else ("tta_flip",))
-                               # mixup, cutmix and monitor joined later: at their defaults, they leave the run folders of
-                               # before them their names
+                               # mixup, cutmix, monitor and train_seed joined later: at their defaults, they leave the run
+                               # folders of before them their names
                                + tuple(k for k, off in H.BATCH_MIX_OFF.items() if config[k] == off)
-                               + (("monitor",) if config["monitor"] == "val_acc" else ()),
+                               + (("monitor",) if config["monitor"] == "val_acc" else ())
+                               + (("train_seed",) if config["train_seed"] is None else ()),
                                contents={"data": cache_attrs["fingerprint"], "weights": weights_info.get("sha256")})
 run_dir = out_dir / "runs" / f"{config['protocol']}_{config['model_name']}_{config['image_size']}px_{run_key}"
 spec_path = H.write_run_spec(run_dir / "run.json", config=config, cache_path=cache_path, class_names=class_names,

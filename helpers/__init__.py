@@ -55,7 +55,8 @@ from .export import (Backend, Predictor, ProbabilityModel, export_metadata, expo
                      quantize_onnx_int8, read_onnx_metadata, run_video)
 from .device_data import BatchAugment, DeviceBatches, training_batches, use_device_data
 from .recipes import (build_classifier, classifier_transforms, cross_dataset, evaluate_fold, fold_lr, fold_outputs,
-                      launch_torchrun, outputs_metrics, pretrain_classifier, read_run_spec, run_spec, train_fold, write_run_spec)
+                      launch_torchrun, outputs_metrics, pretrain_classifier, read_run_spec, run_spec, train_fold,
+                      training_seed, write_run_spec)
 
 __all__ = [
     # setup
@@ -101,6 +102,6 @@ __all__ = [
     "read_onnx_metadata", "Backend", "run_video",
     # recipes
     "BatchAugment", "DeviceBatches", "use_device_data", "training_batches",
-    "build_classifier", "classifier_transforms", "write_run_spec", "read_run_spec", "train_fold", "evaluate_fold", "fold_outputs", "outputs_metrics", "fold_lr",
+    "build_classifier", "classifier_transforms", "write_run_spec", "read_run_spec", "train_fold", "training_seed", "evaluate_fold", "fold_outputs", "outputs_metrics", "fold_lr",
     "launch_torchrun", "pretrain_classifier", "cross_dataset", "run_spec",
 ]

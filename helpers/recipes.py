@@ -41,7 +41,13 @@ CONFIG_KEYS = ("model_name", "weights", "allow_random_init", "image_size", "chan
 # reuses it): every layer trained (freezing would freeze random weights) with one learning rate (layer decay is
 # for fine-tuning), no weight average, no mixup or CutMix, validation and FER+ test in one view
 FINETUNING_ONLY = {"finetune": "full", "frozen_stages": 0, "layer_decay": None, "model_ema": None, "tta_flip": False,
-                   "monitor": "val_acc", **BATCH_MIX_OFF}
+                   "monitor": "val_acc", "train_seed": None, **BATCH_MIX_OFF}
+
+
+def training_seed(config: dict) -> int:
+    """The seed a fold trains with (initial weights, data order, augmentation): ``train_seed``, else ``seed`` (which
+    also draws the folds, so a ``train_seed`` trains the same folds again)."""
+    return config["seed"] if config.get("train_seed") is None else config["train_seed"]
 
 
 def build_classifier(config: dict, class_names: list[str]):
@@ -123,7 +129,8 @@ def train_fold(spec: dict, fold: int, device, progress: bool = True) -> dict:
         :func:`fit`'s result plus ``weights`` (source info), ``parameters`` and ``norm``.
     """
     config, class_names, f = spec["config"], spec["class_names"], spec["folds"][fold]
-    seed_everything(config["seed"])  # every fold starts from the same initial weights
+    seed = training_seed(config)
+    seed_everything(seed)  # every fold starts from the same initial weights
     model, weights_info, counts = build_classifier(config, class_names)
     norm = model.data_config()
     train_tf, eval_tf = classifier_transforms(config, norm)
@@ -133,14 +140,14 @@ def train_fold(spec: dict, fold: int, device, progress: bool = True) -> dict:
     bs = config["batch_size"]
     train_loader, training_data = training_batches(
         train_ds, config.get("augment", "seed"), config["image_size"], norm, config.get("augment_erasing", 0.0), bs,
-        config.get("data_on_device", "auto"), device, num_workers=config["num_workers"], seed=config["seed"],
+        config.get("data_on_device", "auto"), device, num_workers=config["num_workers"], seed=seed,
         progress=progress)
     val_loader = make_loader(H5Dataset(spec["cache_path"], f["val"], eval_tf, in_memory=True), bs, shuffle=False,
                              device=device)
     _, cache_attrs = read_cache_meta(spec["cache_path"])
     lr = fold_lr(config)
     run = fit(model, train_loader, val_loader, _fold_dir(spec, fold), num_epochs=config["num_epochs"], lr=lr,
-              weight_decay=config["weight_decay"], device=device, loss_fn=loss_fn, seed=config["seed"],
+              weight_decay=config["weight_decay"], device=device, loss_fn=loss_fn, seed=seed,
               warmup_epochs=config["warmup_epochs"], clip_grad=config["clip_grad"], amp=config["amp"],
               early_stopping=config["early_stopping"], monitor=config.get("monitor", "val_acc"), config=config,
               run_key=spec["run_key"], progress=progress,

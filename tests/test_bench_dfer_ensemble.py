@@ -79,3 +79,20 @@ def test_ensemble_refuses_runs_on_other_folds_or_classes_and_unfinished_runs(dem
         bench.ensemble([str(a), str(unfinished)])
     with pytest.raises(SystemExit, match="at least two"):
         bench.ensemble([str(a)])
+
+
+def test_train_seed_trains_the_same_folds_again_with_other_weights(demo_cache, folds, tmp_path):
+    cache, classes = demo_cache
+    small = [{p: f[p][:16] for p in ("train", "val", "test")} for f in folds[:1]]
+
+    def trained(name, **overrides):
+        run_dir = tmp_path / name
+        spec = H.read_run_spec(H.write_run_spec(run_dir / "run.json", config={**CONFIG, **overrides}, cache_path=cache,
+                                                class_names=classes, folds=small, run_dir=run_dir, run_key=name))
+        H.train_fold(spec, 0, "cpu", progress=False)
+        return H.load_checkpoint(run_dir / "fold_1" / "last.pth")["model"]
+
+    default, same, other = trained("default"), trained("same", train_seed=CONFIG["seed"]), trained("other", train_seed=7)
+    assert all(torch.equal(default[k], same[k]) for k in default)  # train_seed = seed: the default run, exactly
+    assert any(not torch.equal(default[k], other[k]) for k in default)
+    assert H.training_seed({"seed": 3, "train_seed": None}) == 3 and H.training_seed({"seed": 3, "train_seed": 0}) == 0
