@@ -254,8 +254,11 @@ else:
     face_stats = {"frames": len(index), "found": None, "rate": None, "note": note}
     print(f"No face detection: {note}")
 dataset_tag = "ferplus" if report["layout"].startswith("FERPlus") else "kmu"
+# the crop settings in the name: runs with other margins in one working directory keep a cache each, not one rebuilt
+# under the other's folds
+crop_tag = f"_margin{config['face_margin']}_{config['no_face']}" if face_crop else ""
 cache_name = (f"{dataset_tag}_{data_kind.split()[-1]}_{len(index)}img_"
-              f"{config['image_size']}px_{config['channels']}ch.h5")
+              f"{config['image_size']}px_{config['channels']}ch{crop_tag}.h5")
 cache_path = H.build_hdf5_cache(index, workdir / "cache" / cache_name, class_names, config["image_size"],
                                 channels=config["channels"], face_crop=face_crop,
                                 margin=config["face_margin"], no_face=config["no_face"])

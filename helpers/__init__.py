@@ -33,7 +33,7 @@ from .data import (CLASS_ALIASES, FERPLUS_CLASSES, FERPLUS_COLUMNS, VOTE_COLUMNS
                    write_annotations)
 from .demo import make_demo_ferplus, make_demo_kmufed
 from .faces import FaceDetector, LandmarkDetector, crop_face, detect_faces, dlib_model_path
-from .cache import H5Dataset, build_hdf5_cache, cache_fingerprint, read_cache_meta
+from .cache import H5Dataset, build_hdf5_cache, cache_fingerprint, read_cache_meta, stored_fingerprint
 from .splits import PROTOCOLS, make_folds
 from .augment import FLIP_PERMUTATION_68, IMAGENET_MEAN, IMAGENET_STD, KeypointCompose, build_transform
 from .models import (TimmClassifier, WeightsUnavailableError, count_parameters, create_classifier,
@@ -74,7 +74,7 @@ __all__ = [
     # faces
     "FaceDetector", "LandmarkDetector", "detect_faces", "crop_face", "dlib_model_path",
     # cache
-    "cache_fingerprint", "build_hdf5_cache", "read_cache_meta", "H5Dataset",
+    "cache_fingerprint", "build_hdf5_cache", "read_cache_meta", "stored_fingerprint", "H5Dataset",
     # splits
     "PROTOCOLS", "make_folds",
     # augment

@@ -215,6 +215,12 @@ def read_cache_meta(path: str | Path) -> tuple[pd.DataFrame, dict]:
     return meta, attrs
 
 
+def stored_fingerprint(path: str | Path) -> str:
+    """The fingerprint a cache file was built with (its data and settings), without reading its images or metadata."""
+    with h5py.File(path, "r") as f:
+        return str(f.attrs["fingerprint"])
+
+
 def _to_tensor(x: np.ndarray):
     """H x W x C uint8 -> C x H x W float tensor in [0, 1] (no transform given)."""
     import torch

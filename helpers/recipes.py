@@ -22,7 +22,7 @@ import torch
 
 from . import distributed
 from .augment import build_transform
-from .cache import H5Dataset, build_hdf5_cache, read_cache_meta
+from .cache import H5Dataset, build_hdf5_cache, read_cache_meta, stored_fingerprint
 from .data import extract_archive, file_sha256, index_dataset
 from .device_data import training_batches
 from .metrics import compute_metrics, sequence_metrics
@@ -74,7 +74,7 @@ def write_run_spec(path: str | Path, *, config: dict, cache_path: str | Path, cl
         run_dir: fold k trains into ``run_dir/fold_{k+1}``. run_key: identity of the training settings.
     """
     spec = {"task": "classifier", "config": config, "cache_path": str(Path(cache_path).resolve()),
-            "class_names": list(class_names),
+            "cache_fingerprint": stored_fingerprint(cache_path), "class_names": list(class_names),
             "folds": [{part: [int(i) for i in f[part]] for part in ("train", "val", "test")} for f in folds],
             "run_dir": str(Path(run_dir).resolve()), "run_key": run_key}
     return save_json(spec, path)
@@ -97,7 +97,20 @@ def read_run_spec(path: str | Path) -> dict:
         raise ValueError(f"run spec {path}: task {spec['task']!r} is not supported (only 'classifier')")
     if not Path(spec["cache_path"]).is_file():
         raise FileNotFoundError(f"run spec {path}: cache {spec['cache_path']} does not exist")
+    check_spec_cache(spec)
     return spec
+
+
+def check_spec_cache(spec: dict) -> None:
+    """Stop when the spec's cache was rebuilt since the spec was written (other crop settings or other data, e.g. by
+    another run in the same working directory): its rows would be other crops or other images than the folds'."""
+    expected = spec.get("cache_fingerprint")  # specs written before 2026-12-06 lack it: not checked
+    found = stored_fingerprint(spec["cache_path"])
+    if expected is not None and found != expected:
+        raise ValueError(f"cache {spec['cache_path']} was rebuilt since {Path(spec['run_dir']) / 'run.json'} was "
+                         f"written (fingerprint {found[:12]}, the run's {expected[:12]}): other crop settings or data, "
+                         "e.g. another run in this working directory; rerun the notebook from its Preprocess section "
+                         "to build the cache for this run")
 
 
 def _fold_dir(spec: dict, fold: int) -> Path:
@@ -129,6 +142,7 @@ def train_fold(spec: dict, fold: int, device, progress: bool = True) -> dict:
         :func:`fit`'s result plus ``weights`` (source info), ``parameters`` and ``norm``.
     """
     config, class_names, f = spec["config"], spec["class_names"], spec["folds"][fold]
+    check_spec_cache(spec)  # a fold of a long run: the cache may have been rebuilt since the spec was read
     seed = training_seed(config)
     seed_everything(seed)  # every fold starts from the same initial weights
     model, weights_info, counts = build_classifier(config, class_names)
@@ -168,6 +182,7 @@ def fold_outputs(spec: dict, fold: int, checkpoint: str | Path, part: str, devic
     Under torchrun every rank evaluates a share and all get the whole part's predictions.
     """
     config, class_names = spec["config"], spec["class_names"]
+    check_spec_cache(spec)
     model, _, _ = build_classifier({**config, "weights": "none"}, class_names)  # weights come from the checkpoint
     model.load_state_dict(load_checkpoint(checkpoint)["model"])
     _, eval_tf = classifier_transforms(config, model.data_config())

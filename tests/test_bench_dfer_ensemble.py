@@ -1,5 +1,9 @@
-"""bench/dfer_ensemble.py: DFER_GCViT runs on the same folds averaged fold by fold, by the recipe's own evaluation."""
+"""bench/dfer_ensemble.py: DFER_GCViT runs on the same folds averaged fold by fold, by the recipe's own evaluation;
+the run spec's guard against a cache rebuilt under its folds; train_seed."""
 
+import shutil
+
+import h5py
 import numpy as np
 import pytest
 import torch
@@ -96,3 +100,24 @@ def test_train_seed_trains_the_same_folds_again_with_other_weights(demo_cache, f
     assert all(torch.equal(default[k], same[k]) for k in default)  # train_seed = seed: the default run, exactly
     assert any(not torch.equal(default[k], other[k]) for k in default)
     assert H.training_seed({"seed": 3, "train_seed": None}) == 3 and H.training_seed({"seed": 3, "train_seed": 0}) == 0
+
+
+def test_a_cache_rebuilt_since_the_run_spec_stops_training_evaluation_and_the_bench(demo_cache, folds, tmp_path):
+    cache, classes = demo_cache
+    own = tmp_path / "c.h5"
+    shutil.copy(cache, own)  # the shared fixture stays as it is
+    run = _run(tmp_path, (own, classes), folds, "a", 0)
+    other = _run(tmp_path, (own, classes), folds, "b", 1)
+    spec = H.read_run_spec(run / "run.json")
+    assert spec["cache_fingerprint"] == H.stored_fingerprint(own)
+    with h5py.File(own, "a") as f:  # as another run's rebuild with other crop settings leaves it
+        f.attrs["fingerprint"] = "0" * 40
+    with pytest.raises(ValueError, match=r"c\.h5 was rebuilt since .*a/run\.json was written"):
+        H.read_run_spec(run / "run.json")
+    with pytest.raises(ValueError, match="was rebuilt since"):
+        H.train_fold(spec, 0, "cpu", progress=False)
+    with pytest.raises(ValueError, match="was rebuilt since"):
+        H.fold_outputs(spec, 0, run / "fold_1" / "best_model.pth", "test", "cpu")
+    with pytest.raises(ValueError, match="was rebuilt since"):
+        load_bench("dfer_ensemble").ensemble([str(run), str(other)])
+    assert not (run / "fold_1" / "history.json").exists()  # nothing trained on the other crops
