@@ -27,13 +27,10 @@ import helpers as H  # noqa: E402
 FIGURES = ("accuracy", "f1_macro")
 
 
-def _mean_std(values: list[float]) -> dict:
-    return {"mean": float(np.mean(values)), "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0}
-
-
 def ensemble(runs: list[str], part: str = "test", device="cpu") -> dict:
     """Fold by fold, each member's ``accuracy`` and ``f1_macro`` and the ensemble's metrics (``H.outputs_metrics``
-    of the mean probabilities, sequence level included); ``mean`` over the folds of both."""
+    of the mean probabilities, sequence level included); over the folds, ``H.fold_summary`` of both (as the
+    notebook's tables: mean, population std, 95% interval)."""
     if len(runs) < 2:
         raise SystemExit(f"an ensemble needs at least two run folders, got {len(runs)}")
     specs = [H.read_run_spec(Path(r) / "run.json") for r in runs]
@@ -61,10 +58,10 @@ def ensemble(runs: list[str], part: str = "test", device="cpu") -> dict:
                       "ensemble": H.outputs_metrics(mean, first["class_names"])})
     seq = [f["ensemble"]["sequence"] for f in folds]
     return {"runs": [str(r) for r in runs], "part": part, "device": str(device), "folds": folds,
-            "members_mean": [{f: _mean_std([fo["members"][i][f] for fo in folds]) for f in FIGURES}
+            "members_mean": [{f: H.fold_summary([fo["members"][i][f] for fo in folds]) for f in FIGURES}
                              for i in range(len(runs))],
-            "ensemble_mean": {f: _mean_std([fo["ensemble"][f] for fo in folds]) for f in FIGURES}
-            | ({"sequence_majority_vote": _mean_std([q["accuracy_majority_vote"] for q in seq])}
+            "ensemble_mean": {f: H.fold_summary([fo["ensemble"][f] for fo in folds]) for f in FIGURES}
+            | ({"sequence_majority_vote": H.fold_summary([q["accuracy_majority_vote"] for q in seq])}
                if all(seq) else {})}
 
 
