@@ -16,6 +16,13 @@ SHARED = Path(__import__("os").environ.get("FER_SHARED_DATA", ROOT.parent / "sha
 import helpers as H  # noqa: E402
 
 
+# a run spec's config for a gcvit_xxtiny at 32 px: the engine's and the benches' tests train or score it in seconds
+TINY_RUN_CONFIG = dict(model_name="gcvit_xxtiny", weights="none", allow_random_init=False, image_size=32, channels=1,
+                       dropout=0.3, finetune="full", frozen_stages=0, num_epochs=2, batch_size=8, lr=1e-3,
+                       weight_decay=0.05, warmup_epochs=0, label_smoothing=0.0, class_weighted=False, clip_grad=1.0,
+                       amp="auto", early_stopping=None, num_workers=0, seed=3)
+
+
 def load_bench(name: str):
     """A script of bench/ as a module (bench/ is not a package)."""
     import importlib.util

@@ -9,12 +9,9 @@ import pytest
 import torch
 
 import helpers as H
-from conftest import load_bench
+from conftest import TINY_RUN_CONFIG, load_bench
 
-CONFIG = dict(model_name="gcvit_xxtiny", weights="none", allow_random_init=False, image_size=32, channels=1,
-              dropout=0.0, finetune="full", frozen_stages=0, num_epochs=1, batch_size=8, lr=1e-3, weight_decay=0.05,
-              warmup_epochs=0, label_smoothing=0.0, class_weighted=False, clip_grad=1.0, amp="off",
-              early_stopping=None, num_workers=0, seed=0)
+CONFIG = {**TINY_RUN_CONFIG, "dropout": 0.0, "num_epochs": 1, "amp": "off", "seed": 0}
 
 
 @pytest.fixture(scope="module")

@@ -11,13 +11,11 @@ import pytest
 import torch
 
 import helpers as H
+from conftest import TINY_RUN_CONFIG
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKER = ROOT / "tests" / "ddp_worker.py"
-CONFIG = dict(model_name="gcvit_xxtiny", weights="none", allow_random_init=False, image_size=32, channels=1,
-              dropout=0.3, finetune="full", frozen_stages=0, num_epochs=2, batch_size=8, lr=1e-3, weight_decay=0.05,
-              warmup_epochs=0, label_smoothing=0.0, class_weighted=False, clip_grad=1.0, amp="auto",
-              early_stopping=None, num_workers=0, seed=3)
+CONFIG = TINY_RUN_CONFIG
 
 
 @pytest.fixture(scope="module")
