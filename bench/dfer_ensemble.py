@@ -14,7 +14,6 @@ own figure is one run's. A member's validation figure is its best epoch's (the e
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
