@@ -55,7 +55,8 @@ data_path = None               # archive, folder or annotation CSV to use | None
 label_pattern = None           # regex naming classes in file names: (?P<label>..), optional (?P<subject>..), (?P<group>..)
 labels_csv = None              # CSV with path,label[,subject,group,split] (paths relative to the dataset's root)
 seed = 42                      # int, for splits and generated data
-train_seed = None              # int: the folds' training seed (head initialisation, data order, augmentation), to train the same folds again for an ensemble (bench/dfer_ensemble.py) | None: seed
+train_seed = None              # int: the folds' training seed (head initialisation, data order, augmentation) | None: seed
+train_seeds = None             # list of ints, e.g. [42, 1, 2]: train every fold once per seed and use the mean of their probabilities (a seed ensemble: evaluation, cross-dataset, predict, export, video) | None: one model per fold (train_seed)
 # data
 image_size = None              # px, side of the cached face crops
 channels = None                # 1 (near-infrared frames are gray) | 3
@@ -120,7 +121,7 @@ ema = None                     # smoothing of probabilities over frames, in [0, 
 # with every cache, checkpoint and results file.
 
 # %%
-COMMON = dict(train_seed=None, export=True, video_source=None, video_frames=None, ema=0.6, channels=1, face_crop=True, face_margin=0.25, no_face="full", max_images=None, val_fraction=0.1,
+COMMON = dict(train_seed=None, train_seeds=None, export=True, video_source=None, video_frames=None, ema=0.6, channels=1, face_crop=True, face_margin=0.25, no_face="full", max_images=None, val_fraction=0.1,
               max_folds=None, nproc=None, allow_random_init=False, finetune="full", frozen_stages=0, layer_decay=None, model_ema=None, dropout=0.3,
               label_smoothing=0.0, class_weighted=False, clip_grad=1.0, amp="auto", early_stopping=None, monitor="val_acc",
               pretrain_data_path=None, pretrain_epochs=8, pretrain_lr=3e-4, pretrain_augment=None, pretrain_batch_size=None,
@@ -150,6 +151,9 @@ PROFILES = {
             # tighter face crops, framed more like FER+'s (the pre-training's) faces: mean best validation 77.5% vs
             # 77.3%, and 79.7% vs 78.4% over three training seeds (README)
             "face_margin": 0.1,
+            # three models per fold, by training seed, averaged: 80.6% vs 75.8-80.2% for one (README); 3x the folds'
+            # training (~32 min here, with the pre-training ~85 min)
+            "train_seeds": [42, 1, 2],
             "amp": H.cpu_amp()},  # bf16 where this CPU has it natively (1.6x here), else fp32
     "gpu": {**COMMON, "image_size": 224, "protocol": "subject", "num_folds": 6, "val_fraction": 0.2,
             "model_name": "gcvit_tiny",
@@ -162,7 +166,7 @@ PROFILES = {
 }
 config = H.resolve_config(profile, PROFILES, dict(
     workdir=workdir, data_path=data_path, label_pattern=label_pattern, labels_csv=labels_csv, seed=seed,
-    train_seed=train_seed,
+    train_seed=train_seed, train_seeds=train_seeds,
     image_size=image_size, channels=channels,
     face_crop=face_crop, face_margin=face_margin, no_face=no_face, max_images=max_images, protocol=protocol,
     num_folds=num_folds, max_folds=max_folds, val_fraction=val_fraction, model_name=model_name, weights=weights,
@@ -176,6 +180,9 @@ config = H.resolve_config(profile, PROFILES, dict(
     label_smoothing=label_smoothing, class_weighted=class_weighted, clip_grad=clip_grad, amp=amp,
     early_stopping=early_stopping, monitor=monitor, num_workers=num_workers, data_on_device=data_on_device, torch_compile=torch_compile, channels_last=channels_last, nproc=nproc, cross_data_path=cross_data_path, export=export,
     video_source=video_source, video_frames=video_frames, ema=ema))
+if train_seed is not None and train_seeds is None:  # an explicit train_seed wins over the profile's train_seeds
+    config["train_seeds"] = None
+H.check_train_seeds(config["train_seeds"], config["train_seed"])
 # Fail here, not deep inside timm, if the model cannot take this input size or these weights.
 H.validate_gcvit_size(config["model_name"], config["image_size"], config["weights"])
 H.check_model_ema(config["model_ema"])
@@ -364,7 +371,14 @@ print("train transform:", train_tf)
 # and `best_model.pth` on the best validation accuracy under `runs/<run>/fold_k/`; an
 # interrupted run resumes where it stopped when this section is rerun with the same settings.
 #
-# First the run's spec, `run.json`: what `python -m helpers train` needs to train the same
+# With `train_seeds`, every fold trains once per seed (initial head, data order, augmentation)
+# and the fold's prediction is the mean of their probabilities: a seed ensemble. On unseen
+# drivers one model's accuracy moves by several points with the seed alone (README); the mean
+# of three moves far less and is higher. Each seed's folds are a run of their own (the run
+# `train_seed` would train alone, reused either way); the ensemble's results, plots and exports
+# go to a folder of their own.
+#
+# First each run's spec, `run.json`: what `python -m helpers train` needs to train the same
 # folds in other processes (README: several GPUs or machines).
 
 # %%
@@ -372,22 +386,40 @@ print("train transform:", train_tf)
 # (new data, or a new weights file at the same path, count as new settings).
 H.require(globals(), config="Configuration", cache_attrs="Preprocess: face crops and the HDF5 cache",
           folds="Protocol: folds", weights_info="Model")
-# tta_flip also validates with flip TTA (the epoch is chosen by the test's rule): a setting of its own when on
-run_key = H.config_fingerprint(config, exclude=("workdir", "max_folds", "nproc", "export", "video_source",
-                                                "video_frames", "ema", "cross_data_path", "torch_compile", "channels_last")
-                               + (() if config["tta_flip"] else ("tta_flip",))
-                               # mixup, cutmix, monitor and train_seed joined later: at their defaults, they leave the run
-                               # folders of before them their names
-                               + tuple(k for k, off in H.BATCH_MIX_OFF.items() if config[k] == off)
-                               + (("monitor",) if config["monitor"] == "val_acc" else ())
-                               + (("train_seed",) if config["train_seed"] is None else ()),
-                               contents={"data": cache_attrs["fingerprint"], "weights": weights_info.get("sha256")})
-run_dir = out_dir / "runs" / f"{config['protocol']}_{config['model_name']}_{config['image_size']}px_{run_key}"
-spec_path = H.write_run_spec(run_dir / "run.json", config=config, cache_path=cache_path, class_names=class_names,
-                             folds=folds, run_dir=run_dir, run_key=run_key)
-spec = H.read_run_spec(spec_path)
-print(f"run spec: {spec_path}\nelsewhere: torchrun --standalone --nproc_per_node <GPUs> -m helpers train --config "
-      f"{spec_path}\n(then rerun the next cell: finished folds are loaded, not trained again)")
+
+
+def run_key_of(cfg):
+    # tta_flip also validates with flip TTA (the epoch is chosen by the test's rule): a setting of its own when on
+    return H.config_fingerprint(cfg, exclude=("workdir", "max_folds", "nproc", "export", "video_source",
+                                              "video_frames", "ema", "cross_data_path", "torch_compile", "channels_last")
+                                + (() if cfg["tta_flip"] else ("tta_flip",))
+                                # mixup, cutmix, monitor, train_seed and train_seeds joined later: at their defaults,
+                                # they leave the run folders of before them their names
+                                + tuple(k for k, off in H.BATCH_MIX_OFF.items() if cfg[k] == off)
+                                + (("monitor",) if cfg["monitor"] == "val_acc" else ())
+                                + (("train_seed",) if cfg["train_seed"] is None else ())
+                                + (("train_seeds",) if cfg["train_seeds"] is None else ()),
+                                contents={"data": cache_attrs["fingerprint"], "weights": weights_info.get("sha256")})
+
+
+def run_dir_of(key):
+    return out_dir / "runs" / f"{config['protocol']}_{config['model_name']}_{config['image_size']}px_{key}"
+
+
+specs = []  # one per training seed
+for member_config in H.member_configs(config):
+    member_key = run_key_of(member_config)
+    spec_path = H.write_run_spec(run_dir_of(member_key) / "run.json", config=member_config, cache_path=cache_path,
+                                 class_names=class_names, folds=folds, run_dir=run_dir_of(member_key),
+                                 run_key=member_key)
+    specs.append(H.read_run_spec(spec_path))
+    print(f"run spec: {spec_path}")
+spec = specs[0]
+# the run's folder: its one model's, or a seed ensemble's own (results, plots, exports; the members' folds stay in theirs)
+run_key = spec["run_key"] if len(specs) == 1 else run_key_of(config)
+run_dir = run_dir_of(run_key)
+print(f"elsewhere: torchrun --standalone --nproc_per_node <GPUs> -m helpers train --config <run spec>\n"
+      "(then rerun the next cell: finished folds are loaded, not trained again)")
 
 # %% [markdown]
 # With `nproc` set, the folds train in `nproc` torchrun processes (one per GPU; batch size
@@ -395,11 +427,18 @@ print(f"run spec: {spec_path}\nelsewhere: torchrun --standalone --nproc_per_node
 
 # %%
 if config["nproc"]:
-    H.launch_torchrun(spec_path, config["nproc"])
-fold_runs = []
-for k in range(len(folds)):
-    print(f"--- fold {k + 1}/{len(folds)} ---")
-    fold_runs.append(H.train_fold(spec, k, device))
+    for s in specs:
+        H.launch_torchrun(Path(s["run_dir"]) / "run.json", config["nproc"])
+member_runs = []  # [seed][fold]: fit's result
+for m, s in enumerate(specs):
+    member_runs.append([])
+    for k in range(len(folds)):
+        print(f"--- fold {k + 1}/{len(folds)}"
+              + (f", train seed {H.training_seed(s['config'])} ({m + 1}/{len(specs)})" if len(specs) > 1 else "")
+              + " ---")
+        member_runs[-1].append(H.train_fold(s, k, device))
+fold_runs = member_runs[0]  # the first seed's (plots, training data, compile)
+checkpoints = [[runs[k]["best_path"] for runs in member_runs] for k in range(len(folds))]  # [fold][seed]
 
 # %% [markdown]
 # ## Evaluate
@@ -409,12 +448,16 @@ for k in range(len(folds)):
 # the literature); where frames come in sequences (KMU-FED's `group`: one driver, one
 # expression), one decision per test sequence is reported beside it, separately labelled:
 # the majority of its frames' predictions, and the argmax of their mean probability.
+# A seed ensemble is scored as one model (its mean probability), each seed's figures beside
+# it, and its validation figure is measured too: it chooses the fold deployed below.
 
 # %%
-H.require(globals(), fold_runs="Train")
-fold_metrics = [H.evaluate_fold(spec, k, run["best_path"], "test", device) for k, run in enumerate(fold_runs)]
+H.require(globals(), checkpoints="Train")
+fold_metrics = [H.evaluate_members(specs, k, checkpoints[k], "test", device) for k in range(len(folds))]
+val_metrics = ([H.evaluate_members(specs, k, checkpoints[k], "val", device) for k in range(len(folds))]
+               if len(specs) > 1 else None)
 keys = ("accuracy", "precision_macro", "recall_macro", "f1_macro", "precision_weighted", "recall_weighted",
-        "f1_weighted", "ece") + (("single_view_accuracy",) if config["tta_flip"] else ())
+        "f1_weighted", "ece") + (("single_view_accuracy",) if config["tta_flip"] and len(specs) == 1 else ())
 summary = {k: H.fold_summary([m[k] for m in fold_metrics]) for k in keys}  # mean, std, 95% interval over folds
 total_cm = np.sum([m["confusion_matrix"] for m in fold_metrics], axis=0)
 seq_keys = ("accuracy_majority_vote", "accuracy_mean_probability")
@@ -427,7 +470,13 @@ acc = summary["accuracy"]
 print(f"{config['protocol']} protocol, {len(folds)} fold(s): accuracy {acc['mean']:.4f} +- {acc['std']:.4f}"
       + (f" (95% interval over folds {acc['ci95'][0]:.4f}-{acc['ci95'][1]:.4f})" if acc["ci95"] else "")
       + f", macro F1 {summary['f1_macro']['mean']:.4f} +- {summary['f1_macro']['std']:.4f}")
-if config["tta_flip"]:
+if len(specs) > 1:
+    for m, s in enumerate(specs):
+        member = H.fold_summary([f["members"][m]["accuracy"] for f in fold_metrics])
+        print(f"  train seed {H.training_seed(s['config'])} alone: {member['mean']:.4f} +- {member['std']:.4f}")
+    print(f"  the ensemble's validation accuracy {np.mean([v['accuracy'] for v in val_metrics]):.4f} (each seed's "
+          "epoch chosen on the same split: a little optimistic)")
+if "single_view_accuracy" in keys:
     print(f"(with test-time flip; one view: {summary['single_view_accuracy']['mean']:.4f} "
           f"+- {summary['single_view_accuracy']['std']:.4f})")
 if sequence_summary:
@@ -458,7 +507,7 @@ H.plot_training_curves(fold_runs[0]["history"], save_path=run_dir / "training_cu
 # %%
 cross_sources = config["cross_data_path"] or []
 cross_sources = [cross_sources] if isinstance(cross_sources, (str, Path)) else list(cross_sources)
-cross = [H.cross_dataset(src, workdir, spec, [r["best_path"] for r in fold_runs], device) for src in cross_sources]
+cross = [H.cross_dataset(src, workdir, spec, checkpoints, device) for src in cross_sources]
 for c in cross:
     print(f"{Path(c['source']).name}: {c['num_samples']} images of the shared classes {c['classes']} "
           f"(not shared: {c['not_shared']}); accuracy per fold model "
@@ -472,13 +521,24 @@ pd.DataFrame([{"dataset": Path(c["source"]).name, "images": c["num_samples"], "c
 # %% [markdown]
 # ## Predict
 # `predict(path)` runs the full training preprocessing on one image (a full in-car frame or a
-# face crop): face detection, the same crop, the evaluation transform, the model.
+# face crop): face detection, the same crop, the evaluation transform, the model (the fold
+# with the best validation figure; a seed ensemble: its seeds' models as one, their mean).
 
 # %%
-best_fold = H.best_fold([r["best"] for r in fold_runs])  # by its validation split, the run's monitor
-best_ckpt = H.load_checkpoint(fold_runs[best_fold]["best_path"])
-model, _, _ = build_model()
-model.load_state_dict(best_ckpt["model"])
+if val_metrics is None:
+    best_fold = H.best_fold([r["best"] for r in fold_runs])  # by its validation split, the run's monitor
+else:  # by the ensemble's own figure on the validation split, of the run's monitor
+    monitored = {"val_acc": "accuracy", "val_f1_macro": "f1_macro", "val_loss": "nll"}[config["monitor"]]
+    best_fold = H.best_index([v[monitored] for v in val_metrics], config["monitor"])
+best_ckpts = [H.load_checkpoint(p) for p in checkpoints[best_fold]]
+models = []
+for ckpt in best_ckpts:
+    models.append(build_model()[0])
+    models[-1].load_state_dict(ckpt["model"])
+model = models[0] if len(models) == 1 else H.EnsembleClassifier(models)
+best_ckpt = best_ckpts[0] if len(models) == 1 else {
+    **best_ckpts[0], "model": model.state_dict(), "config": config, "train_seeds": config["train_seeds"],
+    "member_runs": [s["run_dir"] for s in specs]}
 predict = H.Predictor(model, class_names, cache_attrs["preprocess"], norm["mean"], norm["std"], device)
 example = index.iloc[0]
 print(example["rel_path"], "(true:", example["label"] + ")", "->", predict(example["path"]))
@@ -487,7 +547,8 @@ print(example["rel_path"], "(true:", example["label"] + ")", "->", predict(examp
 # ## Save results
 # Into the run's own folder, `DFER_GCViT/runs/<settings>_<key>/` (runs with other settings,
 # even at the same time, never overwrite each other): `final_model.pth` (the fold with the
-# best validation accuracy, with config, class names and preprocessing) and
+# best validation accuracy, with config, class names and preprocessing; a seed ensemble's
+# holds `H.EnsembleClassifier`'s weights) and
 # `final_results.json` (config, protocol, metrics per fold and aggregated, parameter counts,
 # wall time, environment, data fingerprint, face detection, weights source), beside the plots
 # and exports. `DFER_GCViT/best_model.pth`, `final_results.json` and the plots are atomic
@@ -502,12 +563,20 @@ results = {
                  "sizes": [{p: int(len(f[p])) for p in ("train", "val", "test")} for f in folds],
                  "model_selection": f"best {config['monitor']} on a validation split carved from the training side"},
     "metrics": {"per_fold": fold_metrics, "mean_std": summary, "confusion_matrix_total": total_cm.tolist(),
-                "sequence_mean_std": sequence_summary},
+                "sequence_mean_std": sequence_summary,
+                "val_per_fold": val_metrics,  # a seed ensemble's validation figures (None: one model, see best_epochs)
+                "val_accuracy_mean_std": val_metrics and H.fold_summary([v["accuracy"] for v in val_metrics])},
     "cross_dataset": cross,
     "pretraining": pretraining,
     "model": {"name": config["model_name"], "parameters": param_counts, "weights": weights_info,
-              "best_fold": best_fold + 1, "best_epochs": [r["best"] for r in fold_runs]},
-    "wall_time_s": {"train_per_fold": [r["wall_s"] for r in fold_runs], "train_total": sum(r["wall_s"] for r in fold_runs)},
+              "best_fold": best_fold + 1, "best_epochs": [r["best"] for r in fold_runs],
+              "train_seeds": [H.training_seed(s["config"]) for s in specs],  # one per model of a fold
+              "members": [{"train_seed": H.training_seed(s["config"]), "run_dir": s["run_dir"], "run_key": s["run_key"],
+                           "best_epochs": [r["best"] for r in runs], "wall_s": [r["wall_s"] for r in runs]}
+                          for s, runs in zip(specs, member_runs)]},
+    # a fold's training: all its seeds' models
+    "wall_time_s": {"train_per_fold": [sum(runs[k]["wall_s"] for runs in member_runs) for k in range(len(folds))],
+                    "train_total": sum(r["wall_s"] for runs in member_runs for r in runs)},
     "training_data": fold_runs[0].get("training_data"),  # DataLoader or on the device (data_on_device), and why
     "compile": [r.get("compile") for r in fold_runs],  # torch.compile per fold: used, compile time, or why not
     "channels_last": [r.get("channels_last") for r in fold_runs],

@@ -4,9 +4,10 @@ Each run folder (``<workdir>/DFER_GCViT/runs/<key>``, with its ``run.json`` and 
 by the recipe's own evaluation (``H.fold_outputs``: the run's transform, batch, precision and flip TTA); fold k's
 ensemble averages the members' fold-k probabilities. The runs must hold the same folds (the same protocol, folds and
 seed: the same images, by content hash, in the same order); their recipes may differ (mixup, CutMix, epochs, crops).
-It answers "what would N runs (N times the folds' training) give?"; it is not a notebook setting, and the notebook's
-own figure is one run's. A member's validation figure is its best epoch's (the epoch was chosen on it), so on
-``--part val`` the ensemble is not comparable with its members: the test part is where they compare.
+It answers "what would N runs (N times the folds' training) give?" for any runs; the notebook's ``train_seeds``
+trains and evaluates an ensemble of seeds itself (the same averaging, ``H.mean_outputs``). A member's validation
+figure is its best epoch's (the epoch was chosen on it), so on ``--part val`` the ensemble is not comparable with its
+members: the test part is where they compare.
 
     OMP_NUM_THREADS=2 .venv/bin/python bench/dfer_ensemble.py <workdir>/DFER_GCViT/runs/<run A> <run B> --part test
 """
@@ -16,8 +17,6 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-
-import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -40,21 +39,18 @@ def ensemble(runs: list[str], part: str = "test", device="cpu") -> dict:
                              f"{first['class_names']} and {len(first['folds'])} folds")
     folds = []
     for k in range(len(first["folds"])):
-        outs = []
-        for r, s in zip(runs, specs):
-            checkpoint = Path(r) / f"fold_{k + 1}" / "best_model.pth"
+        checkpoints = [Path(r) / f"fold_{k + 1}" / "best_model.pth" for r in runs]
+        for r, checkpoint in zip(runs, checkpoints):
             if not checkpoint.is_file():
                 raise SystemExit(f"{checkpoint} does not exist: run {r} has not finished fold {k + 1}")
-            outs.append(H.fold_outputs(s, k, checkpoint, part, device))
-            if not np.array_equal(outs[-1]["sha1"], outs[0]["sha1"]):
-                raise SystemExit(f"{r}: fold {k + 1}'s {part} images differ from {runs[0]}'s (other folds or seed)")
-        probs = np.mean([o["probs"] for o in outs], axis=0)
-        mean = {**outs[0], "probs": probs, "y_pred": probs.argmax(1)}
-        mean.pop("acc_single", None)
-        folds.append({"fold": k + 1, "images": len(probs),
+        try:
+            outs = H.members_outputs(specs, k, checkpoints, part, device)
+        except ValueError as e:  # other folds or seed: their images differ
+            raise SystemExit(str(e)) from None
+        folds.append({"fold": k + 1, "images": len(outs[0]["probs"]),
                       "members": [{f: H.outputs_metrics(o, s["class_names"])[f] for f in FIGURES}
                                   for o, s in zip(outs, specs)],
-                      "ensemble": H.outputs_metrics(mean, first["class_names"])})
+                      "ensemble": H.outputs_metrics(H.mean_outputs(outs), first["class_names"])})
     seq = [f["ensemble"]["sequence"] for f in folds]
     return {"runs": [str(r) for r in runs], "part": part, "device": str(device), "folds": folds,
             "members_mean": [{f: H.fold_summary([fo["members"][i][f] for fo in folds]) for f in FIGURES}

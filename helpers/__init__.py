@@ -36,7 +36,7 @@ from .faces import FaceDetector, LandmarkDetector, crop_face, detect_faces, dlib
 from .cache import H5Dataset, build_hdf5_cache, cache_fingerprint, read_cache_meta, stored_fingerprint
 from .splits import PROTOCOLS, make_folds
 from .augment import FLIP_PERMUTATION_68, IMAGENET_MEAN, IMAGENET_STD, KeypointCompose, build_transform
-from .models import (TimmClassifier, WeightsUnavailableError, count_parameters, create_classifier,
+from .models import (EnsembleClassifier, TimmClassifier, WeightsUnavailableError, count_parameters, create_classifier,
                      create_feature_pyramid, load_matching_weights, load_weights, set_finetune_strategy,
                      validate_gcvit_size)
 from .distributed import (ShardedBatchSampler, barrier, get_rank, get_world_size, init_distributed, is_distributed,
@@ -54,8 +54,9 @@ from .plots import (plot_class_distribution, plot_confidence_histograms, plot_co
 from .export import (Backend, Predictor, ProbabilityModel, export_metadata, export_onnx, export_torchscript,
                      quantize_onnx_int8, read_onnx_metadata, run_video)
 from .device_data import BatchAugment, DeviceBatches, training_batches, use_device_data
-from .recipes import (build_classifier, classifier_transforms, cross_dataset, evaluate_fold, fold_lr, fold_outputs,
-                      launch_torchrun, outputs_metrics, pretrain_classifier, read_run_spec, run_spec, train_fold,
+from .recipes import (build_classifier, check_train_seeds, classifier_transforms, cross_dataset, evaluate_fold,
+                      evaluate_members, fold_lr, fold_outputs, launch_torchrun, mean_outputs, member_configs,
+                      members_outputs, outputs_metrics, pretrain_classifier, read_run_spec, run_spec, train_fold,
                       training_seed, write_run_spec)
 
 __all__ = [
@@ -80,7 +81,7 @@ __all__ = [
     # augment
     "IMAGENET_MEAN", "IMAGENET_STD", "FLIP_PERMUTATION_68", "KeypointCompose", "build_transform",
     # models
-    "TimmClassifier", "WeightsUnavailableError", "create_classifier", "create_feature_pyramid", "load_weights",
+    "TimmClassifier", "EnsembleClassifier", "WeightsUnavailableError", "create_classifier", "create_feature_pyramid", "load_weights",
     "load_matching_weights", "validate_gcvit_size", "count_parameters", "set_finetune_strategy",
     # train
     "seed_everything", "make_loader", "build_optimizer", "build_scheduler", "cross_entropy_loss",
@@ -102,6 +103,7 @@ __all__ = [
     "read_onnx_metadata", "Backend", "run_video",
     # recipes
     "BatchAugment", "DeviceBatches", "use_device_data", "training_batches",
-    "build_classifier", "classifier_transforms", "write_run_spec", "read_run_spec", "train_fold", "training_seed", "evaluate_fold", "fold_outputs", "outputs_metrics", "fold_lr",
+    "build_classifier", "classifier_transforms", "write_run_spec", "read_run_spec", "train_fold", "training_seed", "check_train_seeds", "member_configs", "evaluate_fold", "fold_outputs", "outputs_metrics",
+    "members_outputs", "mean_outputs", "evaluate_members", "fold_lr",
     "launch_torchrun", "pretrain_classifier", "cross_dataset", "run_spec",
 ]

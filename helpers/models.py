@@ -70,6 +70,32 @@ class TimmClassifier(nn.Module):
         return {"mean": tuple(cfg.get("mean", (0.485, 0.456, 0.406))), "std": tuple(cfg.get("std", (0.229, 0.224, 0.225)))}
 
 
+class EnsembleClassifier(nn.Module):
+    """Several classifiers of the same classes as one: the mean of their probabilities.
+
+    ``forward`` returns the log of that mean, so that softmax (as :class:`~helpers.Predictor`, ``Backend`` and the
+    exports apply to a classifier's logits) gives the mean probability exactly: ``softmax(log p) = p`` when
+    ``p`` sums to one. A seed ensemble of one fold (``train_seeds``) is exported and streamed as one model this way.
+
+    Args:
+        models: classifiers returning ``(B, num_classes)`` logits, with the same ``data_config()``.
+    """
+
+    def __init__(self, models: list[nn.Module]):
+        super().__init__()
+        if not models:
+            raise ValueError("an ensemble needs at least one model")
+        self.members = nn.ModuleList(models)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # (M, B, C) probabilities of the M members, in fp32 (members may run under autocast) -> (B, C) log mean
+        probs = torch.stack([m(x).float().softmax(-1) for m in self.members])
+        return probs.mean(0).clamp_min(1e-12).log()
+
+    def data_config(self) -> dict:
+        return self.members[0].data_config()
+
+
 def validate_gcvit_size(variant: str, img_size: int, weights: str) -> None:
     """Explain GCViT's input-size constraints before timm fails deep inside.
 
@@ -165,6 +191,11 @@ def _read_weights_file(path: str | Path) -> tuple[dict, list[str] | None]:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001
         raise WeightsUnavailableError(f"{path}: not a readable PyTorch checkpoint ({e})") from e
+    if isinstance(ckpt, dict) and ckpt.get("train_seeds"):  # DFER_GCViT's final model of a seed ensemble
+        raise WeightsUnavailableError(
+            f"{path}: an ensemble of {len(ckpt['train_seeds'])} models (train_seeds {ckpt['train_seeds']}), not one "
+            "set of weights; start from one member's fold_k/best_model.pth (its run folders: "
+            f"{', '.join(ckpt.get('member_runs', []))})")
     for key in ("model", "state_dict", "model_state"):
         if isinstance(ckpt, dict) and isinstance(ckpt.get(key), dict):
             return ckpt[key], ckpt.get("class_names")

@@ -50,6 +50,31 @@ def training_seed(config: dict) -> int:
     return config["seed"] if config.get("train_seed") is None else config["train_seed"]
 
 
+def check_train_seeds(train_seeds, train_seed) -> None:
+    """Refuse a ``train_seeds`` that is not a non-empty list of distinct integers, or one set beside ``train_seed``
+    (which of the two would train the folds?)."""
+    if train_seeds is None:
+        return
+    if (not isinstance(train_seeds, (list, tuple)) or not train_seeds
+            or any(isinstance(s, bool) or not isinstance(s, int) for s in train_seeds)):
+        raise ValueError(f"train_seeds must be a non-empty list of integers, e.g. [42, 1, 2], or None, not {train_seeds!r}")
+    if len(set(train_seeds)) != len(train_seeds):
+        raise ValueError(f"train_seeds {train_seeds} names a seed twice: its models would be the same")
+    if train_seed is not None:
+        raise ValueError(f"train_seed={train_seed} and train_seeds={train_seeds} are both set: set one (train_seeds "
+                         "trains the folds once per seed, train_seed once)")
+
+
+def member_configs(config: dict) -> list[dict]:
+    """One config per model a fold trains: one per ``train_seeds`` seed (a seed ensemble), else the config itself.
+
+    A member is exactly the run ``train_seed`` would train alone (``train_seeds`` None, ``train_seed`` None for the
+    run's own ``seed``), so an ensemble reuses single-seed runs of the same settings, and the other way round.
+    """
+    seeds = config.get("train_seeds") or [training_seed(config)]
+    return [{**config, "train_seed": None if s == config["seed"] else s, "train_seeds": None} for s in seeds]
+
+
 def build_classifier(config: dict, class_names: list[str]):
     """The notebook's model: timm backbone + head for ``class_names``, weights and fine-tuning strategy from ``config``.
 
@@ -210,6 +235,42 @@ def evaluate_fold(spec: dict, fold: int, checkpoint: str | Path, part: str, devi
     return outputs_metrics(fold_outputs(spec, fold, checkpoint, part, device), spec["class_names"])
 
 
+def members_outputs(specs: list[dict], fold: int, checkpoints: list[str | Path], part: str, device) -> list[dict]:
+    """:func:`fold_outputs` of several models of one fold (a seed ensemble's members, or runs of other recipes on the
+    same folds), checked to have predicted the same images in the same order."""
+    outs = []
+    for spec, checkpoint in zip(specs, checkpoints, strict=True):
+        outs.append(fold_outputs(spec, fold, checkpoint, part, device))
+        if not np.array_equal(outs[-1]["sha1"], outs[0]["sha1"]):
+            raise ValueError(f"{spec['run_dir']}: fold {fold + 1}'s {part} images differ from {specs[0]['run_dir']}'s "
+                             "(other folds, seed or data): they cannot be averaged")
+    return outs
+
+
+def mean_outputs(outs: list[dict]) -> dict:
+    """The ensemble of :func:`members_outputs`: the mean probability, its argmax, the members' images and labels
+    (one member: its outputs as they are; several: no one-view flip figure, which :func:`fold_outputs` keeps only as
+    an accuracy)."""
+    if len(outs) == 1:
+        return outs[0]
+    probs = np.mean([o["probs"] for o in outs], axis=0)
+    mean = {**outs[0], "probs": probs, "y_pred": probs.argmax(1)}
+    mean.pop("acc_single", None)
+    return mean
+
+
+def evaluate_members(specs: list[dict], fold: int, checkpoints: list[str | Path], part: str, device) -> dict:
+    """Metrics of a fold's model, or of its seed ensemble (the mean of the members' probabilities), on one part:
+    :func:`outputs_metrics`; with several members also ``"members"``, each one's ``accuracy`` and ``f1_macro``.
+    One member gives exactly :func:`evaluate_fold`'s figures."""
+    outs = members_outputs(specs, fold, checkpoints, part, device)
+    metrics = outputs_metrics(mean_outputs(outs), specs[0]["class_names"])
+    if len(outs) > 1:
+        metrics["members"] = [{k: m[k] for k in ("accuracy", "f1_macro")}
+                              for m in (outputs_metrics(o, specs[0]["class_names"]) for o in outs)]
+    return metrics
+
+
 def _cache_at_run_size(index, source: str | Path, prefix: str, workdir: Path, config: dict, class_names: list[str],
                        progress: bool) -> Path:
     """Cache another dataset's images as they are (no face detection) at the run's size and channels."""
@@ -274,13 +335,17 @@ def pretrain_classifier(data_path: str | Path, workdir: str | Path, config: dict
             "run_dir": str(run_dir), "sizes": {p: int(len(folds[0][p])) for p in ("train", "val", "test")}}
 
 
-def cross_dataset(source: str | Path, workdir: str | Path, spec: dict, checkpoints: list[str | Path],
+def cross_dataset(source: str | Path, workdir: str | Path, spec: dict, checkpoints: list,
                   device) -> dict:
     """Test a run's fold models, and their ensemble, on another dataset over the classes both share.
 
     The other dataset is indexed like the main one (any accepted layout), cached at the run's
     size and channels without face detection (e.g. CK+'s crops), and each fold's best model
     predicts among the shared classes only (the other outputs cannot be right there).
+
+    Args:
+        checkpoints: one per fold: a checkpoint, or a list of them (a seed ensemble: the fold's prediction is their
+            mean probability).
 
     Returns:
         ``{"source", "classes" (shared), "not_shared", "num_samples", "folds": [metrics per
@@ -297,14 +362,17 @@ def cross_dataset(source: str | Path, workdir: str | Path, spec: dict, checkpoin
                                class_names, progress=False)
     keep = [class_names.index(c) for c in shared]
     per_fold, probs = [], []
-    for ckpt in checkpoints:
-        model, _, _ = build_classifier({**config, "weights": "none"}, class_names)
-        model.load_state_dict(load_checkpoint(ckpt)["model"])
-        _, eval_tf = classifier_transforms(config, model.data_config())
-        out = evaluate(model.to(device), make_loader(H5Dataset(cache, transform=eval_tf), 64, False), device,
-                       tta_flip=config.get("tta_flip", False))
-        probs.append(out["probs"])
-        pred = np.array(keep)[out["probs"][:, keep].argmax(1)]
+    for group in checkpoints:
+        fold_probs = []  # (N, C) per member of the fold
+        for ckpt in group if isinstance(group, (list, tuple)) else [group]:
+            model, _, _ = build_classifier({**config, "weights": "none"}, class_names)
+            model.load_state_dict(load_checkpoint(ckpt)["model"])
+            _, eval_tf = classifier_transforms(config, model.data_config())
+            out = evaluate(model.to(device), make_loader(H5Dataset(cache, transform=eval_tf), 64, False), device,
+                           tta_flip=config.get("tta_flip", False))
+            fold_probs.append(out["probs"])
+        probs.append(np.mean(fold_probs, axis=0))
+        pred = np.array(keep)[probs[-1][:, keep].argmax(1)]
         per_fold.append(compute_metrics(out["y_true"], pred, class_names))
     mean = np.mean(probs, axis=0)
     ensemble = compute_metrics(out["y_true"], np.array(keep)[mean[:, keep].argmax(1)], class_names)

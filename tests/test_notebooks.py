@@ -118,6 +118,30 @@ def test_dfer_notebook_on_generated_demo(tmp_path):
     cli = json.loads((spec.parent / "train_results.json").read_text())  # what the 2 processes reported
     assert cli["world_size"] == 2
     assert [f["test"]["accuracy"] for f in cli["folds"]] == [m["accuracy"] for m in r["metrics"]["per_fold"]]
+    # A seed ensemble: the seed-42 member is that run (reused, not trained again), seed 7 trains; the folds score,
+    # deploy and export the mean of the two models' probabilities, from a folder of their own.
+    ens = _run("DFER_GCViT", tmp_path, train_seeds=[42, 7])
+    check_dfer_results(ens, tmp_path / "DFER_GCViT")
+    assert last.stat().st_mtime_ns == written
+    members = ens["model"]["members"]
+    assert [m["train_seed"] for m in members] == ens["model"]["train_seeds"] == [42, 7]
+    assert members[0]["run_dir"] == r["run_dir"] and ens["run_dir"] not in {m["run_dir"] for m in members}
+    spec7 = H.read_run_spec(Path(members[1]["run_dir"]) / "run.json")
+    assert spec7["config"]["train_seed"] == 7 and spec7["config"]["train_seeds"] is None
+    fold = ens["metrics"]["per_fold"][0]
+    outs = [H.fold_outputs(H.read_run_spec(Path(m["run_dir"]) / "run.json"), 0,
+                           Path(m["run_dir"]) / "fold_1" / "best_model.pth", "test", "cpu") for m in members]
+    probs = (outs[0]["probs"] + outs[1]["probs"]) / 2
+    assert fold["accuracy"] == pytest.approx(float((probs.argmax(1) == outs[0]["y_true"]).mean()))
+    assert [m["accuracy"] for m in fold["members"]] == [r["metrics"]["per_fold"][0]["accuracy"],
+                                                        float((outs[1]["y_pred"] == outs[1]["y_true"]).mean())]
+    assert ens["metrics"]["val_accuracy_mean_std"]["mean"] == ens["metrics"]["val_per_fold"][0]["accuracy"]
+    assert ens["wall_time_s"]["train_total"] == pytest.approx(sum(sum(m["wall_s"]) for m in members))
+    # its final model is the two as one (H.EnsembleClassifier): not a start for another run's weights
+    final = Path(ens["run_dir"]) / "final_model.pth"
+    assert H.load_checkpoint(final)["train_seeds"] == [42, 7]
+    with pytest.raises(H.WeightsUnavailableError, match="an ensemble of 2 models"):
+        H.create_classifier("gcvit_xxtiny", 6, 64, weights=str(final))
 
 
 def test_dfer_notebook_trains_on_ferplus_and_its_weights_start_a_kmu_run(tmp_path):
@@ -293,8 +317,10 @@ def test_grefel_notebook_on_whole_frames_without_votes_or_splits(demo_kmu_zip, t
 
 
 def test_dfer_notebook_on_real_kmu_fed_subject_protocol_and_ckplus(kmu_zip, ckplus_zip, tmp_path):
-    r = _run("DFER_GCViT", tmp_path, data_path=str(kmu_zip), cross_data_path=str(ckplus_zip), max_folds=2)
-    assert r["data"] == "real" and r["dataset"]["num_images"] == 1106
+    # a seed ensemble of two (the cpu profile's train_seeds is three): each fold's CK+ figure is its two models' mean
+    r = _run("DFER_GCViT", tmp_path, data_path=str(kmu_zip), cross_data_path=str(ckplus_zip), max_folds=2,
+             train_seeds=[42, 1])
+    assert r["data"] == "real" and r["dataset"]["num_images"] == 1106 and r["model"]["train_seeds"] == [42, 1]
     check_dfer_results(r, tmp_path / "DFER_GCViT")
     assert r["face_detection"]["rate"] >= 0.9
     assert r["cache"]["report"]["num_cached"] == r["face_detection"]["frames"]
