@@ -46,7 +46,9 @@ def main():
     if args.checkpoint:
         ckpt = H.load_checkpoint(args.checkpoint)
         cfg, classes, pre, norm = ckpt["config"], ckpt["class_names"], ckpt["preprocess"], ckpt["norm"]
-        model, _ = H.create_classifier(cfg["model_name"], len(classes), cfg["image_size"], dropout=cfg["dropout"])
+        members = [H.create_classifier(cfg["model_name"], len(classes), cfg["image_size"], dropout=cfg["dropout"])[0]
+                   for _ in ckpt.get("train_seeds") or [None]]  # a seed ensemble's final model: its members as one
+        model = members[0] if len(members) == 1 else H.EnsembleClassifier(members)
         model.load_state_dict(ckpt["model"])
     else:
         cfg = {"model_name": "gcvit_xxtiny", "image_size": 64}

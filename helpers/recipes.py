@@ -39,9 +39,9 @@ CONFIG_KEYS = ("model_name", "weights", "allow_random_init", "image_size", "chan
 
 # the folds' fine-tuning settings, which a pre-training from scratch never takes from the run (so changing them
 # reuses it): every layer trained (freezing would freeze random weights) with one learning rate (layer decay is
-# for fine-tuning), no weight average, no mixup or CutMix, validation and FER+ test in one view
+# for fine-tuning), no weight average, no mixup or CutMix, validation and FER+ test in one view, one seed
 FINETUNING_ONLY = {"finetune": "full", "frozen_stages": 0, "layer_decay": None, "model_ema": None, "tta_flip": False,
-                   "monitor": "val_acc", "train_seed": None, **BATCH_MIX_OFF}
+                   "monitor": "val_acc", "train_seed": None, "train_seeds": None, **BATCH_MIX_OFF}
 
 
 def training_seed(config: dict) -> int:

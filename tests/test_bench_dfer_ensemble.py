@@ -118,3 +118,59 @@ def test_a_cache_rebuilt_since_the_run_spec_stops_training_evaluation_and_the_be
     with pytest.raises(ValueError, match="was rebuilt since"):
         load_bench("dfer_ensemble").ensemble([str(run), str(other)])
     assert not (run / "fold_1" / "history.json").exists()  # nothing trained on the other crops
+
+
+def test_evaluate_members_is_the_fold_model_or_the_mean_of_its_seeds(demo_cache, folds, tmp_path):
+    """The notebook's train_seeds: one member scores exactly as evaluate_fold; several as their mean probability,
+    each member's figures beside it."""
+    runs = [_run(tmp_path, demo_cache, folds, "a", 0), _run(tmp_path, demo_cache, folds, "b", 10)]
+    specs = [H.read_run_spec(r / "run.json") for r in runs]
+    paths = [r / "fold_1" / "best_model.pth" for r in runs]
+    one = H.evaluate_members(specs[:1], 0, paths[:1], "test", "cpu")
+    assert one == H.evaluate_fold(specs[0], 0, paths[0], "test", "cpu") and "members" not in one
+    two = H.evaluate_members(specs, 0, paths, "val", "cpu")
+    outs = [H.fold_outputs(s, 0, p, "val", "cpu") for s, p in zip(specs, paths)]
+    probs = (outs[0]["probs"] + outs[1]["probs"]) / 2
+    assert two["accuracy"] == pytest.approx(float((probs.argmax(1) == outs[0]["y_true"]).mean()))
+    assert two["num_samples"] == len(folds[0]["val"])
+    assert [m["accuracy"] for m in two["members"]] == [H.outputs_metrics(o, demo_cache[1])["accuracy"] for o in outs]
+    with pytest.raises(ValueError, match="images differ"):
+        H.evaluate_members([specs[0], _spec_on_other_folds(tmp_path, demo_cache, folds)], 0, paths, "test", "cpu")
+
+
+def _spec_on_other_folds(tmp_path, demo_cache, folds):
+    return H.read_run_spec(_run(tmp_path, demo_cache, folds[::-1], "swapped", 1) / "run.json")
+
+
+def test_ensemble_classifier_gives_the_mean_probability_and_exports_as_one_model(tmp_path):
+    torch.manual_seed(0)
+    members = [H.create_classifier("gcvit_xxtiny", 4, 32)[0].eval() for _ in range(3)]
+    ensemble = H.EnsembleClassifier(members).eval()
+    x = torch.randn(5, 3, 32, 32)
+    with torch.no_grad():
+        mean = torch.stack([m(x).softmax(-1) for m in members]).mean(0)
+    probs = H.Backend("torch", ensemble)(x.numpy())
+    np.testing.assert_allclose(probs, mean.numpy(), atol=1e-6)  # softmax of its output: the mean, exactly
+    meta = H.export_metadata(["a", "b", "c", "d"], {"image_size": 32, "channels": 1}, (0.5,) * 3, (0.5,) * 3)
+    onnx = H.export_onnx(ensemble, tmp_path / "e.onnx", (x[:1],), meta)
+    np.testing.assert_allclose(H.Backend("onnx", onnx)(x.numpy()), mean.numpy(), atol=1e-5)
+    assert ensemble.data_config() == members[0].data_config()
+    with pytest.raises(ValueError, match="at least one model"):
+        H.EnsembleClassifier([])
+
+
+def test_train_seeds_checks_and_member_configs():
+    for bad in ([], [1, True], "42", [1.5], (3, 3)):
+        with pytest.raises(ValueError, match="train_seeds"):
+            H.check_train_seeds(bad, None)
+    with pytest.raises(ValueError, match="both set"):
+        H.check_train_seeds([1, 2], 5)
+    H.check_train_seeds([42, 1, 2], None)
+    H.check_train_seeds(None, 5)
+    config = {"seed": 42, "train_seed": None, "train_seeds": [42, 1, 2], "lr": 1e-3}
+    members = H.member_configs(config)
+    # the run's own seed is the run train_seed=None trains (the same run folder), the others train_seed's
+    assert [m["train_seed"] for m in members] == [None, 1, 2] and {m["train_seeds"] for m in members} == {None}
+    assert [H.training_seed(m) for m in members] == [42, 1, 2] and all(m["lr"] == 1e-3 for m in members)
+    assert H.member_configs({**config, "train_seeds": None, "train_seed": 7}) == [{**config, "train_seeds": None,
+                                                                                 "train_seed": 7}]
