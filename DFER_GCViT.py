@@ -323,7 +323,8 @@ if pretrain_source:
                                         batch_size=config["pretrain_batch_size"])
     config["weights"] = pretraining["checkpoint"]
     print(f"pre-trained on {pretrain_source}: test accuracy {pretraining['test']['accuracy']:.4f} "
-          f"({pretraining['epochs']} epochs, batch {pretraining['batch_size']}, {pretraining['wall_s'] / 60:.1f} min); "
+          f"({pretraining['epochs']} epochs, batch {pretraining['batch_size']}, {pretraining['epochs_s'] / 60:.1f} min of "
+          f"training{', reused' if pretraining['wall_s'] < 0.5 * pretraining['epochs_s'] else ''}); "
           "the folds start from it")
 
 # %% [markdown]
@@ -572,11 +573,14 @@ results = {
               "best_fold": best_fold + 1, "best_epochs": [r["best"] for r in fold_runs],
               "train_seeds": [H.training_seed(s["config"]) for s in specs],  # one per model of a fold
               "members": [{"train_seed": H.training_seed(s["config"]), "run_dir": s["run_dir"], "run_key": s["run_key"],
-                           "best_epochs": [r["best"] for r in runs], "wall_s": [r["wall_s"] for r in runs]}
+                           "best_epochs": [r["best"] for r in runs], "wall_s": [r["wall_s"] for r in runs],
+                           "epochs_s": [r["epochs_s"] for r in runs]}
                           for s, runs in zip(specs, member_runs)]},
     # a fold's training: all its seeds' models
     "wall_time_s": {"train_per_fold": [sum(runs[k]["wall_s"] for runs in member_runs) for k in range(len(folds))],
-                    "train_total": sum(r["wall_s"] for runs in member_runs for r in runs)},
+                    "train_total": sum(r["wall_s"] for runs in member_runs for r in runs),
+                    # the epochs' own time, also of folds this run reused (trained before, train_per_fold near 0)
+                    "epochs_total": sum(r["epochs_s"] for runs in member_runs for r in runs)},
     "training_data": fold_runs[0].get("training_data"),  # DataLoader or on the device (data_on_device), and why
     "compile": [r.get("compile") for r in fold_runs],  # torch.compile per fold: used, compile time, or why not
     "channels_last": [r.get("channels_last") for r in fold_runs],

@@ -304,7 +304,8 @@ def pretrain_classifier(data_path: str | Path, workdir: str | Path, config: dict
 
     Returns:
         ``{"data", "checkpoint", "sha256", "class_names", "epochs", "lr", "batch_size", "test": {accuracy,
-        f1_macro, num_samples}, "val_acc", "wall_s", "run_dir"}``; ``checkpoint`` is a
+        f1_macro, num_samples}, "val_acc", "wall_s" (this call), "epochs_s" (its epochs, whenever trained),
+        "run_dir"}``; ``checkpoint`` is a
         ``best_model.pth`` to pass as the main run's ``weights`` (its head is then reset).
     """
     if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
@@ -332,6 +333,7 @@ def pretrain_classifier(data_path: str | Path, workdir: str | Path, config: dict
             "class_names": classes, "epochs": num_epochs, "lr": lr, "batch_size": pconfig["batch_size"],
             "val_acc": run["best"]["value"],
             "test": {k: test[k] for k in ("accuracy", "f1_macro", "num_samples")}, "wall_s": run["wall_s"],
+            "epochs_s": run["epochs_s"],  # its training's time, also when this call reused it (wall_s near 0)
             "run_dir": str(run_dir), "sizes": {p: int(len(folds[0][p])) for p in ("train", "val", "test")}}
 
 

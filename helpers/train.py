@@ -744,7 +744,7 @@ def fit(model: nn.Module, train_loader, val_loader, out_dir: str | Path, *, num_
 
     Returns:
         ``{"history": [...], "best": {...}, "best_path", "last_path", "epochs_run", "stopped_early",
-        "wall_s", "world_size", "compile", "channels_last", "model_ema", "val_tta_flip", "mixup", "cutmix"}``.
+        "wall_s" (this call), "epochs_s" (the epochs' own time, whenever they trained), "world_size", "compile", "channels_last", "model_ema", "val_tta_flip", "mixup", "cutmix"}``.
     """
     check_model_ema(model_ema)
     check_monitor(monitor)
@@ -878,6 +878,8 @@ def fit(model: nn.Module, train_loader, val_loader, out_dir: str | Path, *, num_
             print(f"Early stopping: no {monitor} improvement for {early_stopping} epochs")
         distributed.barrier()  # the other ranks may read best_model.pth next
         return {"history": history, "best": best, "best_path": best_path, "last_path": last_path,
-                "epochs_run": len(history), "stopped_early": stopped, "wall_s": time.time() - t0, "world_size": world,
+                "epochs_run": len(history), "stopped_early": stopped, "wall_s": time.time() - t0,
+                # what the epochs took when they trained, in this call or before (a reused run: its training, not 0)
+                "epochs_s": sum(r.get("epoch_s", 0.0) for r in history), "world_size": world,
                 "compile": compile_info, "channels_last": nhwc, "model_ema": model_ema, "val_tta_flip": val_tta_flip,
                 "mixup": mixup, "cutmix": cutmix}

@@ -137,6 +137,9 @@ def test_dfer_notebook_on_generated_demo(tmp_path):
                                                         float((outs[1]["y_pred"] == outs[1]["y_true"]).mean())]
     assert ens["metrics"]["val_accuracy_mean_std"]["mean"] == ens["metrics"]["val_per_fold"][0]["accuracy"]
     assert ens["wall_time_s"]["train_total"] == pytest.approx(sum(sum(m["wall_s"]) for m in members))
+    # the reused member's training counts with the time it took then, not the moment it took to load
+    assert sum(members[0]["epochs_s"]) == pytest.approx(r["wall_time_s"]["epochs_total"])
+    assert sum(members[0]["wall_s"]) < sum(members[0]["epochs_s"])
     # its final model is the two as one (H.EnsembleClassifier): not a start for another run's weights
     final = Path(ens["run_dir"]) / "final_model.pth"
     assert H.load_checkpoint(final)["train_seeds"] == [42, 7]
@@ -175,6 +178,7 @@ def test_dfer_notebook_trains_on_ferplus_and_its_weights_start_a_kmu_run(tmp_pat
     again = _run("DFER_GCViT", tmp_path / "kmu", pretrain_data_path=str(fer_zip), pretrain_epochs=1,
                  finetune="partial", frozen_stages=1)
     assert again["pretraining"]["sha256"] == pre["sha256"] and last.stat().st_mtime_ns == written
+    assert again["pretraining"]["epochs_s"] == pre["epochs_s"] > again["pretraining"]["wall_s"]  # its training's time
     assert again["config"]["finetune"] == "partial" and again["run_dir"] != kmu["run_dir"]
     assert H.load_checkpoint(last)["config"]["finetune"] == "full"
     # a run that changes only its own recipe (augmentation, the pre-training's pinned by pretrain_augment; layer-wise
