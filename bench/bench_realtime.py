@@ -57,7 +57,7 @@ def main():
         norm = {"mean": H.IMAGENET_MEAN, "std": H.IMAGENET_STD}
         model, _ = H.create_classifier("gcvit_xxtiny", 6, 64)
     model.eval()
-    accuracy = "n/a (untrained)"
+    accuracy = "n/a (no --results)" if args.checkpoint else "n/a (untrained)"
     if args.results:
         r = json.loads(args.results.read_text())
         acc = r["metrics"]["mean_std"]["accuracy"]
