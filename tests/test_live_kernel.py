@@ -54,7 +54,7 @@ class LiveNotebook:
 
 NOTEBOOKS = {
     # name: (config cell, first and last cell of Train..Save, the cache cell, another input size)
-    "DFER_GCViT": ("config = H.resolve_config(", "run_key = H.config_fingerprint(", "H.publish_run(",
+    "DFER_GCViT": ("config = H.resolve_config(", "def run_key_of(cfg):", "H.publish_run(",
                    "cache_path = H.build_hdf5_cache(", {"image_size": 32}),
     "GReFEL": ("config = H.resolve_config(", "H.require(globals(), config=\"Configuration\", meta=", "H.publish_run(",
                "cache_path = H.build_hdf5_cache(",

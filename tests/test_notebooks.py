@@ -339,6 +339,11 @@ def test_dfer_notebook_on_real_kmu_fed_subject_protocol_and_ckplus(kmu_zip, ckpl
     assert cross["classes"] == ["angry", "disgust", "fear", "happy", "sad", "surprise"]
     assert cross["num_samples"] == 981 - 54 and cross["not_shared"] == ["contempt"]  # CK+ without contempt
     assert len(cross["folds"]) == 2 and cross["ensemble"]["num_samples"] == cross["num_samples"]
+    # fold 1's figure is its two models averaged: the ensemble of the two scored as separate folds
+    spec = H.read_run_spec(Path(r["model"]["members"][0]["run_dir"]) / "run.json")
+    apart = H.cross_dataset(ckplus_zip, tmp_path, spec, [[Path(m["run_dir"]) / "fold_1" / "best_model.pth"]
+                                                         for m in r["model"]["members"]], "cpu")
+    assert cross["folds"][0] == apart["ensemble"] and apart["folds"][0] != apart["folds"][1]
 
 
 def test_grefel_notebook_on_real_ferplus_subset(ferplus_zip, tmp_path):
