@@ -5,7 +5,7 @@ by the recipe's own evaluation (``H.fold_outputs``: the run's transform, batch, 
 ensemble averages the members' fold-k probabilities. The runs must hold the same folds (the same protocol, folds and
 seed: the same images, by content hash, in the same order); their recipes may differ (mixup, CutMix, epochs, crops).
 It answers "what would N runs (N times the folds' training) give?" for any runs; the notebook's ``train_seeds``
-trains and evaluates an ensemble of seeds itself (the same averaging, ``H.mean_outputs``). A member's validation
+trains and evaluates an ensemble of seeds itself (the same scoring, ``H.evaluate_members``). A member's validation
 figure is its best epoch's (the epoch was chosen on it), so on ``--part val`` the ensemble is not comparable with its
 members: the test part is where they compare.
 
@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import helpers as H  # noqa: E402
 
-FIGURES = ("accuracy", "f1_macro")
+FIGURES = ("accuracy", "f1_macro")  # what H.evaluate_members keeps of each member
 
 
 def ensemble(runs: list[str], part: str = "test", device="cpu") -> dict:
@@ -44,13 +44,11 @@ def ensemble(runs: list[str], part: str = "test", device="cpu") -> dict:
             if not checkpoint.is_file():
                 raise SystemExit(f"{checkpoint} does not exist: run {r} has not finished fold {k + 1}")
         try:
-            outs = H.members_outputs(specs, k, checkpoints, part, device)
+            metrics = H.evaluate_members(specs, k, checkpoints, part, device)  # members' FIGURES beside the mean's
         except ValueError as e:  # other folds or seed: their images differ
             raise SystemExit(str(e)) from None
-        folds.append({"fold": k + 1, "images": len(outs[0]["probs"]),
-                      "members": [{f: H.outputs_metrics(o, s["class_names"])[f] for f in FIGURES}
-                                  for o, s in zip(outs, specs)],
-                      "ensemble": H.outputs_metrics(H.mean_outputs(outs), first["class_names"])})
+        members = metrics.pop("members")
+        folds.append({"fold": k + 1, "images": metrics["num_samples"], "members": members, "ensemble": metrics})
     seq = [f["ensemble"]["sequence"] for f in folds]
     return {"runs": [str(r) for r in runs], "part": part, "device": str(device), "folds": folds,
             "members_mean": [{f: H.fold_summary([fo["members"][i][f] for fo in folds]) for f in FIGURES}

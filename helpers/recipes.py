@@ -199,6 +199,17 @@ def train_fold(spec: dict, fold: int, device, progress: bool = True) -> dict:
             "training_data": training_data}
 
 
+def _checkpoint_predictions(config: dict, class_names: list[str], checkpoint: str | Path, cache: str | Path,
+                            rows, device, batch_size: int, amp_dtype=None) -> dict:
+    """:func:`evaluate` of a checkpoint of the run's classifier on cache rows (None: all of them), with the run's
+    evaluation transform and flip TTA."""
+    model, _, _ = build_classifier({**config, "weights": "none"}, class_names)  # weights come from the checkpoint
+    model.load_state_dict(load_checkpoint(checkpoint)["model"])
+    _, eval_tf = classifier_transforms(config, model.data_config())
+    loader = make_loader(H5Dataset(cache, rows, eval_tf), batch_size, shuffle=False, device=device)
+    return evaluate(model.to(device), loader, device, amp_dtype=amp_dtype, tta_flip=config.get("tta_flip", False))
+
+
 def fold_outputs(spec: dict, fold: int, checkpoint: str | Path, part: str, device) -> dict:
     """A checkpoint's predictions on one part (``"train"``, ``"val"`` or ``"test"``) of a fold, as the run evaluates
     (its transform, batch, precision and ``tta_flip``): :func:`evaluate`'s ``y_true``, ``y_pred``, ``probs`` (and
@@ -206,16 +217,11 @@ def fold_outputs(spec: dict, fold: int, checkpoint: str | Path, part: str, devic
 
     Under torchrun every rank evaluates a share and all get the whole part's predictions.
     """
-    config, class_names = spec["config"], spec["class_names"]
+    config = spec["config"]
     check_spec_cache(spec)
-    model, _, _ = build_classifier({**config, "weights": "none"}, class_names)  # weights come from the checkpoint
-    model.load_state_dict(load_checkpoint(checkpoint)["model"])
-    _, eval_tf = classifier_transforms(config, model.data_config())
     rows = spec["folds"][fold][part]
-    loader = make_loader(H5Dataset(spec["cache_path"], rows, eval_tf), config["batch_size"], shuffle=False,
-                         device=device)
-    out = evaluate(model.to(device), loader, device, amp_dtype=resolve_amp(config["amp"], device),
-                   tta_flip=config.get("tta_flip", False))
+    out = _checkpoint_predictions(config, spec["class_names"], checkpoint, spec["cache_path"], rows, device,
+                                  config["batch_size"], amp_dtype=resolve_amp(config["amp"], device))
     meta = read_cache_meta(spec["cache_path"])[0].iloc[rows]
     return {**out, "groups": meta["group"].to_numpy(), "sha1": meta["sha1"].to_numpy()}
 
@@ -367,11 +373,7 @@ def cross_dataset(source: str | Path, workdir: str | Path, spec: dict, checkpoin
     for group in checkpoints:
         fold_probs = []  # (N, C) per member of the fold
         for ckpt in group if isinstance(group, (list, tuple)) else [group]:
-            model, _, _ = build_classifier({**config, "weights": "none"}, class_names)
-            model.load_state_dict(load_checkpoint(ckpt)["model"])
-            _, eval_tf = classifier_transforms(config, model.data_config())
-            out = evaluate(model.to(device), make_loader(H5Dataset(cache, transform=eval_tf), 64, False), device,
-                           tta_flip=config.get("tta_flip", False))
+            out = _checkpoint_predictions(config, class_names, ckpt, cache, None, device, 64)  # fp32
             fold_probs.append(out["probs"])
         probs.append(np.mean(fold_probs, axis=0))
         pred = np.array(keep)[probs[-1][:, keep].argmax(1)]

@@ -744,7 +744,8 @@ def fit(model: nn.Module, train_loader, val_loader, out_dir: str | Path, *, num_
 
     Returns:
         ``{"history": [...], "best": {...}, "best_path", "last_path", "epochs_run", "stopped_early",
-        "wall_s" (this call), "epochs_s" (the epochs' own time, whenever they trained), "world_size", "compile", "channels_last", "model_ema", "val_tta_flip", "mixup", "cutmix"}``.
+        "wall_s" (this call), "epochs_s" (the epochs' own time, whenever they trained), "world_size", "compile",
+        "channels_last", "model_ema", "val_tta_flip", "mixup", "cutmix"}``.
     """
     check_model_ema(model_ema)
     check_monitor(monitor)

@@ -134,12 +134,9 @@ def test_evaluate_members_is_the_fold_model_or_the_mean_of_its_seeds(demo_cache,
     assert two["accuracy"] == pytest.approx(float((probs.argmax(1) == outs[0]["y_true"]).mean()))
     assert two["num_samples"] == len(folds[0]["val"])
     assert [m["accuracy"] for m in two["members"]] == [H.outputs_metrics(o, demo_cache[1])["accuracy"] for o in outs]
+    swapped = H.read_run_spec(_run(tmp_path, demo_cache, folds[::-1], "swapped", 1) / "run.json")  # other folds
     with pytest.raises(ValueError, match="images differ"):
-        H.evaluate_members([specs[0], _spec_on_other_folds(tmp_path, demo_cache, folds)], 0, paths, "test", "cpu")
-
-
-def _spec_on_other_folds(tmp_path, demo_cache, folds):
-    return H.read_run_spec(_run(tmp_path, demo_cache, folds[::-1], "swapped", 1) / "run.json")
+        H.evaluate_members([specs[0], swapped], 0, paths, "test", "cpu")
 
 
 def test_ensemble_classifier_gives_the_mean_probability_and_exports_as_one_model(tmp_path):
