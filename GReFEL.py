@@ -72,10 +72,11 @@ dropout = None                 # ViT and head dropout
 # optim
 num_epochs = None              # epochs
 batch_size = None              # images per step (reliability attention runs over the batch)
-lr = None                      # peak learning rate (AdamW)
+optimizer = None               # "adamw" | "sgd" (Nesterov momentum 0.9: lr e.g. 0.1 and weight_decay its L2 term, e.g. 5e-4)
+lr = None                      # peak learning rate
 lr_scaling = None              # "none" | "sqrt" (AdamW) | "linear": scale lr from lr_reference_batch to batch_size
 lr_reference_batch = None      # the batch size lr was chosen for | None: the profile's batch_size
-weight_decay = None            # AdamW decoupled weight decay
+weight_decay = None            # AdamW decoupled weight decay (SGD: the L2 term)
 warmup_epochs = None           # linear warm-up, epochs
 label_smoothing = None         # in [0, 1): smoothing of the NLL targets
 augment = None                 # "grefel" (seed README: zoom-crop, flip, colour jitter, rotation) | "shift" (flip, shift, rotation; no zoom)
@@ -119,7 +120,7 @@ COMMON = dict(video_source=None, video_frames=30, ema=0.6, max_per_split=None, v
               balanced_sampling=False, clip_grad=1.0, model_ema=None, amp="auto", early_stopping=None, monitor="val_acc",
               torch_compile="auto",
               channels_last=False,
-              data_on_device="auto", lr_scaling="none", lr_reference_batch=None)
+              data_on_device="auto", lr_scaling="none", lr_reference_batch=None, optimizer="adamw")
 PROFILES = {
     # minutes on 2 CPU cores: 200 images per split, a tiny ResNet, two epochs; checks the plumbing
     "smoke": {**COMMON, "image_size": 48, "max_per_split": 200, "backbone": "resnet18", "weights": "none",
@@ -159,7 +160,7 @@ config = H.resolve_config(profile, PROFILES, dict(
     augment_erasing=augment_erasing, mixup=mixup, cutmix=cutmix,
     tta_flip=tta_flip, tta_shift=tta_shift, embed_dim=embed_dim, num_heads=num_heads, depth=depth,
     patch_sizes=patch_sizes, window=window, num_anchors_per_class=num_anchors_per_class, dropout=dropout,
-    num_epochs=num_epochs, batch_size=batch_size, lr=lr, lr_scaling=lr_scaling,
+    num_epochs=num_epochs, batch_size=batch_size, optimizer=optimizer, lr=lr, lr_scaling=lr_scaling,
     lr_reference_batch=lr_reference_batch, weight_decay=weight_decay, warmup_epochs=warmup_epochs,
     lambda_cls=lambda_cls, lambda_plain=lambda_plain, lambda_anchor=lambda_anchor, lambda_center=lambda_center, anchor_margin=anchor_margin,
     class_weighted=class_weighted, logit_adjusted_loss=logit_adjusted_loss, balanced_sampling=balanced_sampling, clip_grad=clip_grad, model_ema=model_ema, amp=amp,
@@ -170,6 +171,7 @@ config = H.resolve_config(profile, PROFILES, dict(
 if config["augment"] not in ("grefel", "shift"):
     raise ValueError(f"augment must be 'grefel' or 'shift', not {config['augment']!r}")
 H.check_model_ema(config["model_ema"])
+H.check_optimizer(config["optimizer"])
 H.check_monitor(config["monitor"])
 H.class_weight_power(config["class_weighted"])
 H.check_logit_adjusted_loss(config["logit_adjusted_loss"])
@@ -690,12 +692,13 @@ print(f"GReFEL ({config['components']}) {param_counts['total']:,} parameters; tr
 revision = MODEL_REVISION[config["components"]]
 # settings that say where outputs go, what the video demo shows or how fast training runs, not what is trained
 PLACE_AND_SPEED = ("workdir", "video_source", "video_frames", "ema", "torch_compile", "channels_last")
-# model_ema, mixup, cutmix, logit_adjusted_loss and monitor joined the settings later: off, they leave the run folders of
-# before them their names
+# model_ema, mixup, cutmix, logit_adjusted_loss, monitor and optimizer joined the settings later: off (AdamW), they leave
+# the run folders of before them their names
 run_key = H.config_fingerprint(config, exclude=PLACE_AND_SPEED + ("tta_flip", "tta_shift", "data_on_device")
                                + tuple(k for k in ("model_ema", "logit_adjusted_loss") if not config[k])
                                + tuple(k for k, off in H.BATCH_MIX_OFF.items() if config[k] == off)
-                               + (("monitor",) if config["monitor"] == "val_acc" else ()),
+                               + (("monitor",) if config["monitor"] == "val_acc" else ())
+                               + (("optimizer",) if config["optimizer"] == "adamw" else ()),
                                contents={"data": cache_attrs["fingerprint"],  # new data or weights: a new run
                                          "weights": backbone_info.get("sha256"),
                                          # a new model revision too (revision-1 runs keep their names)
@@ -709,7 +712,7 @@ run = H.fit(model, train_loader, val_loader, run_dir, num_epochs=config["num_epo
             early_stopping=config["early_stopping"], monitor=config["monitor"], config=config,
             torch_compile=config["torch_compile"],
             channels_last=config["channels_last"], model_ema=config["model_ema"], mixup=config["mixup"],
-            cutmix=config["cutmix"],
+            cutmix=config["cutmix"], optimizer=config["optimizer"],
             extra_state={"class_names": class_names, "preprocess": cache_attrs["preprocess"], "norm": norm},
             run_key=run_key)
 H.plot_training_curves(run["history"], save_path=run_dir / "training_curve.png");

@@ -125,9 +125,23 @@ def scaled_lr(lr: float, batch_size: int, reference_batch: int, rule: str = "non
     return lr * {"none": 1.0, "sqrt": math.sqrt(ratio), "linear": ratio}[rule]
 
 
+OPTIMIZERS = ("adamw", "sgd")
+
+
+def check_optimizer(optimizer: str) -> None:
+    """Refuse an optimizer :func:`build_optimizer` does not build, naming those it does."""
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {OPTIMIZERS}, not {optimizer!r}")
+
+
 def build_optimizer(model: nn.Module, lr: float, weight_decay: float, fused: bool | None = None,
-                    layer_decay: float | None = None) -> torch.optim.AdamW:
-    """AdamW over trainable parameters; biases and norm weights get no weight decay.
+                    layer_decay: float | None = None, optimizer: str = "adamw",
+                    momentum: float = 0.9) -> torch.optim.Optimizer:
+    """AdamW (or SGD) over trainable parameters; biases and norm weights get no weight decay.
+
+    ``optimizer``: ``"adamw"`` (``weight_decay`` is decoupled, e.g. 0.05) or ``"sgd"`` (Nesterov momentum
+    ``momentum``; ``weight_decay`` is the L2 term added to the gradient, e.g. 5e-4, and the lr is SGD's, e.g. 0.1
+    at batch 128: the classic ResNet recipe).
 
     ``fused``: one fused kernel for the whole update (``None``: on when every parameter is on
     CUDA, where it saves a launch per parameter tensor; the CPU keeps the default loop).
@@ -141,6 +155,7 @@ def build_optimizer(model: nn.Module, lr: float, weight_decay: float, fused: boo
         ValueError: ``layer_decay`` outside (0, 1], or a model without a timm ``backbone`` whose layers timm
             can name (``group_matcher``).
     """
+    check_optimizer(optimizer)
     if layer_decay is not None and not 0 < layer_decay <= 1:
         raise ValueError(f"layer_decay must be in (0, 1] (e.g. 0.75), or None for one learning rate; not {layer_decay}")
     backbone = getattr(model, "backbone", None)
@@ -163,6 +178,8 @@ def build_optimizer(model: nn.Module, lr: float, weight_decay: float, fused: boo
     groups = [{**g, "lr": lr * g["lr_scale"]} for g in groups if g["params"]]
     if fused is None:
         fused = all(p.is_cuda for g in groups for p in g["params"]) and bool(groups)
+    if optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=True, fused=fused or None)
     return torch.optim.AdamW(groups, lr=lr, fused=fused or None)
 
 
@@ -691,7 +708,7 @@ def fit(model: nn.Module, train_loader, val_loader, out_dir: str | Path, *, num_
         run_key: str | None = None, progress: bool = True, find_unused_parameters: bool = False,
         torch_compile: bool | str = False, channels_last: bool = False,
         layer_decay: float | None = None, model_ema: float | None = None, val_tta_flip: bool = False,
-        mixup: float = 0.0, cutmix: float = 0.0) -> dict:
+        mixup: float = 0.0, cutmix: float = 0.0, optimizer: str = "adamw") -> dict:
     """Train with checkpoints, history, early stopping and resume.
 
     Args:
@@ -699,7 +716,7 @@ def fit(model: nn.Module, train_loader, val_loader, out_dir: str | Path, *, num_
         train_loader, val_loader: from :func:`make_loader`.
         out_dir: where ``last.pth``, ``best_model.pth`` and ``history.json`` go.
         num_epochs: epochs (also the cosine period).
-        lr: peak learning rate. weight_decay: AdamW decoupled weight decay.
+        lr: peak learning rate. weight_decay: AdamW decoupled weight decay (SGD: its L2 term).
         device: training device.
         loss_fn: ``loss_fn(outputs, y, progress)``; default :func:`cross_entropy_loss`.
         seed: seeds every epoch (see module docstring).
@@ -736,6 +753,7 @@ def fit(model: nn.Module, train_loader, val_loader, out_dir: str | Path, *, num_
             beside it (``val_acc_single``). Models with one input only.
         mixup, cutmix: ``alpha`` of mixup / CutMix of every training batch (:class:`BatchMix`; both on: one or
             the other per batch); 0: off. The loss must take (B, C) targets (both notebooks' losses do).
+        optimizer: ``"adamw"`` or ``"sgd"`` (Nesterov momentum 0.9; see :func:`build_optimizer`), recorded.
 
     Under torchrun the model is wrapped in DistributedDataParallel here, every rank runs the
     same epochs on its share of the data, validation figures are those of the whole
@@ -745,10 +763,11 @@ def fit(model: nn.Module, train_loader, val_loader, out_dir: str | Path, *, num_
     Returns:
         ``{"history": [...], "best": {...}, "best_path", "last_path", "epochs_run", "stopped_early",
         "wall_s" (this call), "epochs_s" (the epochs' own time, whenever they trained), "world_size", "compile",
-        "channels_last", "model_ema", "val_tta_flip", "mixup", "cutmix"}``.
+        "channels_last", "model_ema", "val_tta_flip", "mixup", "cutmix", "optimizer"}``.
     """
     check_model_ema(model_ema)
     check_monitor(monitor)
+    check_optimizer(optimizer)
     mix = BatchMix(mixup, cutmix) if (mixup or cutmix) else None  # checks both
     out_dir = Path(out_dir)
     device = torch.device(device)
@@ -761,7 +780,8 @@ def fit(model: nn.Module, train_loader, val_loader, out_dir: str | Path, *, num_
         main = rank == 0
         progress = progress and main
         model.to(device)
-        optimizer = build_optimizer(model, lr, weight_decay, layer_decay=layer_decay)
+        optimizer_kind, optimizer = optimizer, build_optimizer(model, lr, weight_decay, layer_decay=layer_decay,
+                                                              optimizer=optimizer)
         scheduler = build_scheduler(optimizer, num_epochs, len(train_loader), warmup_epochs, restart_epochs, min_lr_ratio)
         amp_dtype = resolve_amp(amp, device)
         scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
@@ -773,9 +793,10 @@ def fit(model: nn.Module, train_loader, val_loader, out_dir: str | Path, *, num_
         if resume and last_path.exists():
             ckpt = load_checkpoint(last_path)
             # fit's own settings (not in config) count too; checkpoints from before val_tta_flip validated one
-            # view, those from before mixup / cutmix mixed nothing, those from before monitor chose by val_acc
+            # view, those from before mixup / cutmix mixed nothing, those from before monitor chose by val_acc,
+            # those from before optimizer_kind trained with AdamW
             own = [k for k, value, absent in (("model_ema", model_ema, None), ("val_tta_flip", val_tta_flip, False),
-                                              ("monitor", monitor, "val_acc"),
+                                              ("monitor", monitor, "val_acc"), ("optimizer_kind", optimizer_kind, "adamw"),
                                               *((k, v, BATCH_MIX_OFF[k]) for k, v in (("mixup", mixup), ("cutmix", cutmix))))
                    if ckpt.get(k, absent) != value]
             if ckpt.get("run_key") != run_key or own:
@@ -864,7 +885,7 @@ def fit(model: nn.Module, train_loader, val_loader, out_dir: str | Path, *, num_
                                 scheduler=scheduler.state_dict(), scaler=scaler.state_dict() if scaler else None,
                                 epoch=epoch + 1, history=history, best=best, waited=waited, config=config,
                                 run_key=run_key, world_size=world, model_ema=model_ema, val_tta_flip=val_tta_flip,
-                                mixup=mixup, cutmix=cutmix, monitor=monitor,
+                                mixup=mixup, cutmix=cutmix, monitor=monitor, optimizer_kind=optimizer_kind,
                                 ema=None if ema is None else ema.module.state_dict())
                 save_json(history, out_dir / "history.json")
             if progress:
@@ -883,4 +904,4 @@ def fit(model: nn.Module, train_loader, val_loader, out_dir: str | Path, *, num_
                 # what the epochs took when they trained, in this call or before (a reused run: its training, not 0)
                 "epochs_s": sum(r.get("epoch_s", 0.0) for r in history), "world_size": world,
                 "compile": compile_info, "channels_last": nhwc, "model_ema": model_ema, "val_tta_flip": val_tta_flip,
-                "mixup": mixup, "cutmix": cutmix}
+                "mixup": mixup, "cutmix": cutmix, "optimizer": optimizer_kind}

@@ -759,3 +759,46 @@ def test_mixup_trains_on_mixed_batches_resumes_exactly_and_refuses_a_checkpoint_
     with pytest.raises(ValueError, match=r"other settings \(mixup, cutmix\)"):
         _fit(cache, classes, tmp_path / "cut", num_epochs=4)  # the same folder without the mix
     assert H.load_checkpoint(tmp_path / "plain" / "last.pth")["mixup"] == 0.0
+
+
+def test_sgd_is_nesterov_momentum_with_l2_on_weights_only_and_bad_names_are_refused():
+    """By value: two SGD steps of build_optimizer("sgd") equal Nesterov's update written out, with the L2 term
+    on the conv / linear weights and none on biases and norm weights; AdamW stays the default."""
+    torch.manual_seed(0)
+    model = TinyNet(3)
+    opt = H.build_optimizer(model, 0.1, 5e-4, optimizer="sgd")
+    assert isinstance(opt, torch.optim.SGD) and isinstance(H.build_optimizer(model, 1e-3, 0.05), torch.optim.AdamW)
+    assert all(g["nesterov"] and g["momentum"] == 0.9 for g in opt.param_groups)
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    x, y = torch.randn(4, 3, 16, 16), torch.tensor([0, 1, 2, 1])
+    model.eval()  # no dropout: the same gradient function both steps
+    grads = []
+    for _ in range(2):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        grads.append({n: p.grad.detach().clone() for n, p in model.named_parameters()})
+        opt.step()
+    for n, p in model.named_parameters():
+        wd = 0.0 if p.ndim <= 1 else 5e-4
+        w0 = start[n]
+        g0 = grads[0][n] + wd * w0
+        w1 = w0 - 0.1 * (g0 + 0.9 * g0)  # buffer b1 = g0; Nesterov step g + momentum * b
+        g1 = grads[1][n] + wd * w1
+        b2 = 0.9 * g0 + g1
+        torch.testing.assert_close(p.detach(), w1 - 0.1 * (g1 + 0.9 * b2), msg=n)
+    with pytest.raises(ValueError, match="optimizer must be one of"):
+        H.build_optimizer(model, 0.1, 5e-4, optimizer="adam")
+    with pytest.raises(ValueError, match="optimizer must be one of"):
+        H.check_optimizer("SGD")
+
+
+def test_fit_with_sgd_records_it_and_refuses_to_resume_an_adamw_checkpoint(demo_cache, tmp_path):
+    cache, classes = demo_cache
+    _, run = _fit(cache, classes, tmp_path / "sgd", num_epochs=1, optimizer="sgd", lr=0.05)
+    assert run["optimizer"] == "sgd" and run["epochs_run"] == 1
+    assert H.load_checkpoint(tmp_path / "sgd" / "last.pth")["optimizer_kind"] == "sgd"
+    _fit(cache, classes, tmp_path / "adamw", num_epochs=1)
+    with pytest.raises(ValueError, match="other settings.*optimizer_kind"):
+        _fit(cache, classes, tmp_path / "adamw", num_epochs=2, optimizer="sgd")
+    _, same = _fit(cache, classes, tmp_path / "sgd", num_epochs=2, optimizer="sgd", lr=0.05)  # resumes its own
+    assert same["epochs_run"] == 2
