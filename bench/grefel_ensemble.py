@@ -39,7 +39,7 @@ def ensemble(checkpoints: list[str], cache: str, part: str, shifts: list[int], d
     for i, row in enumerate(first["rows"]):
         probs = np.mean([m["rows"][i]["final_probs"] for m in members], axis=0)  # (N, C)
         rows.append({k: row[k] for k in ("views", "tta_flip", "tta_shift")}
-                    | score({"final_probs": probs, "y": first["y"]}, first["class_names"])
+                    | score({"final_probs": probs, "y": first["y"]}, first["class_names"], first["votes"])
                     | {"members": [{k: m["rows"][i][k] for k in ("accuracy", "f1_macro", "predicted_classes")}
                                    for m in members]}
                     | ({"final_probs": probs} if keep_outputs else {}))
@@ -62,7 +62,8 @@ def main() -> None:
         members = " / ".join(f"{m['accuracy']:.4f}" for m in r["members"])
         print(f"{view_name(r):28s} {r['views']:2d} views  members {members}  ensemble {r['accuracy']:.4f} "
               f"({r['accuracy'] - max(m['accuracy'] for m in r['members']):+.4f} over the best member)  "
-              f"macro F1 {r['f1_macro']:.4f}  {r['predicted_classes']} classes")
+              f"macro F1 {r['f1_macro']:.4f}  {r['predicted_classes']} classes"
+              + (f"  paper protocol {r['paper_accuracy']:.4f}" if "paper_accuracy" in r else ""))
     if a.json:
         H.save_json(out, a.json)
 

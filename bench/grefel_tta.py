@@ -26,10 +26,13 @@ import helpers as H  # noqa: E402
 from grefel_pilot import model_cells  # noqa: E402
 
 
-def score(o: dict, class_names: list[str]) -> dict:
+def score(o: dict, class_names: list[str], votes: np.ndarray | None = None) -> dict:
+    """Accuracy, macro F1 and classes predicted of the final output; with FER+'s ``votes`` of the images also the
+    accuracy under the FERPlus paper's test protocol (``paper_accuracy``: its clear majorities only)."""
     pred = o["final_probs"].argmax(1)
     m = H.compute_metrics(o["y"], pred, class_names)
-    return {k: m[k] for k in ("accuracy", "f1_macro", "predicted_classes")}
+    paper = {} if votes is None else {"paper_accuracy": H.ferplus_paper_accuracy(votes, pred, o["y"])["accuracy"]}
+    return {k: m[k] for k in ("accuracy", "f1_macro", "predicted_classes")} | paper
 
 
 def view_name(row: dict) -> str:
@@ -51,6 +54,7 @@ def compare(checkpoint: str, cache: str, part: str, shifts: list[int], device="c
     if not len(idx):
         raise SystemExit(f"{cache} has no {part!r} split (it has: {', '.join(sorted(set(meta['split'])))})")
     batch_size = batch_size or (ev.config["batch_size"] if part == "val" else 128)
+    votes = H.read_cache_votes(cache, idx)  # FER+: the paper's protocol beside (None for data without votes)
     loader = H.make_loader(H.H5Dataset(cache, idx, ev.transform, in_memory=True, landmarks=True), batch_size,
                            shuffle=False)
     rows = []
@@ -58,13 +62,16 @@ def compare(checkpoint: str, cache: str, part: str, shifts: list[int], device="c
         t0 = time.time()
         o = ev.outputs(loader, tta_flip=flip, tta_shift=shift)
         rows.append({"views": (5 if shift else 1) * (2 if flip else 1), "tta_flip": flip, "tta_shift": shift,
-                     **score(o, ev.class_names), "s": round(time.time() - t0, 1),
+                     **score(o, ev.class_names, votes), "s": round(time.time() - t0, 1),
                      **({"final_probs": o["final_probs"]} if keep_outputs else {})})
     return {"checkpoint": str(checkpoint), "cache": str(cache), "part": part, "images": int(len(idx)),
             "batch_size": batch_size, "device": str(device),
             "config": {k: ev.config.get(k) for k in ("components", "image_size", "backbone", "backbone_args",
                                                      "num_epochs")},
-            "class_names": list(ev.class_names), "rows": rows, **({"y": o["y"]} if keep_outputs else {})}
+            "class_names": list(ev.class_names), "rows": rows,
+            "paper_protocol": None if votes is None else {"images": int(H.ferplus_paper_subset(votes).sum()),
+                                                          "rule": H.FERPLUS_PAPER_RULE},
+            **({"y": o["y"], "votes": votes} if keep_outputs else {})}
 
 
 def main() -> None:
@@ -83,7 +90,8 @@ def main() -> None:
     print(f"{out['part']}: {out['images']} images, batch {out['batch_size']}, {out['device']}; {out['config']}")
     for r in out["rows"]:
         print(f"{view_name(r):28s} {r['views']:2d} views  accuracy {r['accuracy']:.4f} ({r['accuracy'] - base['accuracy']:+.4f})  "
-              f"macro F1 {r['f1_macro']:.4f}  {r['predicted_classes']} classes  {r['s']:.0f} s")
+              f"macro F1 {r['f1_macro']:.4f}  {r['predicted_classes']} classes  {r['s']:.0f} s"
+              + (f"  paper protocol {r['paper_accuracy']:.4f}" if "paper_accuracy" in r else ""))
     if a.json:
         H.save_json(out, a.json)
 

@@ -33,7 +33,7 @@ from .data import (CLASS_ALIASES, FERPLUS_CLASSES, FERPLUS_COLUMNS, VOTE_COLUMNS
                    write_annotations)
 from .demo import make_demo_ferplus, make_demo_kmufed
 from .faces import FaceDetector, LandmarkDetector, crop_face, detect_faces, dlib_model_path
-from .cache import H5Dataset, build_hdf5_cache, cache_fingerprint, read_cache_meta, stored_fingerprint
+from .cache import H5Dataset, build_hdf5_cache, cache_fingerprint, read_cache_meta, read_cache_votes, stored_fingerprint
 from .splits import PROTOCOLS, make_folds
 from .augment import FLIP_PERMUTATION_68, IMAGENET_MEAN, IMAGENET_STD, KeypointCompose, build_transform
 from .models import (EnsembleClassifier, TimmClassifier, WeightsUnavailableError, count_parameters, create_classifier,
@@ -47,8 +47,9 @@ from .train import (BATCH_MIX_OFF, MONITORS, OPTIMIZERS, BatchMix, best_fold, be
                     logit_adjustment_shift, scaled_lr, shifted_views, check_tta_shift,
                     load_checkpoint, make_loader, output_probs, resolve_amp, save_checkpoint, seed_everything,
                     time_left, train_one_epoch)
-from .metrics import (adjust_logits, class_log_prior, compute_metrics, expected_calibration_error, fit_logit_adjustment,
-                      fit_temperature, fold_summary, macro_f1, sequence_metrics)
+from .metrics import (FERPLUS_PAPER_RULE, adjust_logits, class_log_prior, compute_metrics, expected_calibration_error,
+                      ferplus_paper_accuracy, ferplus_paper_subset, fit_logit_adjustment, fit_temperature, fold_summary,
+                      macro_f1, sequence_metrics)
 from .plots import (plot_class_distribution, plot_confidence_histograms, plot_confusion_matrix, plot_metric_summary,
                     plot_reliability_diagram, plot_sample_grid, plot_training_curves)
 from .export import (Backend, Predictor, ProbabilityModel, export_metadata, export_onnx, export_torchscript,
@@ -75,7 +76,7 @@ __all__ = [
     # faces
     "FaceDetector", "LandmarkDetector", "detect_faces", "crop_face", "dlib_model_path",
     # cache
-    "cache_fingerprint", "build_hdf5_cache", "read_cache_meta", "stored_fingerprint", "H5Dataset",
+    "cache_fingerprint", "build_hdf5_cache", "read_cache_meta", "read_cache_votes", "stored_fingerprint", "H5Dataset",
     # splits
     "PROTOCOLS", "make_folds",
     # augment
@@ -93,7 +94,7 @@ __all__ = [
     "init_distributed", "shutdown", "is_distributed", "get_rank", "get_world_size", "is_main", "barrier",
     "ShardedBatchSampler",
     # metrics
-    "compute_metrics", "macro_f1", "fold_summary", "sequence_metrics", "expected_calibration_error", "fit_temperature",
+    "compute_metrics", "FERPLUS_PAPER_RULE", "ferplus_paper_subset", "ferplus_paper_accuracy", "macro_f1", "fold_summary", "sequence_metrics", "expected_calibration_error", "fit_temperature",
     "class_log_prior", "adjust_logits", "fit_logit_adjustment",
     # plots
     "plot_class_distribution", "plot_sample_grid", "plot_confusion_matrix", "plot_training_curves",

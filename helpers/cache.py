@@ -215,6 +215,16 @@ def read_cache_meta(path: str | Path) -> tuple[pd.DataFrame, dict]:
     return meta, attrs
 
 
+def read_cache_votes(path: str | Path, indices: np.ndarray | None = None) -> np.ndarray | None:
+    """The cached vote counts (FER+: ``(N, 10)``, the columns of :data:`helpers.data.VOTE_COLUMNS`) of the
+    rows ``indices`` (default: all), or None where the cache holds no votes."""
+    with h5py.File(path, "r") as f:
+        if "votes" not in f:
+            return None
+        votes = f["votes"][:]
+    return votes if indices is None else votes[np.asarray(indices, dtype=np.int64)]
+
+
 def stored_fingerprint(path: str | Path) -> str:
     """The fingerprint a cache file was built with (its data and settings), without reading its images or metadata."""
     with h5py.File(path, "r") as f:

@@ -173,6 +173,9 @@ def test_tta_bench_scores_one_view_the_mirror_pair_and_each_shift_on_the_chosen_
     np.testing.assert_allclose(out["rows"][3]["final_probs"], o["final_probs"], atol=1e-6)
     assert out["rows"][3]["accuracy"] == pytest.approx(float((o["final_probs"].argmax(1) == o["y"]).mean()))
     assert out["rows"][3]["f1_macro"] == pytest.approx(H.macro_f1(o["y"], o["final_probs"].argmax(1), 8))
+    votes = H.read_cache_votes(cache, val)  # the demo's votes: the FERPlus paper's protocol beside, each view set
+    assert out["paper_protocol"]["images"] == H.ferplus_paper_subset(votes).sum()
+    assert out["rows"][3]["paper_accuracy"] == H.ferplus_paper_accuracy(votes, o["final_probs"].argmax(1), o["y"])["accuracy"]
     # another batch gives other outputs: why the bench takes the notebook's
     assert not np.allclose(ev.outputs(batches[8], tta_flip=True, tta_shift=3)["final_probs"], o["final_probs"], atol=1e-6)
     with pytest.raises(SystemExit, match="has no 'valid' split"):
@@ -209,6 +212,8 @@ def test_ensemble_bench_averages_the_members_final_probabilities_view_set_by_vie
         [float((o["final_probs"].argmax(1) == o["y"]).mean()) for o in outputs])
     assert row["accuracy"] == pytest.approx(float((probs.argmax(1) == outputs[0]["y"]).mean()))
     assert row["f1_macro"] == pytest.approx(H.macro_f1(outputs[0]["y"], probs.argmax(1), 8))
+    votes = H.read_cache_votes(cache, val)
+    assert row["paper_accuracy"] == H.ferplus_paper_accuracy(votes, row["final_probs"].argmax(1), outputs[0]["y"])["accuracy"]
     with pytest.raises(SystemExit, match="m2.pth: classes"):
         bench.ensemble([str(paths[0]), str(paths[2])], str(cache), "val", [])
     with pytest.raises(SystemExit, match="at least two checkpoints, got 1"):

@@ -279,3 +279,42 @@ def test_flip_tta_averages_the_image_and_its_mirror():
     out = H.evaluate(model, loader, "cpu", tta_flip=True)
     np.testing.assert_allclose(out["probs"], expected.numpy(), atol=1e-6)
     assert not np.allclose(H.evaluate(model, loader, "cpu")["probs"], out["probs"], atol=1e-4)
+
+
+def test_ferplus_paper_protocol_keeps_clear_majorities_after_dropping_single_votes():
+    """By value, on hand-made vote rows (neutral .. contempt, unknown, not-a-face), as microsoft/FERPlus's
+    'majority' mode reads them: votes of 1 dropped, then the top must hold more than half of what is left."""
+    votes = np.array([
+        [0, 0, 0, 0, 2, 1, 0, 7, 0, 0],  # the 1 dropped: 7 of 9 -> kept (contempt)
+        [3, 0, 0, 5, 0, 0, 0, 0, 2, 0],  # 5 of 10 is not more than half -> out (the pipeline keeps it: sadness)
+        [6, 0, 1, 2, 0, 0, 0, 0, 1, 0],  # 6 of 8 after the two 1s -> kept (neutral)
+        [4, 0, 0, 4, 2, 0, 0, 0, 0, 0],  # a tie -> out
+        [1, 1, 1, 1, 1, 1, 1, 1, 1, 1],  # nothing left -> out
+        [2, 0, 0, 0, 0, 0, 0, 0, 6, 2],  # unknown's majority -> out
+        [5, 0, 0, 0, 0, 0, 0, 0, 0, 4],  # 5 of 9, not-a-face counted -> kept
+        [3, 1, 1, 1, 1, 1, 1, 1, 0, 0],  # 3 of 3 once the single votes go -> kept
+    ])
+    keep = H.ferplus_paper_subset(votes)
+    assert keep.tolist() == [True, False, True, False, False, False, True, True]
+    y = np.array([7, 3, 0, 0, 0, 0, 0, 0])  # the pipeline's labels (plurality; rows 4-5 would not be in its test set)
+    pred = np.array([7, 3, 1, 0, 0, 0, 0, 2])  # right, right (not counted), wrong, -, -, -, right, wrong
+    r = H.ferplus_paper_accuracy(votes, pred, y)
+    assert (r["images"], r["of"], r["accuracy"]) == (4, 8, 0.5)
+    with pytest.raises(ValueError, match="not their votes' majority"):
+        H.ferplus_paper_accuracy(votes, pred, np.roll(y, 1))
+    with pytest.raises(ValueError, match=r"\(N, 10\) counts"):
+        H.ferplus_paper_subset(votes[:, :8])
+    with pytest.raises(ValueError, match="8 vote rows for 7 labels"):
+        H.ferplus_paper_accuracy(votes, pred[:7], y[:7])
+
+
+def test_read_cache_votes_returns_the_rows_asked_for_or_none(tmp_path):
+    import h5py
+
+    with h5py.File(tmp_path / "with.h5", "w") as f:
+        f["votes"] = np.arange(30, dtype=np.float32).reshape(3, 10)
+    with h5py.File(tmp_path / "without.h5", "w") as f:
+        f["labels"] = np.zeros(3, dtype=np.int64)
+    np.testing.assert_array_equal(H.read_cache_votes(tmp_path / "with.h5", [2, 0]), [np.arange(20, 30), np.arange(10)])
+    assert H.read_cache_votes(tmp_path / "with.h5").shape == (3, 10)
+    assert H.read_cache_votes(tmp_path / "without.h5", [0]) is None

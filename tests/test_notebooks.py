@@ -223,6 +223,14 @@ def check_grefel_results(r, out):
     assert 0 <= rb["share_changed"] <= 1 and rb["accuracy_with"] == pytest.approx(m["test"]["accuracy"])
     # temperature scaling changes confidences, never the predicted class (fitted by value in test_faces_augment_metrics)
     assert m["temperature"] > 0 and m["test"]["accuracy"] == m["test_uncalibrated"]["accuracy"]
+    paper = m["test_ferplus_paper_protocol"]  # the FERPlus paper's clear-majority subset (by value: test_faces_augment_metrics)
+    if r["dataset"]["ferplus"]:
+        meta, _ = H.read_cache_meta(r["cache"]["path"])
+        votes = H.read_cache_votes(r["cache"]["path"], np.flatnonzero(meta["split"].to_numpy() == "test"))
+        assert paper["of"] == m["test"]["num_samples"] and paper["images"] == H.ferplus_paper_subset(votes).sum()
+        assert paper["images"] == 0 or 0 <= paper["accuracy"] <= 1
+    else:
+        assert paper is None
     assert m["test"]["confusion_matrix"] == m["test_uncalibrated"]["confusion_matrix"]
     # logit adjustment: tau chosen on validation from the grid; at tau = 0 it would be the headline itself
     la = m["logit_adjusted"]
@@ -269,13 +277,15 @@ def test_grefel_notebook_on_generated_demo(tmp_path):
     # the backbone row in the same working directory, with another label smoothing and layout: the ablation
     # table lists both runs, this run's recipe first; the other's recipe differences (not its layout) by its values
     b = _run("GReFEL", tmp_path, data_on_device=True, batch_size=16, lr_scaling="linear",
-             model_ema=0.9, monitor="val_f1_macro", components="backbone", label_smoothing=0.0, tta_shift=2)
+             model_ema=0.9, monitor="val_f1_macro", components="backbone", label_smoothing=0.0, tta_shift=2,
+             optimizer="sgd")
+    assert H.load_checkpoint(Path(b["run_dir"]) / "last.pth")["optimizer_kind"] == "sgd"
     assert b["config"]["soft_labels"] is True  # the profile's "auto": FER+ has votes, so they are the targets
     m = b["metrics"]  # the mirror pair and four shifts of 2 px: 10 views, the mirror pair alone on record beside
     assert m["tta_views"] == 10 and m["tta_shift"] == 2 and 0 <= m["accuracy_flip_only"] <= 1
     table = pd.read_csv(tmp_path / "GReFEL" / "ablation.csv", keep_default_na=False)
     assert list(table["components"]) == ["backbone", "full"]
-    assert list(table["other settings"]) == ["", "label_smoothing=0.1, tta_shift=0"]
+    assert list(table["other settings"]) == ["", "label_smoothing=0.1, optimizer='adamw', tta_shift=0"]
     assert list(table["run"]) == [Path(b["run_dir"]).name, Path(r["run_dir"]).name]
 
 
@@ -287,6 +297,8 @@ def test_grefel_notebook_on_whole_frames_without_votes_or_splits(demo_kmu_zip, t
         _run("GReFEL", tmp_path / "bad", data_path=str(demo_kmu_zip), augment="heavy")
     with pytest.raises(Exception, match="model_ema must be in \\(0, 1\\)"):
         _run("GReFEL", tmp_path / "bad", data_path=str(demo_kmu_zip), model_ema=1.0)
+    with pytest.raises(Exception, match="optimizer must be one of"):
+        _run("GReFEL", tmp_path / "bad", data_path=str(demo_kmu_zip), optimizer="adam")
     with pytest.raises(Exception, match="cutmix must be a Beta"):
         _run("GReFEL", tmp_path / "bad", data_path=str(demo_kmu_zip), cutmix=-1.0)
     with pytest.raises(Exception, match="monitor must be one of 'val_acc', 'val_f1_macro', 'val_loss', not 'f1'"):
