@@ -91,10 +91,11 @@ pretrain_batch_size = None     # its batch size | None: the run's `batch_size` (
 # optim
 num_epochs = None              # epochs per fold
 batch_size = None              # images per step
-lr = None                      # peak learning rate (AdamW)
+optimizer = None               # "adamw" | "sgd" (Nesterov momentum 0.9: give it SGD's lr and weight_decay as its L2 term); the folds' (pre-training: AdamW)
+lr = None                      # peak learning rate
 lr_scaling = None              # "none" | "sqrt" (AdamW) | "linear": scale lr from lr_reference_batch to batch_size
 lr_reference_batch = None      # the batch size lr was chosen for | None: the profile's batch_size
-weight_decay = None            # AdamW decoupled weight decay
+weight_decay = None            # AdamW decoupled weight decay (SGD: the L2 term)
 warmup_epochs = None           # linear warm-up, epochs
 label_smoothing = None         # cross-entropy label smoothing
 class_weighted = None          # True: inverse-frequency class weights in the loss | a power p of it, e.g. 0.5 (square root) | False
@@ -127,7 +128,7 @@ COMMON = dict(train_seed=None, train_seeds=None, export=True, video_source=None,
               pretrain_data_path=None, pretrain_epochs=8, pretrain_lr=3e-4, pretrain_augment=None, pretrain_batch_size=None,
               augment="seed", augment_erasing=0.0, **H.BATCH_MIX_OFF,
               tta_flip=False, data_on_device="auto", torch_compile="auto", channels_last=False,
-              lr_scaling="none", lr_reference_batch=None)
+              lr_scaling="none", lr_reference_batch=None, optimizer="adamw")
 PROFILES = {
     # minutes on 2 CPU cores: a tiny subset, one fold, two epochs; checks the plumbing, not accuracy
     "smoke": {**COMMON, "image_size": 64, "max_images": 120, "protocol": "subject", "num_folds": 3, "max_folds": 1,
@@ -175,7 +176,7 @@ config = H.resolve_config(profile, PROFILES, dict(
     pretrain_data_path=pretrain_data_path, pretrain_epochs=pretrain_epochs, pretrain_lr=pretrain_lr,
     pretrain_augment=pretrain_augment, pretrain_batch_size=pretrain_batch_size,
     augment=augment, augment_erasing=augment_erasing, mixup=mixup, cutmix=cutmix, tta_flip=tta_flip,
-    num_epochs=num_epochs, batch_size=batch_size, lr=lr, lr_scaling=lr_scaling,
+    num_epochs=num_epochs, batch_size=batch_size, optimizer=optimizer, lr=lr, lr_scaling=lr_scaling,
     lr_reference_batch=lr_reference_batch, weight_decay=weight_decay, warmup_epochs=warmup_epochs,
     label_smoothing=label_smoothing, class_weighted=class_weighted, clip_grad=clip_grad, amp=amp,
     early_stopping=early_stopping, monitor=monitor, num_workers=num_workers, data_on_device=data_on_device, torch_compile=torch_compile, channels_last=channels_last, nproc=nproc, cross_data_path=cross_data_path, export=export,
@@ -187,6 +188,7 @@ H.check_train_seeds(config["train_seeds"], config["train_seed"])
 H.validate_gcvit_size(config["model_name"], config["image_size"], config["weights"])
 H.check_model_ema(config["model_ema"])
 H.check_monitor(config["monitor"])
+H.check_optimizer(config["optimizer"])
 H.class_weight_power(config["class_weighted"])
 H.check_batch_mix(config["mixup"], config["cutmix"])
 # the learning-rate rule for other batch sizes (recorded in config): lr was chosen at the profile's batch
@@ -394,10 +396,11 @@ def run_key_of(cfg):
     return H.config_fingerprint(cfg, exclude=("workdir", "max_folds", "nproc", "export", "video_source",
                                               "video_frames", "ema", "cross_data_path", "torch_compile", "channels_last")
                                 + (() if cfg["tta_flip"] else ("tta_flip",))
-                                # mixup, cutmix, monitor, train_seed and train_seeds joined later: at their defaults,
-                                # they leave the run folders of before them their names
+                                # mixup, cutmix, monitor, train_seed, train_seeds and optimizer joined later: at their
+                                # defaults, they leave the run folders of before them their names
                                 + tuple(k for k, off in H.BATCH_MIX_OFF.items() if cfg[k] == off)
                                 + (("monitor",) if cfg["monitor"] == "val_acc" else ())
+                                + (("optimizer",) if cfg["optimizer"] == "adamw" else ())
                                 + (("train_seed",) if cfg["train_seed"] is None else ())
                                 + (("train_seeds",) if cfg["train_seeds"] is None else ()),
                                 contents={"data": cache_attrs["fingerprint"], "weights": weights_info.get("sha256")})

@@ -39,9 +39,10 @@ CONFIG_KEYS = ("model_name", "weights", "allow_random_init", "image_size", "chan
 
 # the folds' fine-tuning settings, which a pre-training from scratch never takes from the run (so changing them
 # reuses it): every layer trained (freezing would freeze random weights) with one learning rate (layer decay is
-# for fine-tuning), no weight average, no mixup or CutMix, validation and FER+ test in one view, one seed
+# for fine-tuning), no weight average, no mixup or CutMix, validation and FER+ test in one view, one seed, AdamW (the
+# pre-training's lr is AdamW's)
 FINETUNING_ONLY = {"finetune": "full", "frozen_stages": 0, "layer_decay": None, "model_ema": None, "tta_flip": False,
-                   "monitor": "val_acc", "train_seed": None, "train_seeds": None, **BATCH_MIX_OFF}
+                   "monitor": "val_acc", "train_seed": None, "train_seeds": None, "optimizer": "adamw", **BATCH_MIX_OFF}
 
 
 def training_seed(config: dict) -> int:
@@ -193,6 +194,7 @@ def train_fold(spec: dict, fold: int, device, progress: bool = True) -> dict:
               torch_compile=config.get("torch_compile", False), channels_last=config.get("channels_last", False),
               layer_decay=config.get("layer_decay"), model_ema=config.get("model_ema"),
               mixup=config.get("mixup", 0.0), cutmix=config.get("cutmix", 0.0),
+              optimizer=config.get("optimizer", "adamw"),
               val_tta_flip=bool(config.get("tta_flip", False)),  # the epoch chosen by the test's rule
               extra_state={"class_names": class_names, "preprocess": cache_attrs["preprocess"], "norm": norm})
     return {**run, "weights": weights_info, "parameters": counts, "norm": norm,

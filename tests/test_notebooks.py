@@ -100,6 +100,8 @@ def check_dfer_results(r, out, weights="none"):
 
 
 def test_dfer_notebook_on_generated_demo(tmp_path):
+    with pytest.raises(Exception, match="optimizer must be one of"):  # stops in the Configuration cell
+        _run("DFER_GCViT", tmp_path / "bad", optimizer="lamb")
     r = _run("DFER_GCViT", tmp_path)
     assert r["data"] == "generated demo" and set(r["channels_last"]) == {False}
     check_dfer_results(r, tmp_path / "DFER_GCViT")
@@ -182,10 +184,11 @@ def test_dfer_notebook_trains_on_ferplus_and_its_weights_start_a_kmu_run(tmp_pat
     assert again["config"]["finetune"] == "partial" and again["run_dir"] != kmu["run_dir"]
     assert H.load_checkpoint(last)["config"]["finetune"] == "full"
     # a run that changes only its own recipe (augmentation, the pre-training's pinned by pretrain_augment; layer-wise
-    # lr decay, the weight average, mixup / CutMix and flip TTA, which fine-tuning uses and training from scratch
+    # lr decay, the weight average, mixup / CutMix, SGD and flip TTA, which fine-tuning uses and training from scratch
     # does not) reuses it
     nir = _run("DFER_GCViT", tmp_path / "kmu", pretrain_data_path=str(fer_zip), pretrain_epochs=1, augment="nir",
-               pretrain_augment="seed", layer_decay=0.5, model_ema=0.9, tta_flip=True, mixup=0.2, cutmix=1.0)
+               pretrain_augment="seed", layer_decay=0.5, model_ema=0.9, tta_flip=True, mixup=0.2, cutmix=1.0,
+               optimizer="sgd")
     assert nir["pretraining"]["sha256"] == pre["sha256"] and last.stat().st_mtime_ns == written
     assert nir["config"]["augment"] == "nir" and nir["run_dir"] != kmu["run_dir"]
     fold_last = H.load_checkpoint(Path(nir["run_dir"]) / "fold_1" / "last.pth")
@@ -193,6 +196,7 @@ def test_dfer_notebook_trains_on_ferplus_and_its_weights_start_a_kmu_run(tmp_pat
     assert nir["config"]["model_ema"] == 0.9 and kmu["config"]["model_ema"] is None
     assert (fold_last["mixup"], fold_last["cutmix"]) == (0.2, 1.0)  # the folds mixed their batches,
     assert (H.load_checkpoint(last)["mixup"], H.load_checkpoint(last)["cutmix"]) == (0.0, 0.0)  # the pre-training not
+    assert fold_last["optimizer_kind"] == "sgd" and H.load_checkpoint(last)["optimizer_kind"] == "adamw"
     # tta_flip validates the folds with TTA too (one view beside it); the pre-training stayed one view
     assert fold_last["val_tta_flip"] and all("val_acc_single" in row for row in fold_last["history"])
     assert not H.load_checkpoint(last).get("val_tta_flip", False)
