@@ -234,6 +234,9 @@ def ferplus_paper_subset(votes: np.ndarray) -> np.ndarray:
 def ferplus_paper_accuracy(votes: np.ndarray, y_pred: np.ndarray, y_true: np.ndarray) -> dict:
     """Accuracy on the images :func:`ferplus_paper_subset` keeps: ``{"accuracy", "images", "of", "rule"}``.
 
+    ``y_pred``, ``y_true``: class indices in FER+'s column order (``H.FERPLUS_CLASSES``, the GReFEL notebook's
+    class names on FER+), one per vote row.
+
     Raises:
         ValueError: a kept image whose label is not its votes' majority (votes and labels of other rows).
     """
