@@ -396,11 +396,10 @@ def run_key_of(cfg):
     return H.config_fingerprint(cfg, exclude=("workdir", "max_folds", "nproc", "export", "video_source",
                                               "video_frames", "ema", "cross_data_path", "torch_compile", "channels_last")
                                 + (() if cfg["tta_flip"] else ("tta_flip",))
-                                # mixup, cutmix, monitor, train_seed, train_seeds and optimizer joined later: at their
-                                # defaults, they leave the run folders of before them their names
-                                + tuple(k for k, off in H.BATCH_MIX_OFF.items() if cfg[k] == off)
-                                + (("monitor",) if cfg["monitor"] == "val_acc" else ())
-                                + (("optimizer",) if cfg["optimizer"] == "adamw" else ())
+                                # the engine's H.SETTINGS_ADDED_LATER (mixup, cutmix, monitor, optimizer), train_seed and
+                                # train_seeds joined later: at their defaults, they leave the run folders of before them
+                                # their names
+                                + H.unchanged_later_settings(cfg)
                                 + (("train_seed",) if cfg["train_seed"] is None else ())
                                 + (("train_seeds",) if cfg["train_seeds"] is None else ()),
                                 contents={"data": cache_attrs["fingerprint"], "weights": weights_info.get("sha256")})

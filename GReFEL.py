@@ -692,13 +692,11 @@ print(f"GReFEL ({config['components']}) {param_counts['total']:,} parameters; tr
 revision = MODEL_REVISION[config["components"]]
 # settings that say where outputs go, what the video demo shows or how fast training runs, not what is trained
 PLACE_AND_SPEED = ("workdir", "video_source", "video_frames", "ema", "torch_compile", "channels_last")
-# model_ema, mixup, cutmix, logit_adjusted_loss, monitor and optimizer joined the settings later: off (AdamW), they leave
-# the run folders of before them their names
+# model_ema and logit_adjusted_loss (off) and the engine's H.SETTINGS_ADDED_LATER (mixup, cutmix, monitor, optimizer at
+# their old values) joined the settings later: so, they leave the run folders of before them their names
 run_key = H.config_fingerprint(config, exclude=PLACE_AND_SPEED + ("tta_flip", "tta_shift", "data_on_device")
                                + tuple(k for k in ("model_ema", "logit_adjusted_loss") if not config[k])
-                               + tuple(k for k, off in H.BATCH_MIX_OFF.items() if config[k] == off)
-                               + (("monitor",) if config["monitor"] == "val_acc" else ())
-                               + (("optimizer",) if config["optimizer"] == "adamw" else ()),
+                               + H.unchanged_later_settings(config),
                                contents={"data": cache_attrs["fingerprint"],  # new data or weights: a new run
                                          "weights": backbone_info.get("sha256"),
                                          # a new model revision too (revision-1 runs keep their names)
@@ -973,7 +971,7 @@ print("Wrote", run_dir, "and its latest copies", out_dir / "final_results.json",
 # %%
 # not the recipe: the row itself, the data's path (the data is compared by its fingerprint), the loader's workers
 NOT_RECIPE = {*PLACE_AND_SPEED, "components", "data_path", "num_workers"}
-ADDED_LATER = {**H.BATCH_MIX_OFF, "tta_shift": 0, "monitor": "val_acc", "optimizer": "adamw"}  # settings runs of before them lack: they ran so
+ADDED_LATER = {**H.SETTINGS_ADDED_LATER, "tta_shift": 0}  # settings runs of before them lack: they ran so
 
 
 def other_settings(theirs: dict, ours: dict) -> str:

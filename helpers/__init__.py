@@ -41,12 +41,12 @@ from .models import (EnsembleClassifier, TimmClassifier, WeightsUnavailableError
                      validate_gcvit_size)
 from .distributed import (ShardedBatchSampler, barrier, get_rank, get_world_size, init_distributed, is_distributed,
                           is_main, shutdown)
-from .train import (BATCH_MIX_OFF, MONITORS, OPTIMIZERS, BatchMix, best_fold, best_index, build_optimizer, build_scheduler, channels_last_layout, check_batch_mix,
+from .train import (BATCH_MIX_OFF, MONITORS, OPTIMIZERS, SETTINGS_ADDED_LATER, BatchMix, best_fold, best_index, build_optimizer, build_scheduler, channels_last_layout, check_batch_mix,
                     check_logit_adjusted_loss, check_model_ema, check_monitor, check_optimizer, class_weight_power, class_weights_for,
                     class_weights_from_labels, compile_for_training, cpu_amp, cross_entropy_loss, evaluate, fit,
                     logit_adjustment_shift, scaled_lr, shifted_views, check_tta_shift,
                     load_checkpoint, make_loader, output_probs, resolve_amp, save_checkpoint, seed_everything,
-                    time_left, train_one_epoch)
+                    time_left, train_one_epoch, unchanged_later_settings)
 from .metrics import (FERPLUS_PAPER_RULE, adjust_logits, class_log_prior, compute_metrics, expected_calibration_error,
                       ferplus_paper_accuracy, ferplus_paper_subset, fit_logit_adjustment, fit_temperature, fold_summary,
                       macro_f1, sequence_metrics)
@@ -88,7 +88,7 @@ __all__ = [
     "seed_everything", "make_loader", "build_optimizer", "check_optimizer", "OPTIMIZERS", "build_scheduler", "cross_entropy_loss",
     "class_weights_from_labels", "class_weight_power", "class_weights_for", "check_logit_adjusted_loss",
     "logit_adjustment_shift", "output_probs", "resolve_amp", "train_one_epoch", "time_left", "check_tta_shift", "shifted_views", "evaluate",
-    "save_checkpoint", "load_checkpoint", "fit", "best_index", "best_fold", "check_model_ema", "check_monitor", "MONITORS", "BATCH_MIX_OFF", "BatchMix", "check_batch_mix", "compile_for_training", "channels_last_layout",
+    "save_checkpoint", "load_checkpoint", "fit", "best_index", "best_fold", "check_model_ema", "check_monitor", "MONITORS", "BATCH_MIX_OFF", "SETTINGS_ADDED_LATER", "unchanged_later_settings", "BatchMix", "check_batch_mix", "compile_for_training", "channels_last_layout",
     "cpu_amp", "scaled_lr",
     # distributed
     "init_distributed", "shutdown", "is_distributed", "get_rank", "get_world_size", "is_main", "barrier",

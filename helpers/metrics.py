@@ -7,6 +7,8 @@ import warnings
 import numpy as np
 from sklearn.metrics import accuracy_score, classification_report, confusion_matrix, precision_recall_fscore_support
 
+from .data import FERPLUS_CLASSES, FERPLUS_COLUMNS
+
 
 def compute_metrics(y_true: np.ndarray, y_pred: np.ndarray, class_names: list[str],
                     probs: np.ndarray | None = None) -> dict:
@@ -224,11 +226,11 @@ def ferplus_paper_subset(votes: np.ndarray) -> np.ndarray:
     On the kept images the label is the pipeline's (a strict majority is the plurality).
     """
     votes = np.asarray(votes, dtype=np.float64)
-    if votes.ndim != 2 or votes.shape[1] != 10:
-        raise ValueError(f"FER+ votes are (N, 10) counts (eight emotions, unknown, not-a-face), not {votes.shape}")
+    if votes.ndim != 2 or votes.shape[1] != len(FERPLUS_COLUMNS):
+        raise ValueError(f"FER+ votes are (N, {len(FERPLUS_COLUMNS)}) counts (eight emotions, unknown, not-a-face), "
+                         f"not {votes.shape}")
     kept = np.where(votes > 1, votes, 0.0)  # a single vote is an outlier
-    top = kept.argmax(1)
-    return (kept.max(1) > 0.5 * kept.sum(1)) & (top < 8)
+    return (kept.max(1) > 0.5 * kept.sum(1)) & (kept.argmax(1) < len(FERPLUS_CLASSES))
 
 
 def ferplus_paper_accuracy(votes: np.ndarray, y_pred: np.ndarray, y_true: np.ndarray) -> dict:

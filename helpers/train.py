@@ -595,6 +595,15 @@ def compile_for_training(model: nn.Module, torch_compile: bool | str, loader, lo
 # ----------------------------------------------------------------------------- mixup / cutmix
 
 BATCH_MIX_OFF = {"mixup": 0.0, "cutmix": 0.0}  # the settings off; runs and checkpoints from before them ran so
+# the training settings both notebooks gained after runs had been keyed, each with the value that means "as before it
+# existed" (what those runs did)
+SETTINGS_ADDED_LATER = {**BATCH_MIX_OFF, "monitor": "val_acc", "optimizer": "adamw"}
+
+
+def unchanged_later_settings(config: dict) -> tuple[str, ...]:
+    """The :data:`SETTINGS_ADDED_LATER` that ``config`` leaves at their old value: a run key leaves them out
+    (:func:`helpers.setup.config_fingerprint`'s ``exclude``), so the run folders of before them keep their names."""
+    return tuple(k for k, old in SETTINGS_ADDED_LATER.items() if config.get(k, old) == old)
 
 
 class BatchMix:

@@ -802,3 +802,14 @@ def test_fit_with_sgd_records_it_and_refuses_to_resume_an_adamw_checkpoint(demo_
         _fit(cache, classes, tmp_path / "adamw", num_epochs=2, optimizer="sgd")
     _, same = _fit(cache, classes, tmp_path / "sgd", num_epochs=2, optimizer="sgd", lr=0.05)  # resumes its own
     assert same["epochs_run"] == 2
+
+
+def test_settings_added_later_leave_run_keys_as_they_were_at_their_old_values():
+    cfg = {"lr": 1e-3, "mixup": 0.0, "cutmix": 0.2, "monitor": "val_acc", "optimizer": "sgd"}
+    assert H.unchanged_later_settings(cfg) == ("mixup", "monitor")
+    assert H.unchanged_later_settings({"lr": 1e-3}) == tuple(H.SETTINGS_ADDED_LATER)  # absent: as before them
+    old = {"lr": 1e-3}  # a run keyed before the settings existed keeps its key with them at their old values
+    new = {**old, **H.SETTINGS_ADDED_LATER}
+    assert H.config_fingerprint(new, exclude=H.unchanged_later_settings(new)) == H.config_fingerprint(old)
+    sgd = {**new, "optimizer": "sgd"}
+    assert H.config_fingerprint(sgd, exclude=H.unchanged_later_settings(sgd)) != H.config_fingerprint(old)
