@@ -397,11 +397,9 @@ def run_key_of(cfg):
                                               "video_frames", "ema", "cross_data_path", "torch_compile", "channels_last")
                                 + (() if cfg["tta_flip"] else ("tta_flip",))
                                 # the engine's H.SETTINGS_ADDED_LATER (mixup, cutmix, monitor, optimizer), train_seed and
-                                # train_seeds joined later: at their defaults, they leave the run folders of before them
-                                # their names
-                                + H.unchanged_later_settings(cfg)
-                                + (("train_seed",) if cfg["train_seed"] is None else ())
-                                + (("train_seeds",) if cfg["train_seeds"] is None else ()),
+                                # train_seeds joined later: at their old values, they leave the run folders of before
+                                # them their names
+                                + H.unchanged_later_settings(cfg, also={"train_seed": None, "train_seeds": None}),
                                 contents={"data": cache_attrs["fingerprint"], "weights": weights_info.get("sha256")})
 
 

@@ -600,10 +600,11 @@ BATCH_MIX_OFF = {"mixup": 0.0, "cutmix": 0.0}  # the settings off; runs and chec
 SETTINGS_ADDED_LATER = {**BATCH_MIX_OFF, "monitor": "val_acc", "optimizer": "adamw"}
 
 
-def unchanged_later_settings(config: dict) -> tuple[str, ...]:
-    """The :data:`SETTINGS_ADDED_LATER` that ``config`` leaves at their old value: a run key leaves them out
-    (:func:`helpers.setup.config_fingerprint`'s ``exclude``), so the run folders of before them keep their names."""
-    return tuple(k for k, old in SETTINGS_ADDED_LATER.items() if config.get(k, old) == old)
+def unchanged_later_settings(config: dict, also: dict | None = None) -> tuple[str, ...]:
+    """The :data:`SETTINGS_ADDED_LATER` (and a notebook's own, ``also``: name -> old value) that ``config`` leaves at
+    their old value: a run key leaves them out (:func:`helpers.setup.config_fingerprint`'s ``exclude``), so the run
+    folders of before them keep their names."""
+    return tuple(k for k, old in {**SETTINGS_ADDED_LATER, **(also or {})}.items() if config.get(k, old) == old)
 
 
 class BatchMix:

@@ -813,3 +813,6 @@ def test_settings_added_later_leave_run_keys_as_they_were_at_their_old_values():
     assert H.config_fingerprint(new, exclude=H.unchanged_later_settings(new)) == H.config_fingerprint(old)
     sgd = {**new, "optimizer": "sgd"}
     assert H.config_fingerprint(sgd, exclude=H.unchanged_later_settings(sgd)) != H.config_fingerprint(old)
+    seeds = {**new, "train_seed": None, "train_seeds": [42, 1]}  # a notebook's own, beside the engine's
+    assert H.unchanged_later_settings(seeds, also={"train_seed": None, "train_seeds": None}) == (
+        *H.SETTINGS_ADDED_LATER, "train_seed")
