@@ -130,12 +130,13 @@ PROFILES = {
     # full FER+ on a 2-core CPU in under 2 hours: faces upsampled 48 -> 64 px, a ResNet-18 from scratch, pyramid
     # 16/8/4 (its strides 4/8/16); a pilot (3 epochs, backbone + linear head) chose this over a half-width ResNet-18
     # at 96 px (FER2013Valid 69.7% vs 68.3%); 96-d tokens keep an epoch near 2.5 minutes. The "shift" recipe, an NLL
-    # on the plain output too: FER2013Valid 80.7% vs 75.1% with "grefel", 0 and 24 epochs (README). 48 epochs fill
+    # on the plain output too: FER2013Valid 80.7% vs 75.1% with "grefel", 0 and 24 epochs (README). 48 epochs filled
     # the 2-hour budget (the GPU pilots found epochs the lever: 24 -> 48, +2.4 points); channels-last convolutions
     # and the augmentation batched in the training process (data_on_device=True: no DataLoader workers sharing
     # the two cores) are the faster path here (bench/bench_grefel_speed.py). SGD (Nesterov 0.9, lr 0.1, L2 5e-4)
     # for 58 epochs since 2026-12-07, as many as 2 hours held at this model's ~2-min epochs on a 2-core Xeon with
-    # AMX (116.5 min): FER2013Valid 83.0% against 81.4% for AdamW (lr 2e-3, decay 0.05) at 48 epochs (README)
+    # AMX (116.5 min): FER2013Valid 83.0% against 81.4% for AdamW (lr 2e-3, decay 0.05) at 48 epochs
+    # on majority votes, the profile's previous run (README)
     "cpu": {**COMMON, "image_size": 64, "backbone": "resnet18", "weights": "none", "embed_dim": 96, "num_heads": 4,
             "depth": 2, "patch_sizes": [16, 8, 4], "window": 4, "num_anchors_per_class": 5, "num_epochs": 58,
             "optimizer": "sgd", "batch_size": 128, "lr": 0.1, "weight_decay": 5e-4, "warmup_epochs": 1,
