@@ -87,6 +87,7 @@ tta_flip = None                # True: average the test prediction of each image
 tta_shift = None               # px: also average views moved this far right, left, down and up (landmarks follow; with tta_flip, 10 views) | 0: off
 lambda_cls = None              # weight of the classification NLL (of the final, reliability-balanced output)
 lambda_plain = None            # weight of an extra NLL of the plain classifier output p (0: off, as ARBEx)
+lambda_branch = None           # weight of an NLL of each correction branch's own output (anchors, attention) | 0: off (ARBEx)
 lambda_anchor = None           # weight of the anchor separation loss
 lambda_center = None           # weight of the centre loss
 anchor_margin = None           # separation margin of anchors of different classes (embedding units)
@@ -115,7 +116,7 @@ COMMON = dict(video_source=None, video_frames=30, ema=0.6, max_per_split=None, v
               label_pattern=None, labels_csv=None, dropout=0.1,
               backbone_args=None, components="full", label_smoothing=0.1, augment="grefel", augment_erasing=0.25,
               **H.BATCH_MIX_OFF, tta_flip=True, tta_shift=0,
-              lambda_cls=1.0, lambda_plain=0.0, lambda_anchor=1.0, lambda_center=1.0, anchor_margin=2.0, class_weighted=False,
+              lambda_cls=1.0, lambda_plain=0.0, lambda_branch=1.0, lambda_anchor=1.0, lambda_center=1.0, anchor_margin=2.0, class_weighted=False,
               logit_adjusted_loss=None,
               balanced_sampling=False, clip_grad=1.0, model_ema=None, amp="auto", early_stopping=None, monitor="val_acc",
               torch_compile="auto",
@@ -166,7 +167,7 @@ config = H.resolve_config(profile, PROFILES, dict(
     patch_sizes=patch_sizes, window=window, num_anchors_per_class=num_anchors_per_class, dropout=dropout,
     num_epochs=num_epochs, batch_size=batch_size, optimizer=optimizer, lr=lr, lr_scaling=lr_scaling,
     lr_reference_batch=lr_reference_batch, weight_decay=weight_decay, warmup_epochs=warmup_epochs,
-    lambda_cls=lambda_cls, lambda_plain=lambda_plain, lambda_anchor=lambda_anchor, lambda_center=lambda_center, anchor_margin=anchor_margin,
+    lambda_cls=lambda_cls, lambda_plain=lambda_plain, lambda_branch=lambda_branch, lambda_anchor=lambda_anchor, lambda_center=lambda_center, anchor_margin=anchor_margin,
     class_weighted=class_weighted, logit_adjusted_loss=logit_adjusted_loss, balanced_sampling=balanced_sampling, clip_grad=clip_grad, model_ema=model_ema, amp=amp,
     early_stopping=early_stopping, monitor=monitor, num_workers=num_workers, torch_compile=torch_compile, channels_last=channels_last,
     data_on_device=data_on_device, video_source=video_source, video_frames=video_frames,
@@ -461,6 +462,9 @@ class MultiScaleFeatureExtractor(nn.Module):
 # half of training and stays at 1 for the second (`set_progress`).
 
 # %% tags=["grefel-model"]
+UNIFORM_CONFIDENCE = 1e-3  # a branch whose mean confidence is below this outputs (nearly) uniform: it says nothing
+
+
 def confidence(probs: torch.Tensor) -> torch.Tensor:
     """1 - normalised entropy, in [0, 1]: 1 for a one-hot distribution, 0 for uniform. (B, C) -> (B,)"""
     entropy = -(probs * probs.clamp_min(1e-12).log()).sum(-1)
@@ -571,9 +575,15 @@ def create_dummy_data(batch_size: int = 4, img_size: int = 112, num_classes: int
             torch.randint(0, num_classes, (batch_size,)))
 
 # %% [markdown]
-# The loss: `L = lambda_cls NLL(log final, y) + lambda_plain NLL(log p, y) + tau (lambda_anchor L_anchor + lambda_center L_center)`.
+# The loss: `L = lambda_cls NLL(log final, y) + lambda_plain NLL(log p, y) + lambda_branch (NLL(log s, y) + NLL(log a, y))
+# + tau (lambda_anchor L_anchor + lambda_center L_center)`.
 # `lambda_plain` (0 by default, as ARBEx) also trains the plain classifier output `p` directly, not only
 # through the balanced mix.
+# `lambda_branch` (1 by default; 0 is ARBEx) trains each correction branch to classify on its own. Without it the
+# attention branch learns nothing: it starts near uniform, where its confidence `c(a)` is ~0, so its share of
+# `corr` and the gradient through it are ~0 (the entropy's gradient vanishes at uniform too). Measured on the
+# 58-epoch SGD `cpu` run: its output was exactly uniform on every FER2013Valid image (confidence 0), the anchor
+# branch's nearly (0.044), so reliability balancing only shrank `p` towards uniform (the README).
 # `L_center` pulls each embedding to the nearest anchor of its class, weighted by the
 # model's confidence (trusting confident samples more, as ARBEx does); `L_anchor` is the
 # bounded hinge explained above. Soft labels (vote distributions) are accepted as targets.
@@ -591,7 +601,8 @@ def anchor_separation_loss(anchors: torch.Tensor, margin: float) -> torch.Tensor
 
 def grefel_loss(model: GReFELModel, lambda_cls: float = 1.0, lambda_anchor: float = 1.0,
                 lambda_center: float = 1.0, margin: float = 2.0, class_weights: torch.Tensor | None = None,
-                label_smoothing: float = 0.0, lambda_plain: float = 0.0, prior_shift: torch.Tensor | None = None):
+                label_smoothing: float = 0.0, lambda_plain: float = 0.0, prior_shift: torch.Tensor | None = None,
+                lambda_branch: float = 0.0):
     """The pluggable loss for H.fit: ``loss_fn(outputs, y, progress)``.
 
     ``y`` is (B,) class indices or (B, C) vote distributions (soft labels). The NLL is a
@@ -626,6 +637,8 @@ def grefel_loss(model: GReFELModel, lambda_cls: float = 1.0, lambda_anchor: floa
             cls = cls + lambda_plain * nll(out["probs"])
         if "anchor_distances" not in out:  # no reliability balancing: no anchors to train
             return cls
+        if lambda_branch:  # each correction branch a classifier of its own (see above)
+            cls = cls + lambda_branch * (nll(out["anchor_probs"]) + nll(out["attention_probs"]))
         dist = out["anchor_distances"]                                              # (B, C, K)
         nearest = dist[torch.arange(len(hard)), hard].min(-1).values                # own class, nearest anchor
         center = (out["confidence"].detach() * nearest).mean()
@@ -689,17 +702,19 @@ param_counts = H.count_parameters(model)
 loss_fn = grefel_loss(model, config["lambda_cls"], config["lambda_anchor"], config["lambda_center"],
                       config["anchor_margin"], H.class_weights_for(config["class_weighted"], train_ds.labels, len(class_names)),
                       config["label_smoothing"], config["lambda_plain"],
-                      H.logit_adjustment_shift(config["logit_adjusted_loss"], train_ds.labels, len(class_names)))
+                      H.logit_adjustment_shift(config["logit_adjusted_loss"], train_ds.labels, len(class_names)),
+                      config["lambda_branch"])
 backbone_info = model.features.backbone_info  # stages, channels, weights source (and a file's SHA-256)
 print(f"GReFEL ({config['components']}) {param_counts['total']:,} parameters; train {len(idx['train'])}, val {len(idx['val'])}, "
       f"test {len(idx['test'])}; device {device}")
 revision = MODEL_REVISION[config["components"]]
 # settings that say where outputs go, what the video demo shows or how fast training runs, not what is trained
 PLACE_AND_SPEED = ("workdir", "video_source", "video_frames", "ema", "torch_compile", "channels_last")
-# model_ema and logit_adjusted_loss (off) and the engine's H.SETTINGS_ADDED_LATER (mixup, cutmix, monitor, optimizer at
-# their old values) joined the settings later: so, they leave the run folders of before them their names
+# model_ema, logit_adjusted_loss and lambda_branch (off) and the engine's H.SETTINGS_ADDED_LATER (mixup, cutmix,
+# monitor, optimizer at their old values) joined the settings later: so, they leave the run folders of before them
+# their names
 run_key = H.config_fingerprint(config, exclude=PLACE_AND_SPEED + ("tta_flip", "tta_shift", "data_on_device")
-                               + tuple(k for k in ("model_ema", "logit_adjusted_loss") if not config[k])
+                               + tuple(k for k in ("model_ema", "logit_adjusted_loss", "lambda_branch") if not config[k])
                                + H.unchanged_later_settings(config),
                                contents={"data": cache_attrs["fingerprint"],  # new data or weights: a new run
                                          "weights": backbone_info.get("sha256"),
@@ -815,20 +830,31 @@ class GReFELEvaluator:
         return H.compute_metrics(o["y"], final.argmax(1), self.class_names, probs=final)
 
     def analyze_reliability_balancing(self, loader, o: dict | None = None) -> dict:
-        """What the correction changes: share of changed predictions, accuracy with and without."""
+        """What the correction changes: share of changed predictions, accuracy with and without, and each
+        correction branch alone: its accuracy and mean confidence (a branch whose output is uniform on every
+        image, confidence ~0, carries nothing: said loudly)."""
         o = o or self.outputs(loader)
         raw, final = o["probs"].argmax(1), o["final_probs"].argmax(1)
         if "anchor_probs" not in o:  # an ablation row without reliability balancing
             acc = float((raw == o["y"]).mean())
             return {"share_changed": 0.0, "accuracy_without": acc, "accuracy_with": acc, "changed_fixed": 0,
-                    "changed_broken": 0, "accuracy_anchor_only": None, "accuracy_attention_only": None}
+                    "changed_broken": 0, "accuracy_anchor_only": None, "accuracy_attention_only": None,
+                    "confidence_anchor": None, "confidence_attention": None}
         changed = raw != final
+        branches = {name: float(confidence(torch.as_tensor(o[f"{name}_probs"])).mean())
+                    for name in ("anchor", "attention")}
+        for name, c in branches.items():
+            if c < UNIFORM_CONFIDENCE:
+                print(f"WARNING: the {name} correction branch outputs a uniform distribution (mean confidence {c:.4f}): "
+                      f"it carries no information, so reliability balancing only shrinks p towards uniform "
+                      f"(trained with lambda_branch={self.config.get('lambda_branch', 0.0)}; 0 leaves it untrained)")
         return {"share_changed": float(changed.mean()), "accuracy_without": float((raw == o["y"]).mean()),
                 "accuracy_with": float((final == o["y"]).mean()),
                 "changed_fixed": int((changed & (final == o["y"])).sum()),
                 "changed_broken": int((changed & (raw == o["y"])).sum()),
                 "accuracy_anchor_only": float((o["anchor_probs"].argmax(1) == o["y"]).mean()),
-                "accuracy_attention_only": float((o["attention_probs"].argmax(1) == o["y"]).mean())}
+                "accuracy_attention_only": float((o["attention_probs"].argmax(1) == o["y"]).mean()),
+                "confidence_anchor": branches["anchor"], "confidence_attention": branches["attention"]}
 
     def analyze_confidence_distribution(self, loader, o: dict | None = None, save_path=None) -> dict:
         """Confidence histograms for correct vs wrong predictions (plot) and their means."""
@@ -895,6 +921,10 @@ print(f"test accuracy {metrics['accuracy']:.4f} ({len(class_names)} classes{', m
       + f"), macro F1 {metrics['f1_macro']:.4f}; "
       f"without reliability balancing {reliability['accuracy_without']:.4f}; "
       f"{reliability['share_changed']:.1%} of predictions changed by it")
+if reliability["confidence_anchor"] is not None:
+    print("correction branches alone: " + ", ".join(
+        f"{name} accuracy {reliability[f'accuracy_{name}_only']:.4f} (mean confidence {reliability[f'confidence_{name}']:.3f})"
+        for name in ("anchor", "attention")))
 print(f"ECE {metrics_uncalibrated['ece']:.4f} -> {metrics['ece']:.4f} after temperature scaling (T = {temperature:.3f})")
 if paper_protocol is not None:
     print(f"FERPlus paper's test protocol: accuracy {paper_protocol['accuracy']:.4f} on its {paper_protocol['images']} "

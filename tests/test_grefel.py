@@ -203,6 +203,62 @@ def test_center_and_anchor_terms_by_value(g):
     torch.testing.assert_close(loss, expected.float())
 
 
+def test_branch_term_by_value(g):
+    """lambda_branch adds the NLL of each correction branch's own output (anchors s, attention a), untrusted by tau."""
+    model = g["GReFELModel"](**{**SMALL, "num_classes": 3, "num_anchors_per_class": 1, "embed_dim": 2,
+                                "num_heads": 1})
+    model.balance.anchors.anchors.data.copy_(torch.tensor([[[0.0, 0.0]], [[9.0, 0.0]], [[0.0, 9.0]]]))
+    out = {"final_probs": torch.tensor([[0.7, 0.2, 0.1], [0.1, 0.6, 0.3]]),
+           "anchor_probs": torch.tensor([[0.5, 0.3, 0.2], [0.2, 0.2, 0.6]]),
+           "attention_probs": torch.tensor([[0.25, 0.25, 0.5], [0.1, 0.8, 0.1]]),
+           "anchor_distances": torch.tensor([[[0.0], [9.0], [9.0]], [[9.0], [0.0], [9.0]]]),
+           "confidence": torch.ones(2), "trust": torch.tensor(0.0)}   # tau 0: anchor and centre terms off
+    y = torch.tensor([0, 1])
+    nll = {k: -(math.log(out[k][0, 0]) + math.log(out[k][1, 1])) / 2
+           for k in ("final_probs", "anchor_probs", "attention_probs")}
+    torch.testing.assert_close(g["grefel_loss"](model)(out, y, 0.0), torch.tensor(nll["final_probs"]))
+    torch.testing.assert_close(g["grefel_loss"](model, lambda_branch=0.5)(out, y, 0.0),
+                               torch.tensor(nll["final_probs"] + 0.5 * (nll["anchor_probs"] + nll["attention_probs"])))
+
+
+def _train_head(g, lambda_branch: float, steps: int = 60) -> dict:
+    """Train only the head on fixed, separable embeddings, the attention branch starting uniform (zero projection,
+    where the 58-epoch cpu run ended); the outputs afterwards."""
+    torch.manual_seed(0)
+    model = g["GReFELModel"](**{**SMALL, "num_classes": 3, "num_anchors_per_class": 2, "embed_dim": 8,
+                                "num_heads": 2})
+    model.set_progress(1.0)
+    centres = torch.randn(3, 8) * 3
+    y = torch.arange(3).repeat(16)
+    e = centres[y] + torch.randn(len(y), 8) * 0.3
+    torch.nn.init.zeros_(model.balance.attn_proj.weight)
+    torch.nn.init.zeros_(model.balance.attn_proj.bias)
+    head = [*model.classifier.parameters(), *model.balance.parameters()]
+    opt = torch.optim.Adam(head, lr=0.02)
+    loss_fn = g["grefel_loss"](model, lambda_branch=lambda_branch)
+    for _ in range(steps):
+        loss = loss_fn(model.forward_head(e), y, 1.0)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        out = model.forward_head(e)
+    return {"y": y, **out}
+
+
+def test_a_uniform_attention_branch_learns_only_with_its_own_loss(g):
+    """Uniform is where the attention branch of the 58-epoch cpu run ended, and a trap: there c(a) = 0, so the
+    branch has no share of corr, and the entropy's gradient is 0 too; trained only through the confidence-weighted
+    mix (ARBEx, lambda_branch=0) it stays exactly uniform. With its own NLL it learns to name the class."""
+    conf = g["confidence"]
+    untrained, trained = _train_head(g, 0.0), _train_head(g, 1.0)
+    torch.testing.assert_close(untrained["attention_probs"], torch.full((48, 3), 1 / 3))
+    assert (untrained["anchor_probs"].argmax(1) == untrained["y"]).float().mean() > 0.9  # the head did train
+    assert conf(trained["attention_probs"]).mean() > 0.3
+    assert (trained["attention_probs"].argmax(1) == trained["y"]).float().mean() > 0.9
+    assert (trained["anchor_probs"].argmax(1) == trained["y"]).float().mean() > 0.9
+
+
 def test_reliability_balancing_by_value(g):
     """Every ARBEx term on a case where a swapped confidence or mix would give another result."""
     rb = g["ReliabilityBalancing"](num_classes=3, num_anchors=1, dim=2, num_heads=1, delta=0.5)
@@ -356,6 +412,23 @@ def test_checkpoint_round_trips_through_the_evaluator(g, tmp_path):
     calibrated = torch.softmax(ref.log() / 2.0, -1).numpy()
     np.testing.assert_allclose(list(pred["probabilities"].values()), calibrated, atol=1e-5)
     assert not np.allclose(calibrated, ref.numpy(), atol=1e-3) and calibrated.argmax() == ref.argmax()
+
+
+def test_a_uniform_correction_branch_is_reported_loudly(g, tmp_path, capsys):
+    torch.manual_seed(0)
+    config = {**SMALL_CONFIG, "lambda_branch": 0.0}
+    model = g["build_grefel"](config, 8)
+    torch.nn.init.zeros_(model.balance.attn_proj.weight)                # the collapsed branch: uniform output
+    torch.nn.init.zeros_(model.balance.attn_proj.bias)
+    H.save_checkpoint(tmp_path / "best_model.pth", model=model.state_dict(), config=config,
+                      class_names=list(H.FERPLUS_CLASSES), norm={"mean": (0.5,) * 3, "std": (0.5,) * 3})
+    ev = g["GReFELEvaluator"](tmp_path / "best_model.pth")
+    images, landmarks, labels = g["create_dummy_data"](6, 48)
+    result = ev.analyze_reliability_balancing([(images, landmarks, labels)])
+    assert result["confidence_attention"] == pytest.approx(0.0, abs=1e-6) and result["confidence_anchor"] > 0
+    printed = capsys.readouterr().out
+    assert "WARNING: the attention correction branch outputs a uniform distribution" in printed
+    assert "anchor correction branch" not in printed and "lambda_branch=0.0" in printed
 
 
 def test_shift_tta_averages_the_ten_views_with_the_landmarks_moved_along(g, tmp_path):
