@@ -41,22 +41,29 @@ def view_name(row: dict) -> str:
     return ("mirror pair" if row["tta_flip"] else "one view") + shifts
 
 
+def split_loader(checkpoint: str, cache: str, part: str, device="cpu", batch_size: int | None = None):
+    """The notebook's evaluator for a checkpoint and a loader over one split of its landmark cache ->
+    ``(evaluator, loader, indices, batch_size)``. ``batch_size`` None: the notebook's for that split (the run's
+    ``batch_size`` for validation, 128 for test), since reliability balancing attends over the batch."""
+    ev = model_cells()["GReFELEvaluator"](checkpoint, device)
+    meta, _ = H.read_cache_meta(cache)
+    idx = np.flatnonzero(meta["split"].to_numpy() == part)
+    if not len(idx):
+        raise SystemExit(f"{cache} has no {part!r} split (it has: {', '.join(sorted(set(meta['split'])))})")
+    batch_size = batch_size or (ev.config["batch_size"] if part == "val" else 128)
+    loader = H.make_loader(H.H5Dataset(cache, idx, ev.transform, in_memory=True, landmarks=True), batch_size,
+                           shuffle=False)
+    return ev, loader, idx, batch_size
+
+
 def compare(checkpoint: str, cache: str, part: str, shifts: list[int], device="cpu", batch_size: int | None = None,
             keep_outputs: bool = False) -> dict:
     """One row a view set: ``{"views", "tta_flip", "tta_shift", "accuracy", "f1_macro", "predicted_classes", "s"}``
     (and its ``final_probs`` with ``keep_outputs``, then the split's labels in ``y``). ``batch_size`` None: the
     notebook's for that split (the run's ``batch_size`` for validation, 128 for test), since reliability
     balancing attends over the batch."""
-    g = model_cells()
-    ev = g["GReFELEvaluator"](checkpoint, device)
-    meta, _ = H.read_cache_meta(cache)
-    idx = np.flatnonzero(meta["split"].to_numpy() == part)
-    if not len(idx):
-        raise SystemExit(f"{cache} has no {part!r} split (it has: {', '.join(sorted(set(meta['split'])))})")
-    batch_size = batch_size or (ev.config["batch_size"] if part == "val" else 128)
+    ev, loader, idx, batch_size = split_loader(checkpoint, cache, part, device, batch_size)
     votes = H.read_cache_votes(cache, idx)  # FER+: the paper's protocol beside (None for data without votes)
-    loader = H.make_loader(H.H5Dataset(cache, idx, ev.transform, in_memory=True, landmarks=True), batch_size,
-                           shuffle=False)
     rows = []
     for flip, shift in [(False, 0), (True, 0), *((True, s) for s in shifts if s)]:
         t0 = time.time()

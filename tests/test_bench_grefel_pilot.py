@@ -182,6 +182,43 @@ def test_tta_bench_scores_one_view_the_mirror_pair_and_each_shift_on_the_chosen_
         bench.compare(str(tmp_path / "m.pth"), str(cache), "valid", [2])
 
 
+def test_heads_bench_stats_by_value():
+    """bench/grefel_heads.py: per class, how often a head predicts it, the mean probability and the mean rank of the
+    true class on that class's images (0: the head's top choice)."""
+    bench = load_bench("grefel_heads")
+    probs = np.array([[0.6, 0.3, 0.1], [0.2, 0.5, 0.3], [0.5, 0.2, 0.3], [0.1, 0.2, 0.7]])
+    y = np.array([0, 1, 1, 2])
+    out = bench.head_stats(probs, y, ["a", "b", "c"])
+    assert out["accuracy"] == pytest.approx(0.75)
+    assert out["per_class"]["a"] == {"predicted": 2, "support": 1, "mean_p_true": pytest.approx(0.6), "mean_rank_true": 0.0}
+    # class b: ranked first on one image, last of three on the other (0.2 under 0.5 and 0.3)
+    assert out["per_class"]["b"] == {"predicted": 1, "support": 2, "mean_p_true": pytest.approx(0.35), "mean_rank_true": 1.0}
+    assert out["per_class"]["c"]["predicted"] == 1 and out["per_class"]["c"]["mean_rank_true"] == 0.0
+    empty = bench.head_stats(probs[:1], y[:1], ["a", "b", "c"])["per_class"]["b"]
+    assert empty == {"predicted": 0, "support": 0, "mean_p_true": None, "mean_rank_true": None}
+
+
+def test_heads_bench_reads_every_head_of_the_evaluators_outputs(packed, tmp_path):
+    bench = load_bench("grefel_heads")
+    cache, _ = packed
+    g = load_bench("grefel_tta").model_cells()
+    config = {**TINY_GREFEL, "components": "full", "batch_size": 4}
+    torch.manual_seed(0)
+    model = g["build_grefel"](config, 8)
+    model.set_progress(1.0)
+    H.save_checkpoint(tmp_path / "m.pth", model=model.state_dict(), config=config,
+                      class_names=list(H.FERPLUS_CLASSES), norm={"mean": (0.5,) * 3, "std": (0.5,) * 3})
+    out = bench.heads(str(tmp_path / "m.pth"), str(cache), "val")
+    assert set(out["heads"]) == {"probs", "final_probs", "anchor_probs", "attention_probs"} and out["batch_size"] == 4
+    meta, _ = H.read_cache_meta(cache)
+    val = np.flatnonzero(meta["split"].to_numpy() == "val")
+    ev = g["GReFELEvaluator"](tmp_path / "m.pth")
+    o = ev.outputs(H.make_loader(H.H5Dataset(cache, val, ev.transform, landmarks=True), 4, shuffle=False))
+    for head in out["heads"]:  # the evaluator's own outputs, the notebook's batch
+        assert out["heads"][head] == bench.head_stats(o[head], o["y"], list(H.FERPLUS_CLASSES)), head
+    assert sum(c["predicted"] for c in out["heads"]["probs"]["per_class"].values()) == out["images"] == len(val)
+
+
 def test_ensemble_bench_averages_the_members_final_probabilities_view_set_by_view_set(packed, tmp_path):
     """bench/grefel_ensemble.py: each member scored as the notebook's evaluator scores it, the ensemble the mean of
     their final probabilities; members of other classes, or a single member, stop it with the file named."""
