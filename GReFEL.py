@@ -839,23 +839,22 @@ class GReFELEvaluator:
         if "anchor_probs" not in o:  # an ablation row without reliability balancing
             acc = float((raw == o["y"]).mean())
             return {"share_changed": 0.0, "accuracy_without": acc, "accuracy_with": acc, "changed_fixed": 0,
-                    "changed_broken": 0, "accuracy_anchor_only": None, "accuracy_attention_only": None,
-                    "confidence_anchor": None, "confidence_attention": None}
+                    "changed_broken": 0, **{k: None for name in ("anchor", "attention")
+                                            for k in (f"accuracy_{name}_only", f"confidence_{name}")}}
         changed = raw != final
-        branches = {name: float(confidence(torch.as_tensor(o[f"{name}_probs"])).mean())
-                    for name in ("anchor", "attention")}
-        for name, c in branches.items():
+        branches = {}  # each correction branch alone: accuracy_<name>_only, confidence_<name> (mean)
+        for name in ("anchor", "attention"):
+            probs = o[f"{name}_probs"]
+            c = float(confidence(torch.as_tensor(probs)).mean())
             if c < UNIFORM_CONFIDENCE:
                 print(f"WARNING: the {name} correction branch outputs a uniform distribution (mean confidence {c:.4f}): "
                       f"it carries no information, so reliability balancing only shrinks p towards uniform "
                       f"(lambda_branch={self.config.get('lambda_branch', 0.0)}; with 0 a branch is trained only through the mix)")
+            branches |= {f"accuracy_{name}_only": float((probs.argmax(1) == o["y"]).mean()), f"confidence_{name}": c}
         return {"share_changed": float(changed.mean()), "accuracy_without": float((raw == o["y"]).mean()),
                 "accuracy_with": float((final == o["y"]).mean()),
                 "changed_fixed": int((changed & (final == o["y"])).sum()),
-                "changed_broken": int((changed & (raw == o["y"])).sum()),
-                "accuracy_anchor_only": float((o["anchor_probs"].argmax(1) == o["y"]).mean()),
-                "accuracy_attention_only": float((o["attention_probs"].argmax(1) == o["y"]).mean()),
-                "confidence_anchor": branches["anchor"], "confidence_attention": branches["attention"]}
+                "changed_broken": int((changed & (raw == o["y"])).sum()), **branches}
 
     def analyze_confidence_distribution(self, loader, o: dict | None = None, save_path=None) -> dict:
         """Confidence histograms for correct vs wrong predictions (plot) and their means."""

@@ -207,7 +207,6 @@ def test_branch_term_by_value(g):
     """lambda_branch adds the NLL of each correction branch's own output (anchors s, attention a), untrusted by tau."""
     model = g["GReFELModel"](**{**SMALL, "num_classes": 3, "num_anchors_per_class": 1, "embed_dim": 2,
                                 "num_heads": 1})
-    model.balance.anchors.anchors.data.copy_(torch.tensor([[[0.0, 0.0]], [[9.0, 0.0]], [[0.0, 9.0]]]))
     out = {"final_probs": torch.tensor([[0.7, 0.2, 0.1], [0.1, 0.6, 0.3]]),
            "anchor_probs": torch.tensor([[0.5, 0.3, 0.2], [0.2, 0.2, 0.6]]),
            "attention_probs": torch.tensor([[0.25, 0.25, 0.5], [0.1, 0.8, 0.1]]),
