@@ -471,6 +471,9 @@ acc = summary["accuracy"]
 print(f"{config['protocol']} protocol, {len(folds)} fold(s): accuracy {acc['mean']:.4f} +- {acc['std']:.4f}"
       + (f" (95% interval over folds {acc['ci95'][0]:.4f}-{acc['ci95'][1]:.4f})" if acc["ci95"] else "")
       + f", macro F1 {summary['f1_macro']['mean']:.4f} +- {summary['f1_macro']['std']:.4f}")
+never_predicted = H.never_predicted(total_cm, class_names)  # in no fold: recall and F1 0 for each
+if never_predicted:
+    print(f"never predicted in any fold: {', '.join(never_predicted)}")
 if len(specs) > 1:
     for m, s in enumerate(specs):
         member = H.fold_summary([f["members"][m]["accuracy"] for f in fold_metrics])

@@ -49,7 +49,7 @@ from .train import (BATCH_MIX_OFF, MONITORS, OPTIMIZERS, SETTINGS_ADDED_LATER, B
                     time_left, train_one_epoch, unchanged_later_settings)
 from .metrics import (FERPLUS_PAPER_RULE, adjust_logits, class_log_prior, compute_metrics, expected_calibration_error,
                       ferplus_paper_accuracy, ferplus_paper_subset, fit_logit_adjustment, fit_temperature, fold_summary,
-                      macro_f1, sequence_metrics)
+                      macro_f1, never_predicted, sequence_metrics)
 from .plots import (plot_class_distribution, plot_confidence_histograms, plot_confusion_matrix, plot_metric_summary,
                     plot_reliability_diagram, plot_sample_grid, plot_training_curves)
 from .export import (Backend, Predictor, ProbabilityModel, export_metadata, export_onnx, export_torchscript,
@@ -94,7 +94,7 @@ __all__ = [
     "init_distributed", "shutdown", "is_distributed", "get_rank", "get_world_size", "is_main", "barrier",
     "ShardedBatchSampler",
     # metrics
-    "compute_metrics", "FERPLUS_PAPER_RULE", "ferplus_paper_subset", "ferplus_paper_accuracy", "macro_f1", "fold_summary", "sequence_metrics", "expected_calibration_error", "fit_temperature",
+    "compute_metrics", "never_predicted", "FERPLUS_PAPER_RULE", "ferplus_paper_subset", "ferplus_paper_accuracy", "macro_f1", "fold_summary", "sequence_metrics", "expected_calibration_error", "fit_temperature",
     "class_log_prior", "adjust_logits", "fit_logit_adjustment",
     # plots
     "plot_class_distribution", "plot_sample_grid", "plot_confusion_matrix", "plot_training_curves",

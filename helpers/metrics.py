@@ -23,8 +23,8 @@ def compute_metrics(y_true: np.ndarray, y_pred: np.ndarray, class_names: list[st
 
     Returns:
         accuracy, macro/weighted precision, recall and F1, per-class report, confusion
-        matrix (rows = true, columns = predicted), the number of samples and the number of
-        distinct classes predicted. Warns when a model predicts a single class for data that
+        matrix (rows = true, columns = predicted), the number of samples, the number of
+        distinct classes predicted and ``never_predicted`` (:func:`never_predicted`). Warns when a model predicts a single class for data that
         holds several (a collapsed model: its accuracy is that class's share, nothing more).
     """
     y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
@@ -38,6 +38,7 @@ def compute_metrics(y_true: np.ndarray, y_pred: np.ndarray, class_names: list[st
     out["per_class"] = {c: {k: float(v) for k, v in report[c].items()} for c in class_names}
     out["confusion_matrix"] = confusion_matrix(y_true, y_pred, labels=labels).tolist()
     out["predicted_classes"] = int(np.unique(y_pred).size)
+    out["never_predicted"] = never_predicted(out["confusion_matrix"], class_names)
     if out["predicted_classes"] == 1 and np.unique(y_true).size > 1:
         warnings.warn(f"the model predicts {class_names[int(y_pred[0])]!r} for all {len(y_pred)} samples: it has "
                       f"collapsed to one class, so its accuracy ({out['accuracy']:.4f}) is that class's share. "
@@ -47,6 +48,13 @@ def compute_metrics(y_true: np.ndarray, y_pred: np.ndarray, class_names: list[st
         out["ece"] = expected_calibration_error(probs, y_true)
         out["nll"] = float(-np.mean(np.log(np.clip(probs[np.arange(len(y_true)), y_true], 1e-12, None))))
     return out
+
+
+def never_predicted(confusion: list | np.ndarray, class_names: list[str]) -> list[str]:
+    """The classes the data holds that a model never predicts (rows = true, columns = predicted): each one's
+    recall and F1 are 0, whatever threshold it sits under."""
+    cm = np.asarray(confusion)
+    return [name for name, held, chosen in zip(class_names, cm.sum(1), cm.sum(0)) if held and not chosen]
 
 
 def macro_f1(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> float:

@@ -122,6 +122,15 @@ def test_compute_metrics_values():
     assert m["predicted_classes"] == 3
 
 
+def test_never_predicted_names_the_held_classes_no_prediction_chose():
+    # c is held (two images) and never predicted; d is neither held nor predicted: not a miss; b is predicted only
+    y_true, y_pred = np.array([0, 0, 2, 2, 0]), np.array([0, 1, 0, 1, 0])
+    m = H.compute_metrics(y_true, y_pred, ["a", "b", "c", "d"])
+    assert m["never_predicted"] == ["c"]
+    assert m["per_class"]["c"]["recall"] == 0
+    assert H.compute_metrics(y_true, np.array([0, 1, 2, 2, 0]), ["a", "b", "c", "d"])["never_predicted"] == []
+
+
 def test_compute_metrics_flags_a_model_that_predicts_one_class():
     y_true = np.array([0, 0, 0, 1, 2])
     with pytest.warns(UserWarning, match="predicts 'a' for all 5 samples"):
