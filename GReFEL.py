@@ -140,8 +140,9 @@ PROFILES = {
     # on majority votes, the profile's previous run (README). lambda_branch 1 (COMMON) since a second 58-epoch run:
     # FER2013Valid 82.7% against 83.0% (half a standard error) with correction branches that carry information.
     # No centre loss (lambda_center 0) since a third: with it the rare classes were never learned (disgust and
-    # contempt at chance rank in every head); without, FER2013Valid macro F1 61.3% against 57.8%, accuracy 82.6%
-    # against 82.7% (README). Measured here only: the gpu and paper profiles keep ARBEx's centre loss
+    # contempt at chance rank in every head); without, FER2013Valid macro F1 61.3% against 58.0% at the same
+    # accuracy (82.64% against 82.67%; README). Measured here only: the gpu and paper profiles keep ARBEx's
+    # centre loss
     "cpu": {**COMMON, "image_size": 64, "backbone": "resnet18", "weights": "none", "embed_dim": 96, "num_heads": 4,
             "depth": 2, "patch_sizes": [16, 8, 4], "window": 4, "num_anchors_per_class": 5, "num_epochs": 58,
             "lambda_center": 0.0,
