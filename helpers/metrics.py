@@ -24,8 +24,9 @@ def compute_metrics(y_true: np.ndarray, y_pred: np.ndarray, class_names: list[st
     Returns:
         accuracy, macro/weighted precision, recall and F1, per-class report, confusion
         matrix (rows = true, columns = predicted), the number of samples, the number of
-        distinct classes predicted and ``never_predicted`` (:func:`never_predicted`). Warns when a model predicts a single class for data that
-        holds several (a collapsed model: its accuracy is that class's share, nothing more).
+        distinct classes predicted and ``never_predicted`` (:func:`never_predicted`). Warns
+        when a model predicts a single class for data that holds several (a collapsed model:
+        its accuracy is that class's share, nothing more).
     """
     y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
     labels = list(range(len(class_names)))
