@@ -469,6 +469,7 @@ class MultiScaleFeatureExtractor(nn.Module):
 
 # %% tags=["grefel-model"]
 UNIFORM_CONFIDENCE = 1e-3  # a branch whose mean confidence is below this outputs (nearly) uniform: it says nothing
+BRANCHES = ("anchor", "attention")  # the correction branches; each one's output is the model's "<name>_probs"
 
 
 def confidence(probs: torch.Tensor) -> torch.Tensor:
@@ -845,11 +846,11 @@ class GReFELEvaluator:
         if "anchor_probs" not in o:  # an ablation row without reliability balancing
             acc = float((raw == o["y"]).mean())
             return {"share_changed": 0.0, "accuracy_without": acc, "accuracy_with": acc, "changed_fixed": 0,
-                    "changed_broken": 0, **{k: None for name in ("anchor", "attention")
+                    "changed_broken": 0, **{k: None for name in BRANCHES
                                             for k in (f"accuracy_{name}_only", f"confidence_{name}")}}
         changed = raw != final
         branches = {}  # each correction branch alone: accuracy_<name>_only, confidence_<name> (mean)
-        for name in ("anchor", "attention"):
+        for name in BRANCHES:
             probs = o[f"{name}_probs"]
             c = float(confidence(torch.as_tensor(probs)).mean())
             if c < UNIFORM_CONFIDENCE:
@@ -932,7 +933,7 @@ if metrics["never_predicted"]:  # recall and F1 0 for each, whatever the thresho
 if reliability["confidence_anchor"] is not None:
     print("correction branches alone: " + ", ".join(
         f"{name} accuracy {reliability[f'accuracy_{name}_only']:.4f} (mean confidence {reliability[f'confidence_{name}']:.3f})"
-        for name in ("anchor", "attention")))
+        for name in BRANCHES))
 print(f"ECE {metrics_uncalibrated['ece']:.4f} -> {metrics['ece']:.4f} after temperature scaling (T = {temperature:.3f})")
 if paper_protocol is not None:
     print(f"FERPlus paper's test protocol: accuracy {paper_protocol['accuracy']:.4f} on its {paper_protocol['images']} "
