@@ -44,6 +44,7 @@ ROWS = {"nchw-loader": (False, False, {}, False), "nhwc-loader": (True, False, {
         "nhwc-batched": (True, True, {}, False), "nchw-batched": (False, True, {}, False),
         "nhwc-batched-dropout0": (True, True, {"dropout": 0.0}, False),
         "nhwc-batched-compiled": (True, True, {}, True),
+        "nhwc-batched-dropout0-compiled": (True, True, {"dropout": 0.0}, True),
         "nhwc-batched-48px": (True, True, PX48_GRIDS, False),
         "nhwc-batched-48px-half": (True, True, {**PX48_GRIDS, "backbone_args": HALF_WIDTH}, False),
         "nhwc-batched-half": (True, True, {"backbone_args": HALF_WIDTH}, False),

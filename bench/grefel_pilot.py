@@ -201,7 +201,8 @@ def build_training(config: dict, cache: Path, train_idx, val_idx, num_classes: i
                                config["anchor_margin"],
                                H.class_weights_for(config["class_weighted"], train_ds.labels, num_classes),
                                config["label_smoothing"], config["lambda_plain"],
-                               H.logit_adjustment_shift(config["logit_adjusted_loss"], train_ds.labels, num_classes))
+                               H.logit_adjustment_shift(config["logit_adjusted_loss"], train_ds.labels, num_classes),
+                               config["lambda_branch"])
     return train_loader, training_data, val_loader, model, loss_fn
 
 
