@@ -12,8 +12,10 @@ the batched augmentation), ``nhwc-loader`` (``channels_last=True``), ``nhwc-batc
 by ``H.BatchAugment`` in the training process, where the DataLoader's workers would share the
 cores with it), ``nchw-batched``; over the profile's ``nhwc-batched``: ``nhwc-batched-dropout0``
 (``dropout=0``: the fusion transformer's and the head's dropout off, a recipe change, so what it
-does to accuracy is a training run's question, not this one's) and ``nhwc-batched-compiled``
-(``torch_compile=True``; its compile time is reported apart and not in the step time) and
+does to accuracy is a training run's question, not this one's; the cpu profile's own since 2026-12-07, whose
+previous 0.1 is ``nhwc-batched-dropout0.1``), ``nhwc-batched-compiled``
+(``torch_compile=True``; its compile time is reported apart and not in the step time),
+``nhwc-batched-dropout0-compiled`` (the two together) and
 ``nhwc-batched-48px`` (FER+'s native 48 px instead of 64, grids 12/6/3: what the smaller input saves) and
 ``nhwc-batched-48px-half`` (the same with a half-width ResNet, ``backbone_args=HALF_WIDTH``), and the half-width
 ResNet on faces upsampled to 64 px (``nhwc-batched-half``, grids 16/8/4) and 96 px (``nhwc-batched-96px-half``, grids
@@ -43,6 +45,7 @@ PX96_GRIDS = dict(image_size=96, patch_sizes=[24, 12, 6], window=6)  # the half-
 ROWS = {"nchw-loader": (False, False, {}, False), "nhwc-loader": (True, False, {}, False),
         "nhwc-batched": (True, True, {}, False), "nchw-batched": (False, True, {}, False),
         "nhwc-batched-dropout0": (True, True, {"dropout": 0.0}, False),
+        "nhwc-batched-dropout0.1": (True, True, {"dropout": 0.1}, False),
         "nhwc-batched-compiled": (True, True, {}, True),
         "nhwc-batched-dropout0-compiled": (True, True, {"dropout": 0.0}, True),
         "nhwc-batched-48px": (True, True, PX48_GRIDS, False),

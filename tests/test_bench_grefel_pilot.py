@@ -128,13 +128,13 @@ def test_speed_bench_rows_train_in_the_layout_and_data_path_they_name(pilot, tmp
     out = tmp_path / "speed.json"
     monkeypatch.setattr("sys.argv", ["bench_grefel_speed.py", "--components", "backbone", "--images", "128",
                                      "--epochs", "1", "--rows", "nchw-loader", "nhwc-batched", "nhwc-batched-dropout0",
-                                     "nhwc-batched-48px", "nhwc-batched-48px-half", "nhwc-batched-half",
-                                     "nhwc-batched-96px-half", "--json", str(out)])
+                                     "nhwc-batched-dropout0.1", "nhwc-batched-48px", "nhwc-batched-48px-half",
+                                     "nhwc-batched-half", "nhwc-batched-96px-half", "--json", str(out)])
     bench.main()
     rows = {r["row"]: r for r in json.loads(out.read_text())["rows"]}
     assert (rows["nchw-loader"]["channels_last"], rows["nchw-loader"]["batched"]) == (False, False)
     assert (rows["nhwc-batched"]["channels_last"], rows["nhwc-batched"]["batched"]) == (True, True)
-    assert rows["nhwc-batched"]["dropout_p"] == [0.1] and rows["nhwc-batched-dropout0"]["dropout_p"] == [0.0]
+    assert rows["nhwc-batched-dropout0.1"]["dropout_p"] == [0.1] and rows["nhwc-batched-dropout0"]["dropout_p"] == [0.0]
     assert rows["nhwc-batched-dropout0"]["batched"] and not rows["nhwc-batched"]["compile"]["used"]
     assert (rows["nhwc-batched"]["image_size"], rows["nhwc-batched-48px"]["image_size"]) == (64, 48)
     half, full = rows["nhwc-batched-48px-half"], rows["nhwc-batched-48px"]  # the half-width ResNet: ~1/4 the weights
