@@ -63,6 +63,29 @@ def test_landmark_heatmap_tokens_by_value(g):
             assert tokens[0, y * grid + x, 1] == pytest.approx(math.exp(-d2 / (2 * sigma**2)), rel=1e-5), (x, y)
 
 
+def test_window_cross_attention_by_value(g):
+    """Each window's geometry tokens attend to that window's image tokens through the module's own
+    nn.MultiheadAttention (the reference, window by window), plus the residual; nothing crosses windows."""
+    torch.manual_seed(0)
+    b, grid, window, d = 2, 6, 3, 16
+    cross = g["WindowCrossAttention"](d, 4, window).eval()
+    image, geo = torch.randn(b, grid * grid, d), torch.randn(b, grid * grid, d)
+    with torch.no_grad():
+        out = cross(image, geo, grid)
+        q, kv = cross.norm_q(geo), cross.norm_kv(image)
+        expected = image.clone()
+        for wy in range(0, grid, window):
+            for wx in range(0, grid, window):
+                cells = [y * grid + x for y in range(wy, wy + window) for x in range(wx, wx + window)]
+                fused, _ = cross.attn(q[:, cells], kv[:, cells], kv[:, cells], need_weights=False)
+                expected[:, cells] += fused
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+        moved = image.clone()
+        moved[:, grid * grid - 1] += 5.0                                   # a cell of the last window only
+        changed = (cross(moved, geo, grid) - out).abs().amax((0, 2)) > 0
+    assert changed.nonzero().flatten().tolist() == [y * grid + x for y in range(3, 6) for x in range(3, 6)]
+
+
 def test_confidence_is_one_for_one_hot_and_zero_for_uniform(g):
     c = g["confidence"](torch.tensor([[1.0, 0, 0, 0], [0.25] * 4, [0.7, 0.1, 0.1, 0.1]]))
     torch.testing.assert_close(c[:2], torch.tensor([1.0, 0.0]), atol=1e-6, rtol=0)
@@ -380,6 +403,27 @@ def test_mirror_landmarks_matches_a_flipped_transform(g):
     mirrored = g["mirror_landmarks"](torch.as_tensor(pts / 48)[None])[0].numpy()
     np.testing.assert_allclose(mirrored, flipped, atol=1.5 / 48)    # the same points, up to the pixel convention
     assert np.abs(mirrored - pts / 48).max() > 0.1
+
+
+def test_onnx_and_torchscript_exports_take_any_batch_size(g, tmp_path):
+    """Exported from one image (as the notebook exports), both files give PyTorch's probabilities for a batch of
+    five: the batch size is an input of the graph, not a constant of the trace (reliability balancing attends
+    over the batch, so every image's output depends on the batch's size)."""
+    import onnxruntime as ort
+
+    torch.manual_seed(0)
+    model = g["GReFELModel"](**SMALL).eval()
+    model.trust.fill_(1.0)
+    images, landmarks = torch.randn(5, 3, 48, 48), torch.rand(5, 68, 2)
+    onnx = H.export_onnx(model, tmp_path / "g.onnx", (images[:1], landmarks[:1]), {}, input_names=("image", "landmarks"))
+    script = torch.jit.load(str(H.export_torchscript(model, tmp_path / "g.pt", (images[:1], landmarks[:1]), {})))
+    with torch.no_grad():
+        expected = H.ProbabilityModel(model).eval()(images, landmarks)
+        traced = script(images, landmarks)
+    got = ort.InferenceSession(str(onnx)).run(None, {"image": images.numpy(), "landmarks": landmarks.numpy()})[0]
+    assert got.shape == (5, 8)
+    np.testing.assert_allclose(got, expected.numpy(), atol=1e-5)
+    torch.testing.assert_close(traced, expected, atol=1e-5, rtol=1e-5)
 
 
 def test_checkpoint_round_trips_through_the_evaluator(g, tmp_path):
