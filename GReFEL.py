@@ -70,7 +70,8 @@ window = None                  # cross-attention window, in grid cells (divides 
 num_anchors_per_class = None   # K anchors per class
 dropout = None                 # ViT and head dropout
 # optim
-num_epochs = None              # epochs
+num_epochs = None              # epochs (with time_budget_min: the most)
+time_budget_min = None         # minutes the epochs may take (training + validation): the run re-plans its length after each epoch and the cosine ends with the last epoch that fits | None: num_epochs epochs
 batch_size = None              # images per step (reliability attention runs over the batch)
 optimizer = None               # "adamw" | "sgd" (Nesterov momentum 0.9: lr e.g. 0.1 and weight_decay its L2 term, e.g. 5e-4)
 lr = None                      # peak learning rate
@@ -121,7 +122,7 @@ COMMON = dict(video_source=None, video_frames=30, ema=0.6, max_per_split=None, v
               balanced_sampling=False, clip_grad=1.0, model_ema=None, amp="auto", early_stopping=None, monitor="val_acc",
               torch_compile="auto",
               channels_last=False,
-              data_on_device="auto", lr_scaling="none", lr_reference_batch=None, optimizer="adamw")
+              data_on_device="auto", lr_scaling="none", lr_reference_batch=None, optimizer="adamw", time_budget_min=None)
 PROFILES = {
     # minutes on 2 CPU cores: 200 images per split, a tiny ResNet, two epochs; checks the plumbing
     "smoke": {**COMMON, "image_size": 48, "max_per_split": 200, "backbone": "resnet18", "weights": "none",
@@ -173,7 +174,7 @@ config = H.resolve_config(profile, PROFILES, dict(
     augment_erasing=augment_erasing, mixup=mixup, cutmix=cutmix,
     tta_flip=tta_flip, tta_shift=tta_shift, embed_dim=embed_dim, num_heads=num_heads, depth=depth,
     patch_sizes=patch_sizes, window=window, num_anchors_per_class=num_anchors_per_class, dropout=dropout,
-    num_epochs=num_epochs, batch_size=batch_size, optimizer=optimizer, lr=lr, lr_scaling=lr_scaling,
+    num_epochs=num_epochs, time_budget_min=time_budget_min, batch_size=batch_size, optimizer=optimizer, lr=lr, lr_scaling=lr_scaling,
     lr_reference_batch=lr_reference_batch, weight_decay=weight_decay, warmup_epochs=warmup_epochs,
     lambda_cls=lambda_cls, lambda_plain=lambda_plain, lambda_branch=lambda_branch, lambda_anchor=lambda_anchor, lambda_center=lambda_center, anchor_margin=anchor_margin,
     class_weighted=class_weighted, logit_adjusted_loss=logit_adjusted_loss, balanced_sampling=balanced_sampling, clip_grad=clip_grad, model_ema=model_ema, amp=amp,
@@ -186,6 +187,7 @@ if config["augment"] not in ("grefel", "shift"):
 H.check_model_ema(config["model_ema"])
 H.check_optimizer(config["optimizer"])
 H.check_monitor(config["monitor"])
+H.check_time_budget(config["time_budget_min"], "time_budget_min")
 H.class_weight_power(config["class_weighted"])
 H.check_logit_adjusted_loss(config["logit_adjusted_loss"])
 H.check_batch_mix(config["mixup"], config["cutmix"])
@@ -732,11 +734,12 @@ print(f"GReFEL ({config['components']}) {param_counts['total']:,} parameters; tr
 revision = MODEL_REVISION[config["components"]]
 # settings that say where outputs go, what the video demo shows or how fast training runs, not what is trained
 PLACE_AND_SPEED = ("workdir", "video_source", "video_frames", "ema", "torch_compile", "channels_last")
-# model_ema, logit_adjusted_loss and lambda_branch (off) and the engine's H.SETTINGS_ADDED_LATER (mixup, cutmix,
+# model_ema, logit_adjusted_loss, lambda_branch and time_budget_min (off) and the engine's H.SETTINGS_ADDED_LATER (mixup, cutmix,
 # monitor, optimizer at their old values) joined the settings later: so, they leave the run folders of before them
 # their names
 run_key = H.config_fingerprint(config, exclude=PLACE_AND_SPEED + ("tta_flip", "tta_shift", "data_on_device")
-                               + tuple(k for k in ("model_ema", "logit_adjusted_loss", "lambda_branch") if not config[k])
+                               + tuple(k for k in ("model_ema", "logit_adjusted_loss", "lambda_branch", "time_budget_min")
+                                     if not config[k])
                                + H.unchanged_later_settings(config),
                                contents={"data": cache_attrs["fingerprint"],  # new data or weights: a new run
                                          "weights": backbone_info.get("sha256"),
@@ -752,6 +755,7 @@ run = H.fit(model, train_loader, val_loader, run_dir, num_epochs=config["num_epo
             torch_compile=config["torch_compile"],
             channels_last=config["channels_last"], model_ema=config["model_ema"], mixup=config["mixup"],
             cutmix=config["cutmix"], optimizer=config["optimizer"],
+            time_budget_s=config["time_budget_min"] and config["time_budget_min"] * 60,
             extra_state={"class_names": class_names, "preprocess": cache_attrs["preprocess"], "norm": norm},
             run_key=run_key)
 H.plot_training_curves(run["history"], save_path=run_dir / "training_curve.png");
@@ -997,7 +1001,8 @@ results = {
                 "logit_adjusted": prior_adjusted,
                 "ece_before_scaling": metrics_uncalibrated["ece"], "ece_after_scaling": metrics["ece"]},
     "model": {"components": config["components"], "revision": revision, "backbone": backbone_info,
-              "parameters": param_counts, "best": run["best"], "epochs_run": run["epochs_run"]},
+              "parameters": param_counts, "best": run["best"], "epochs_run": run["epochs_run"],
+              "planned_epochs": run["planned_epochs"], "time_budget_s": run["time_budget_s"]},
     "wall_time_s": {"train": run["wall_s"]},
     "compile": run["compile"],  # torch.compile: used, its compile time, or why not
     "channels_last": run["channels_last"],

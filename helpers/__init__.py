@@ -41,7 +41,7 @@ from .models import (EnsembleClassifier, TimmClassifier, WeightsUnavailableError
                      validate_gcvit_size)
 from .distributed import (ShardedBatchSampler, barrier, get_rank, get_world_size, init_distributed, is_distributed,
                           is_main, shutdown)
-from .train import (BATCH_MIX_OFF, MONITORS, OPTIMIZERS, SETTINGS_ADDED_LATER, BatchMix, best_fold, best_index, build_optimizer, build_scheduler, channels_last_layout, check_batch_mix,
+from .train import (BATCH_MIX_OFF, MONITORS, OPTIMIZERS, SETTINGS_ADDED_LATER, BatchMix, best_fold, best_index, build_optimizer, build_scheduler, plan_epochs, check_time_budget, channels_last_layout, check_batch_mix,
                     check_logit_adjusted_loss, check_model_ema, check_monitor, check_optimizer, class_weight_power, class_weights_for,
                     class_weights_from_labels, compile_for_training, cpu_amp, cross_entropy_loss, evaluate, fit,
                     logit_adjustment_shift, scaled_lr, shifted_views, check_tta_shift,
@@ -85,7 +85,7 @@ __all__ = [
     "TimmClassifier", "EnsembleClassifier", "WeightsUnavailableError", "create_classifier", "create_feature_pyramid", "load_weights",
     "load_matching_weights", "validate_gcvit_size", "count_parameters", "set_finetune_strategy",
     # train
-    "seed_everything", "make_loader", "build_optimizer", "check_optimizer", "OPTIMIZERS", "build_scheduler", "cross_entropy_loss",
+    "seed_everything", "make_loader", "build_optimizer", "check_optimizer", "OPTIMIZERS", "build_scheduler", "plan_epochs", "check_time_budget", "cross_entropy_loss",
     "class_weights_from_labels", "class_weight_power", "class_weights_for", "check_logit_adjusted_loss",
     "logit_adjustment_shift", "output_probs", "resolve_amp", "train_one_epoch", "time_left", "check_tta_shift", "shifted_views", "evaluate",
     "save_checkpoint", "load_checkpoint", "fit", "best_index", "best_fold", "check_model_ema", "check_monitor", "MONITORS", "BATCH_MIX_OFF", "SETTINGS_ADDED_LATER", "unchanged_later_settings", "BatchMix", "check_batch_mix", "compile_for_training", "channels_last_layout",

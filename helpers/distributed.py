@@ -153,6 +153,15 @@ def broadcast_buffers(module: torch.nn.Module) -> None:
             dist.broadcast(buf.data, src=0)
 
 
+def broadcast_int(value: int, device) -> int:
+    """Rank 0's ``value`` on every rank (itself in one process): a decision all ranks must share."""
+    if not is_distributed():
+        return int(value)
+    t = torch.tensor([int(value)], dtype=torch.int64, device=device)  # nccl broadcasts CUDA tensors only
+    dist.broadcast(t, src=0)
+    return int(t.item())
+
+
 def all_reduce_sum(values: list[float], device) -> list[float]:
     """Element-wise sum of ``values`` over ranks (float64; a no-op in one process)."""
     if not is_distributed():

@@ -183,9 +183,38 @@ def build_optimizer(model: nn.Module, lr: float, weight_decay: float, fused: boo
     return torch.optim.AdamW(groups, lr=lr, fused=fused or None)
 
 
+class CosineFactor:
+    """The lr factor of :func:`build_scheduler` at each step: linear warm-up, then cosine decay (or SGDR).
+
+    A callable object, not a closure, so that ``LambdaLR.state_dict()`` saves its attributes (the horizon
+    included) and a resumed run gets them back. :meth:`plan` moves the horizon: :func:`fit` under a time
+    budget re-plans the number of epochs after each one, and the cosine then ends with the last of them.
+    """
+
+    def __init__(self, num_epochs: int, steps_per_epoch: int, warmup_epochs: float = 0.0,
+                 restart_epochs: int | None = None, min_lr_ratio: float = 0.0):
+        self.steps_per_epoch, self.min_lr_ratio = steps_per_epoch, min_lr_ratio
+        self.warm = int(warmup_epochs * steps_per_epoch)
+        self.restart = restart_epochs * steps_per_epoch if restart_epochs else None
+        self.plan(num_epochs)
+
+    def plan(self, num_epochs: int) -> None:
+        """End the decay after ``num_epochs`` epochs (from the start of training)."""
+        self.total = max(1, num_epochs * self.steps_per_epoch)
+
+    def __call__(self, step: int) -> float:
+        if step < self.warm:
+            return (step + 1) / self.warm
+        if self.restart:
+            t = ((step - self.warm) % self.restart) / self.restart
+        else:
+            t = min(1.0, (step - self.warm) / max(1, self.total - self.warm))
+        return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+
+
 def build_scheduler(optimizer, num_epochs: int, steps_per_epoch: int, warmup_epochs: float = 0.0,
                     restart_epochs: int | None = None, min_lr_ratio: float = 0.0):
-    """Per-step cosine decay with linear warm-up and optional warm restarts.
+    """Per-step cosine decay with linear warm-up and optional warm restarts (a ``LambdaLR`` of :class:`CosineFactor`).
 
     Args:
         optimizer: its initial lr is the peak.
@@ -195,17 +224,21 @@ def build_scheduler(optimizer, num_epochs: int, steps_per_epoch: int, warmup_epo
         restart_epochs: restart the cosine every this many epochs (SGDR); None = one cycle.
         min_lr_ratio: floor of the cosine as a fraction of the peak.
     """
-    total = max(1, num_epochs * steps_per_epoch)
-    warm = int(warmup_epochs * steps_per_epoch)
-    cycle = restart_epochs * steps_per_epoch if restart_epochs else total - warm
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, CosineFactor(num_epochs, steps_per_epoch, warmup_epochs, restart_epochs, min_lr_ratio))
 
-    def factor(step: int) -> float:
-        if step < warm:
-            return (step + 1) / warm
-        t = ((step - warm) % cycle) / max(1, cycle) if restart_epochs else min(1.0, (step - warm) / max(1, cycle))
-        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
 
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+def plan_epochs(epoch_s: list[float], budget_s: float, cap: int, recent: int = 5) -> int:
+    """How many epochs in all fit a time budget, after the ``len(epoch_s)`` epochs that took those seconds.
+
+    The epochs left are costed at the larger of the last epoch's time and the mean of the last ``recent``
+    (an epoch time that drifts upward, as on a shared machine, is followed, not averaged away). At least
+    the epochs done, at most ``cap``.
+    """
+    done = len(epoch_s)
+    per_epoch = max(epoch_s[-1], statistics.fmean(epoch_s[-recent:]))
+    left = max(0, math.floor((budget_s - sum(epoch_s)) / per_epoch))
+    return max(done, min(cap, done + left))
 
 
 # ----------------------------------------------------------------------------- losses & outputs
@@ -700,6 +733,13 @@ def check_model_ema(model_ema: float | None) -> None:
         raise ValueError(f"model_ema must be in (0, 1) (the moving average's decay, e.g. 0.99) or None, not {model_ema!r}")
 
 
+def check_time_budget(budget, name: str = "time_budget_s") -> None:
+    """Refuse a time budget that is not a positive number (notebooks call it, in their unit, before their data work)."""
+    if budget is not None and not (isinstance(budget, (int, float)) and not isinstance(budget, bool) and budget > 0):
+        unit = "minutes" if name.endswith("_min") else "seconds"
+        raise ValueError(f"{name} must be a positive number of {unit} or None, not {budget!r}")
+
+
 def time_left(epoch_s: list[float], epochs_left: int) -> str:
     """``"~1 h 05 min left"``: the median of the epoch times so far x the epochs left ("" when none are), so a
     researcher knows after the first epoch what a run costs on this machine."""
@@ -718,7 +758,7 @@ def fit(model: nn.Module, train_loader, val_loader, out_dir: str | Path, *, num_
         run_key: str | None = None, progress: bool = True, find_unused_parameters: bool = False,
         torch_compile: bool | str = False, channels_last: bool = False,
         layer_decay: float | None = None, model_ema: float | None = None, val_tta_flip: bool = False,
-        mixup: float = 0.0, cutmix: float = 0.0, optimizer: str = "adamw") -> dict:
+        mixup: float = 0.0, cutmix: float = 0.0, optimizer: str = "adamw", time_budget_s: float | None = None) -> dict:
     """Train with checkpoints, history, early stopping and resume.
 
     Args:
@@ -764,6 +804,13 @@ def fit(model: nn.Module, train_loader, val_loader, out_dir: str | Path, *, num_
         mixup, cutmix: ``alpha`` of mixup / CutMix of every training batch (:class:`BatchMix`; both on: one or
             the other per batch); 0: off. The loss must take (B, C) targets (both notebooks' losses do).
         optimizer: ``"adamw"`` or ``"sgd"`` (Nesterov momentum 0.9; see :func:`build_optimizer`), recorded.
+        time_budget_s: seconds the epochs may take in all (training and validation, summed over every call of a
+            resumed run; model set-up and compile are not counted). After each epoch the run re-plans its
+            length (:func:`plan_epochs`, at most ``num_epochs``): the cosine schedule and the model's
+            ``set_progress`` share then end with the last epoch that fits, so a slower machine trains fewer
+            epochs and still anneals. The plan is in every history row (``planned_epochs``), recorded; the
+            number of epochs then depends on the machine's speed. None: ``num_epochs`` epochs. Not with
+            ``restart_epochs``.
 
     Under torchrun the model is wrapped in DistributedDataParallel here, every rank runs the
     same epochs on its share of the data, validation figures are those of the whole
@@ -773,9 +820,13 @@ def fit(model: nn.Module, train_loader, val_loader, out_dir: str | Path, *, num_
     Returns:
         ``{"history": [...], "best": {...}, "best_path", "last_path", "epochs_run", "stopped_early",
         "wall_s" (this call), "epochs_s" (the epochs' own time, whenever they trained), "world_size", "compile",
-        "channels_last", "model_ema", "val_tta_flip", "mixup", "cutmix", "optimizer"}``.
+        "channels_last", "model_ema", "val_tta_flip", "mixup", "cutmix", "optimizer", "time_budget_s",
+        "planned_epochs"}``.
     """
     check_model_ema(model_ema)
+    check_time_budget(time_budget_s)
+    if time_budget_s is not None and restart_epochs:
+        raise ValueError("time_budget_s re-plans one cosine cycle; it does not combine with restart_epochs")
     check_monitor(monitor)
     check_optimizer(optimizer)
     mix = BatchMix(mixup, cutmix) if (mixup or cutmix) else None  # checks both
@@ -797,6 +848,7 @@ def fit(model: nn.Module, train_loader, val_loader, out_dir: str | Path, *, num_
         scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
         higher = monitor != "val_loss"
         history, best, start, waited, trained_by = [], None, 0, 0, world
+        horizon = num_epochs  # the epochs planned: num_epochs, or what the time budget holds
         last_path, best_path = out_dir / "last.pth", out_dir / "best_model.pth"
         config = _plain(config or {})
         run_key = run_key or config_fingerprint(config)
@@ -807,6 +859,7 @@ def fit(model: nn.Module, train_loader, val_loader, out_dir: str | Path, *, num_
             # those from before optimizer_kind trained with AdamW
             own = [k for k, value, absent in (("model_ema", model_ema, None), ("val_tta_flip", val_tta_flip, False),
                                               ("monitor", monitor, "val_acc"), ("optimizer_kind", optimizer_kind, "adamw"),
+                                              ("time_budget_s", time_budget_s, None),
                                               *((k, v, BATCH_MIX_OFF[k]) for k, v in (("mixup", mixup), ("cutmix", cutmix))))
                    if ckpt.get(k, absent) != value]
             if ckpt.get("run_key") != run_key or own:
@@ -821,11 +874,12 @@ def fit(model: nn.Module, train_loader, val_loader, out_dir: str | Path, *, num_
                 scaler.load_state_dict(ckpt["scaler"])
             history, best, start, waited = ckpt["history"], ckpt["best"], ckpt["epoch"], ckpt["waited"]
             trained_by = ckpt.get("world_size", 1)
+            horizon = ckpt.get("planned_epochs", num_epochs)
             if progress:
                 print(f"Resuming from {last_path} after epoch {start}")
         stopped = bool(history) and history[-1].get("stopped_early", False)
         # the schedule's length and the data order depend on the number of processes
-        if start < num_epochs and not stopped and trained_by != world:
+        if start < horizon and not stopped and trained_by != world:
             raise ValueError(f"{last_path} was trained by {trained_by} process(es) and this run has {world}: the "
                              f"schedule and data order would change mid-run. Resume it with {trained_by} "
                              "process(es), or start afresh (resume=False).")
@@ -842,13 +896,13 @@ def fit(model: nn.Module, train_loader, val_loader, out_dir: str | Path, *, num_
             model = nn.parallel.DistributedDataParallel(core, device_ids=[device.index] if device.type == "cuda" else None,
                                                         find_unused_parameters=find_unused_parameters)
         compile_info = {"requested": torch_compile, "used": False, "compile_s": None, "why": "nothing left to train"}
-        if start < num_epochs and not stopped:
+        if start < horizon and not stopped:
             model.train()
             model, compile_info = compile_for_training(model, torch_compile, train_loader, loss_fn, device, amp_dtype,
                                                        progress)
         t0, timed = time.time(), []  # timed: this call's epoch times (a resumed run's earlier ones may be another machine's)
         for epoch in range(start, num_epochs):
-            if stopped:
+            if stopped or epoch >= horizon:
                 break
             # Everything random in this epoch derives from (seed, epoch, rank): resume replays it exactly.
             epoch_seed = (seed * 1000 + epoch) * world + rank  # one process: seed * 1000 + epoch, as before DDP
@@ -863,7 +917,7 @@ def fit(model: nn.Module, train_loader, val_loader, out_dir: str | Path, *, num_
                 if isinstance(gen, torch.Generator):  # the shuffle (or weighted draw) of this epoch, resumable
                     gen.manual_seed(epoch_seed)
             te = time.time()
-            tr = train_one_epoch(model, train_loader, optimizer, scheduler, loss_fn, device, epoch, num_epochs,
+            tr = train_one_epoch(model, train_loader, optimizer, scheduler, loss_fn, device, epoch, horizon,
                                  scaler, amp_dtype, clip_grad, progress,
                                  after_step=None if ema is None else lambda step: ema.update(core, step=step), mix=mix)
             train_s = time.time() - te
@@ -878,6 +932,11 @@ def fit(model: nn.Module, train_loader, val_loader, out_dir: str | Path, *, num_
                    "train_s": train_s, "train_samples": tr["samples"], "world_size": world}
             if val_tta_flip:  # the one-view figure beside the one that selects
                 row["val_acc_single"] = va["acc_single"]
+            if time_budget_s is not None:  # rank 0's plan on every rank: their clocks differ
+                horizon = distributed.broadcast_int(
+                    plan_epochs([r["epoch_s"] for r in history] + [row["epoch_s"]], time_budget_s, num_epochs), device)
+                scheduler.lr_lambdas[0].plan(horizon)
+            row["planned_epochs"] = horizon
             value = row[monitor]
             improved = best is None or (value > best["value"] if higher else value < best["value"])
             if improved:
@@ -896,12 +955,13 @@ def fit(model: nn.Module, train_loader, val_loader, out_dir: str | Path, *, num_
                                 epoch=epoch + 1, history=history, best=best, waited=waited, config=config,
                                 run_key=run_key, world_size=world, model_ema=model_ema, val_tta_flip=val_tta_flip,
                                 mixup=mixup, cutmix=cutmix, monitor=monitor, optimizer_kind=optimizer_kind,
+                                time_budget_s=time_budget_s, planned_epochs=horizon,
                                 ema=None if ema is None else ema.module.state_dict())
                 save_json(history, out_dir / "history.json")
             if progress:
                 timed.append(row["epoch_s"])
-                left = "" if stopped else time_left(timed, num_epochs - epoch - 1)
-                print(f"epoch {epoch + 1:3d}/{num_epochs}  train loss {tr['loss']:.4f} acc {tr['acc']:.3f}  "
+                left = "" if stopped else time_left(timed, horizon - epoch - 1)
+                print(f"epoch {epoch + 1:3d}/{horizon}  train loss {tr['loss']:.4f} acc {tr['acc']:.3f}  "
                       f"val loss {va['loss']:.4f} acc {va['acc']:.3f}  {row['epoch_s']:.0f}s" + ("  *" if improved else "")
                       + (f"  ({left})" if left else ""))
             if on_epoch_end is not None:
@@ -914,4 +974,5 @@ def fit(model: nn.Module, train_loader, val_loader, out_dir: str | Path, *, num_
                 # what the epochs took when they trained, in this call or before (a reused run: its training, not 0)
                 "epochs_s": sum(r.get("epoch_s", 0.0) for r in history), "world_size": world,
                 "compile": compile_info, "channels_last": nhwc, "model_ema": model_ema, "val_tta_flip": val_tta_flip,
-                "mixup": mixup, "cutmix": cutmix, "optimizer": optimizer_kind}
+                "mixup": mixup, "cutmix": cutmix, "optimizer": optimizer_kind, "time_budget_s": time_budget_s,
+                "planned_epochs": horizon}

@@ -284,6 +284,85 @@ def test_scheduler_warmup_cosine_and_restarts():
     assert lrs[20] == pytest.approx(1.0) and lrs[19] < 0.05  # warm restart at epoch 2
 
 
+def test_plan_epochs_costs_the_epochs_left_at_the_recent_pace():
+    assert H.plan_epochs([10.0, 10.0], budget_s=100, cap=50) == 10          # 80 s left at 10 s: 8 more
+    assert H.plan_epochs([10.0, 10.0, 20.0], budget_s=100, cap=50) == 6     # slower now: 60 s at 20 s, 3 more
+    assert H.plan_epochs([10.0] * 7 + [12.0], budget_s=200, cap=50) == 17   # 118 s left at 12 s (not the mean, 10.4): 9 more
+    assert H.plan_epochs([10.0, 10.0], budget_s=100, cap=4) == 4            # never more than asked for
+    assert H.plan_epochs([60.0, 60.0], budget_s=100, cap=50) == 2           # over the budget: what was done
+
+
+class _Clock:
+    """A clock that advances one second per training forward pass: epoch times that do not depend on the machine."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def time(self):
+        return self.now
+
+
+class _ClockedNet(TinyNet):
+    def __init__(self, num_classes, clock):
+        super().__init__(num_classes)
+        self.clock, self.shares = clock, []
+
+    def set_progress(self, progress):  # the share of training done, as GReFEL's trust ramp reads it
+        self.shares.append(progress)
+
+    def forward(self, x):
+        if self.training:
+            self.clock.now += 1.0
+        return super().forward(x)
+
+
+def _fit_on_a_clock(cache, classes, out, monkeypatch, **kw):
+    import helpers.train
+
+    clock = _Clock()
+    monkeypatch.setattr(helpers.train, "time", clock)  # only the engine's clock
+    torch.manual_seed(0)
+    model = _ClockedNet(len(classes), clock)
+    train, val = _loaders(cache)
+    budget = 3.5 * len(train)  # epochs of len(train) steps: 3.5 epochs' time
+    run = H.fit(model, train, val, out, num_epochs=10, lr=1e-2, weight_decay=1e-4, device="cpu", seed=7,
+                progress=False, warmup_epochs=0.5, time_budget_s=budget, **kw)
+    return model, run
+
+
+def test_a_time_budget_ends_the_cosine_with_the_last_epoch_that_fits_and_resumes_exactly(demo_cache, tmp_path,
+                                                                                        monkeypatch):
+    cache, classes = demo_cache
+    model, run = _fit_on_a_clock(cache, classes, tmp_path / "full", monkeypatch)
+    steps = len(_loaders(cache)[0])
+    assert [r["epoch_s"] for r in run["history"]] == [float(steps)] * 3
+    # after epoch 1: 2.5 epochs' time left, 2 more fit; 10 were the most asked for
+    assert [r["planned_epochs"] for r in run["history"]] == [3, 3, 3]
+    assert run["epochs_run"] == run["planned_epochs"] == 3 and run["time_budget_s"] == 3.5 * steps
+    assert run["history"][-1]["lr"] < 1e-2 * 0.01                          # annealed, not cut at a tenth of 10
+    assert model.shares[-1] == pytest.approx((3 - 1 / steps) / 3)          # the trust ramp's share reaches the end
+
+    with pytest.raises(KeyboardInterrupt):
+        _fit_on_a_clock(cache, classes, tmp_path / "cut", monkeypatch, on_epoch_end=_kill_after_epoch_2)
+    _, resumed = _fit_on_a_clock(cache, classes, tmp_path / "cut", monkeypatch)
+    assert [r["epoch"] for r in resumed["history"]] == [1, 2, 3]
+    for a, b in zip(run["history"], resumed["history"]):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5) and a["lr"] == pytest.approx(b["lr"])
+
+
+def test_a_time_budget_is_checked_and_part_of_what_resume_compares(demo_cache, tmp_path, monkeypatch):
+    cache, classes = demo_cache
+    for bad in (0, -5, "2h"):
+        with pytest.raises(ValueError, match="time_budget_s must be"):
+            _fit(cache, classes, tmp_path / "bad", time_budget_s=bad)
+    with pytest.raises(ValueError, match="restart_epochs"):
+        _fit(cache, classes, tmp_path / "bad", time_budget_s=60, restart_epochs=1)
+    with pytest.raises(KeyboardInterrupt):
+        _fit(cache, classes, tmp_path / "run", on_epoch_end=_kill_after_epoch_2)
+    with pytest.raises(ValueError, match="time_budget_s"):
+        _fit(cache, classes, tmp_path / "run", time_budget_s=600)
+
+
 def test_class_weights_inverse_frequency():
     w = H.class_weights_from_labels(np.array([0, 0, 0, 1]), 3)
     assert w[0] < w[1] and w[2] == 0 and w[:2].mean() == pytest.approx(1.0)
