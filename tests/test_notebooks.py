@@ -252,6 +252,7 @@ def check_grefel_results(r, out):
     assert (run_dir / "confusion_matrix.png").read_bytes() == (out / "confusion_matrix.png").read_bytes()
     export = json.loads((run_dir / "export" / "export_report.json").read_text())
     assert max(export["max_abs_diff_vs_pytorch"].values()) <= 1e-4
+    assert set(export["max_abs_diff_vs_pytorch"]) == {f"{k}, batch {n}" for k in ("onnx", "torchscript") for n in (1, 16)}
     frames = pd.read_csv(run_dir / "export" / "frames.csv")
     assert len(frames) == json.loads((run_dir / "export" / "video_summary.json").read_text())["frames"] == 30
     faces = frames["face_found"] == 1
