@@ -283,14 +283,19 @@ def test_grefel_notebook_on_generated_demo(tmp_path):
     # table lists both runs, this run's recipe first; the other's recipe differences (not its layout) by its values
     b = _run("GReFEL", tmp_path, data_on_device=True, batch_size=16, lr_scaling="linear",
              model_ema=0.9, monitor="val_f1_macro", components="backbone", label_smoothing=0.0, tta_shift=2,
-             optimizer="sgd")
+             optimizer="sgd", time_budget_min=1e-4)
     assert H.load_checkpoint(Path(b["run_dir"]) / "last.pth")["optimizer_kind"] == "sgd"
+    # a budget of 6 ms: the first epoch is over it, so the plan ends there (the profile asked for 2), and the
+    # schedule with it: the first epoch's last lr is the cosine's end, not its middle
+    history = json.loads((Path(b["run_dir"]) / "history.json").read_text())
+    assert b["model"]["epochs_run"] == b["model"]["planned_epochs"] == 1 == len(history)
+    assert b["model"]["time_budget_s"] == pytest.approx(0.006) and history[0]["planned_epochs"] == 1
     assert b["config"]["soft_labels"] is True  # the profile's "auto": FER+ has votes, so they are the targets
     m = b["metrics"]  # the mirror pair and four shifts of 2 px: 10 views, the mirror pair alone on record beside
     assert m["tta_views"] == 10 and m["tta_shift"] == 2 and 0 <= m["accuracy_flip_only"] <= 1
     table = pd.read_csv(tmp_path / "GReFEL" / "ablation.csv", keep_default_na=False)
     assert list(table["components"]) == ["backbone", "full"]
-    assert list(table["other settings"]) == ["", "label_smoothing=0.1, optimizer='adamw', tta_shift=0"]
+    assert list(table["other settings"]) == ["", "label_smoothing=0.1, optimizer='adamw', time_budget_min=None, tta_shift=0"]
     assert list(table["run"]) == [Path(b["run_dir"]).name, Path(r["run_dir"]).name]
 
 
@@ -316,6 +321,8 @@ def test_grefel_notebook_on_whole_frames_without_votes_or_splits(demo_kmu_zip, t
         _run("GReFEL", tmp_path / "bad", data_path=str(demo_kmu_zip), logit_adjusted_loss=-1.0)
     with pytest.raises(Exception, match="soft_labels must be True, False or 'auto', not 'yes'"):
         _run("GReFEL", tmp_path / "bad", data_path=str(demo_kmu_zip), soft_labels="yes")
+    with pytest.raises(Exception, match="time_budget_min must be a positive number of minutes or None, not 0"):
+        _run("GReFEL", tmp_path / "bad", data_path=str(demo_kmu_zip), time_budget_min=0)
     assert not (tmp_path / "bad" / "cache").exists()  # all stopped before the data work
     # the rare-class knobs on: square-root class weights and the logit-adjusted NLL train end to end
     r = _run("GReFEL", tmp_path, data_path=str(demo_kmu_zip), video_frames=5, augment="shift", mixup=0.2, cutmix=1.0,
