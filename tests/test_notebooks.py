@@ -285,8 +285,7 @@ def test_grefel_notebook_on_generated_demo(tmp_path):
              model_ema=0.9, monitor="val_f1_macro", components="backbone", label_smoothing=0.0, tta_shift=2,
              optimizer="sgd", time_budget_min=1e-4)
     assert H.load_checkpoint(Path(b["run_dir"]) / "last.pth")["optimizer_kind"] == "sgd"
-    # a budget of 6 ms: the first epoch is over it, so the plan ends there (the profile asked for 2), and the
-    # schedule with it: the first epoch's last lr is the cosine's end, not its middle
+    # a budget of 6 ms: the first epoch is over it, so the plan ends the run there (the profile asked for 2)
     history = json.loads((Path(b["run_dir"]) / "history.json").read_text())
     assert b["model"]["epochs_run"] == b["model"]["planned_epochs"] == 1 == len(history)
     assert b["model"]["time_budget_s"] == pytest.approx(0.006) and history[0]["planned_epochs"] == 1
