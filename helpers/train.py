@@ -874,7 +874,9 @@ def fit(model: nn.Module, train_loader, val_loader, out_dir: str | Path, *, num_
                 scaler.load_state_dict(ckpt["scaler"])
             history, best, start, waited = ckpt["history"], ckpt["best"], ckpt["epoch"], ckpt["waited"]
             trained_by = ckpt.get("world_size", 1)
-            horizon = ckpt.get("planned_epochs", num_epochs)
+            if time_budget_s is not None:  # the budget's plan goes on; without one, num_epochs (it may extend a run)
+                horizon = ckpt.get("planned_epochs", num_epochs)
+            scheduler.lr_lambdas[0].plan(horizon)
             if progress:
                 print(f"Resuming from {last_path} after epoch {start}")
         stopped = bool(history) and history[-1].get("stopped_early", False)
