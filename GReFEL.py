@@ -187,7 +187,7 @@ if config["augment"] not in ("grefel", "shift"):
 H.check_model_ema(config["model_ema"])
 H.check_optimizer(config["optimizer"])
 H.check_monitor(config["monitor"])
-H.check_time_budget(config["time_budget_min"], "time_budget_min")
+H.check_time_budget(config["time_budget_min"], "time_budget_min", "minutes")
 H.class_weight_power(config["class_weighted"])
 H.check_logit_adjusted_loss(config["logit_adjusted_loss"])
 H.check_batch_mix(config["mixup"], config["cutmix"])

@@ -186,9 +186,9 @@ def build_optimizer(model: nn.Module, lr: float, weight_decay: float, fused: boo
 class CosineFactor:
     """The lr factor of :func:`build_scheduler` at each step: linear warm-up, then cosine decay (or SGDR).
 
-    A callable object, not a closure, so that ``LambdaLR.state_dict()`` saves its attributes (the horizon
-    included) and a resumed run gets them back. :meth:`plan` moves the horizon: :func:`fit` under a time
-    budget re-plans the number of epochs after each one, and the cosine then ends with the last of them.
+    An object, not a closure, so that its horizon can move: :meth:`plan`. :func:`fit` sets it to the epochs
+    planned (on resume from its checkpoint's plan; under a time budget again after each epoch), and the
+    cosine then ends with the last of them.
     """
 
     def __init__(self, num_epochs: int, steps_per_epoch: int, warmup_epochs: float = 0.0,
@@ -733,10 +733,9 @@ def check_model_ema(model_ema: float | None) -> None:
         raise ValueError(f"model_ema must be in (0, 1) (the moving average's decay, e.g. 0.99) or None, not {model_ema!r}")
 
 
-def check_time_budget(budget, name: str = "time_budget_s") -> None:
+def check_time_budget(budget, name: str = "time_budget_s", unit: str = "seconds") -> None:
     """Refuse a time budget that is not a positive number (notebooks call it, in their unit, before their data work)."""
     if budget is not None and not (isinstance(budget, (int, float)) and not isinstance(budget, bool) and budget > 0):
-        unit = "minutes" if name.endswith("_min") else "seconds"
         raise ValueError(f"{name} must be a positive number of {unit} or None, not {budget!r}")
 
 
