@@ -89,6 +89,7 @@ tta_shift = None               # px: also average views moved this far right, le
 lambda_cls = None              # weight of the classification NLL (of the final, reliability-balanced output)
 lambda_plain = None            # weight of an extra NLL of the plain classifier output p (0: off, as ARBEx)
 lambda_branch = None           # weight of an NLL of each correction branch's own output (anchors, attention) | 0: off (ARBEx)
+detach_branches = None         # True: the correction branches read the embedding detached (their losses train them, not e: the classifier p alone shapes e) | False: ARBEx
 lambda_anchor = None           # weight of the anchor separation loss
 lambda_center = None           # weight of the centre loss
 anchor_margin = None           # separation margin of anchors of different classes (embedding units)
@@ -117,7 +118,7 @@ COMMON = dict(video_source=None, video_frames=30, ema=0.6, max_per_split=None, v
               label_pattern=None, labels_csv=None, dropout=0.1,
               backbone_args=None, components="full", label_smoothing=0.1, augment="grefel", augment_erasing=0.25,
               **H.BATCH_MIX_OFF, tta_flip=True, tta_shift=0,
-              lambda_cls=1.0, lambda_plain=0.0, lambda_branch=1.0, lambda_anchor=1.0, lambda_center=1.0, anchor_margin=2.0, class_weighted=False,
+              lambda_cls=1.0, lambda_plain=0.0, lambda_branch=1.0, detach_branches=False, lambda_anchor=1.0, lambda_center=1.0, anchor_margin=2.0, class_weighted=False,
               logit_adjusted_loss=None,
               balanced_sampling=False, clip_grad=1.0, model_ema=None, amp="auto", early_stopping=None, monitor="val_acc",
               torch_compile="auto",
@@ -176,7 +177,7 @@ config = H.resolve_config(profile, PROFILES, dict(
     patch_sizes=patch_sizes, window=window, num_anchors_per_class=num_anchors_per_class, dropout=dropout,
     num_epochs=num_epochs, time_budget_min=time_budget_min, batch_size=batch_size, optimizer=optimizer, lr=lr, lr_scaling=lr_scaling,
     lr_reference_batch=lr_reference_batch, weight_decay=weight_decay, warmup_epochs=warmup_epochs,
-    lambda_cls=lambda_cls, lambda_plain=lambda_plain, lambda_branch=lambda_branch, lambda_anchor=lambda_anchor, lambda_center=lambda_center, anchor_margin=anchor_margin,
+    lambda_cls=lambda_cls, lambda_plain=lambda_plain, lambda_branch=lambda_branch, detach_branches=detach_branches, lambda_anchor=lambda_anchor, lambda_center=lambda_center, anchor_margin=anchor_margin,
     class_weighted=class_weighted, logit_adjusted_loss=logit_adjusted_loss, balanced_sampling=balanced_sampling, clip_grad=clip_grad, model_ema=model_ema, amp=amp,
     early_stopping=early_stopping, monitor=monitor, num_workers=num_workers, torch_compile=torch_compile, channels_last=channels_last,
     data_on_device=data_on_device, video_source=video_source, video_frames=video_frames,
@@ -194,6 +195,8 @@ H.check_batch_mix(config["mixup"], config["cutmix"])
 H.check_tta_shift(config["tta_shift"], config["image_size"])
 if config["soft_labels"] not in (True, False, "auto"):
     raise ValueError(f"soft_labels must be True, False or 'auto', not {config['soft_labels']!r}")
+if config["detach_branches"] not in (True, False):
+    raise ValueError(f"detach_branches must be True or False, not {config['detach_branches']!r}")
 H.create_feature_pyramid(config["backbone"], config["image_size"], config["patch_sizes"],
                          backbone_args=config["backbone_args"])
 # the learning-rate rule for other batch sizes (recorded in config): lr was chosen at the profile's batch
@@ -508,13 +511,16 @@ class GeometryAwareAnchors(nn.Module):
 
 
 class ReliabilityBalancing(nn.Module):
-    """Anchor- and attention-based label correction mixed by confidence (ARBEx)."""
+    """Anchor- and attention-based label correction mixed by confidence (ARBEx).
+
+    ``detach``: the branches read the embedding without passing gradients back into it (see ``detach_branches``).
+    """
 
     def __init__(self, num_classes: int, num_anchors: int, dim: int, num_heads: int, temperature: float = 1.0,
-                 delta: float = 1.0):
+                 delta: float = 1.0, detach: bool = False):
         super().__init__()
         self.num_classes, self.num_anchors = num_classes, num_anchors
-        self.temperature, self.delta = temperature, delta
+        self.temperature, self.delta, self.detach = temperature, delta, detach
         self.anchors = GeometryAwareAnchors(num_classes, num_anchors, dim)
         self.batch_attn = nn.MultiheadAttention(dim, num_heads, batch_first=True)
         self.attn_proj = nn.Linear(dim, num_classes * num_anchors)
@@ -522,6 +528,8 @@ class ReliabilityBalancing(nn.Module):
     def forward(self, logits: torch.Tensor, e: torch.Tensor, tau: torch.Tensor) -> dict:
         b, c, k = e.shape[0], self.num_classes, self.num_anchors
         p = (logits.float() / self.temperature).softmax(-1)
+        if self.detach:  # the branches learn on the embedding; only the classifier (p) shapes it
+            e = e.detach()
         dist = self.anchors.distances(e.float())                                   # (B, C, K)
         s = (-dist.view(b, c * k) / self.delta).softmax(-1).view(b, c, k).sum(-1)  # anchor correction
         ctx, _ = self.batch_attn(e[None], e[None], e[None], need_weights=False)  # samples attend to the batch
@@ -547,6 +555,8 @@ class GReFELModel(nn.Module):
         window: cross-attention window, in grid cells.
         temperature, delta: softmax temperatures of p and of the anchor distances.
         dropout: fusion-transformer and head dropout.
+        detach_branches: the correction branches (anchors, batch attention) read a detached embedding: their
+            losses and the centre loss train them but not the embedding (``False``: ARBEx, they shape it too).
         backbone, backbone_args, weights: the timm CNN, its extra arguments and its weights
             (``"hub"``, ``"none"`` or a file).
         components: ``"full"`` (GReFEL) or an ablation row: ``"backbone"``, ``"pyramid"``, ``"geometry"``.
@@ -556,7 +566,7 @@ class GReFELModel(nn.Module):
                  patch_sizes: list[int] = (28, 14, 7), num_anchors_per_class: int = 10, img_size: int = 112,
                  in_chans: int = 3, window: int = 7, temperature: float = 1.0, delta: float = 1.0,
                  dropout: float = 0.1, backbone: str = "resnet50", backbone_args: dict | None = None,
-                 weights: str = "none", components: str = "full"):
+                 weights: str = "none", components: str = "full", detach_branches: bool = False):
         super().__init__()
         self.features = MultiScaleFeatureExtractor(backbone, img_size, in_chans, embed_dim, num_heads, depth,
                                                    list(patch_sizes), window=window, dropout=dropout,
@@ -566,7 +576,7 @@ class GReFELModel(nn.Module):
         self.classifier = nn.Linear(embed_dim, num_classes)
         self.temperature = temperature
         self.balance = (ReliabilityBalancing(num_classes, num_anchors_per_class, embed_dim, num_heads, temperature,
-                                             delta) if components == "full" else None)
+                                             delta, detach_branches) if components == "full" else None)
         self.register_buffer("trust", torch.zeros(()))  # tau, saved with the weights
 
     def set_progress(self, progress: float) -> None:
@@ -607,6 +617,11 @@ def create_dummy_data(batch_size: int = 4, img_size: int = 112, num_classes: int
 # gradient through it (the entropy's gradient vanishes at uniform too), and it never leaves. The 58-epoch SGD `cpu`
 # run with 0 ended there: exactly uniform on every FER2013Valid image, the anchor branch nearly (confidence 0.044),
 # so reliability balancing only shrank `p` towards uniform; with 1 the branches alone reach 82.6% and 81.9% (README).
+# `detach_branches` (off: ARBEx) lets the branches read the embedding `e` without training it: their NLLs, the
+# balanced output's share through them and the centre loss then move the anchors and the batch attention only,
+# and `e` is shaped by the classifier `p` alone, as in the `geometry` row. The branches' metric pull (towards
+# K anchors a class, through a peaked softmax over all anchors) is the suspect for the rare classes that the
+# full model's `p` learns worse than the rows without anchors (README); this switch measures it.
 # `L_center` pulls each embedding to the nearest anchor of its class, weighted by the
 # model's confidence (trusting confident samples more, as ARBEx does; off in the `cpu` profile, `lambda_center` 0:
 # there it kept disgust and contempt from being learned at all, the README's ablation); `L_anchor` is the
@@ -697,7 +712,8 @@ def build_grefel(cfg: dict, num_classes: int, weights: str = "none") -> GReFELMo
                        depth=cfg["depth"], patch_sizes=cfg["patch_sizes"],
                        num_anchors_per_class=cfg["num_anchors_per_class"], img_size=cfg["image_size"],
                        window=cfg["window"], dropout=cfg["dropout"], backbone=cfg["backbone"],
-                       backbone_args=cfg["backbone_args"], weights=weights, components=cfg["components"])
+                       backbone_args=cfg["backbone_args"], weights=weights, components=cfg["components"],
+                       detach_branches=cfg.get("detach_branches", False))  # checkpoints from before it: False
 
 # %%
 H.require(globals(), config="Configuration", meta="Landmarks and the HDF5 cache", idx="Landmarks and the HDF5 cache",
@@ -734,11 +750,12 @@ print(f"GReFEL ({config['components']}) {param_counts['total']:,} parameters; tr
 revision = MODEL_REVISION[config["components"]]
 # settings that say where outputs go, what the video demo shows or how fast training runs, not what is trained
 PLACE_AND_SPEED = ("workdir", "video_source", "video_frames", "ema", "torch_compile", "channels_last")
-# model_ema, logit_adjusted_loss, lambda_branch and time_budget_min (off) and the engine's H.SETTINGS_ADDED_LATER (mixup, cutmix,
+# model_ema, logit_adjusted_loss, lambda_branch, time_budget_min and detach_branches (off) and the engine's H.SETTINGS_ADDED_LATER (mixup, cutmix,
 # monitor, optimizer at their old values) joined the settings later: so, they leave the run folders of before them
 # their names
 run_key = H.config_fingerprint(config, exclude=PLACE_AND_SPEED + ("tta_flip", "tta_shift", "data_on_device")
-                               + tuple(k for k in ("model_ema", "logit_adjusted_loss", "lambda_branch", "time_budget_min")
+                               + tuple(k for k in ("model_ema", "logit_adjusted_loss", "lambda_branch", "time_budget_min",
+                                               "detach_branches")
                                      if not config[k])
                                + H.unchanged_later_settings(config),
                                contents={"data": cache_attrs["fingerprint"],  # new data or weights: a new run

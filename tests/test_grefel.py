@@ -243,6 +243,43 @@ def test_branch_term_by_value(g):
                                torch.tensor(nll["final_probs"] + 0.5 * (nll["anchor_probs"] + nll["attention_probs"])))
 
 
+def test_detached_branches_train_the_head_but_not_the_embedding(g):
+    """detach_branches: the same outputs; the embedding's gradient is the one through the classifier p alone
+    (the correction's share of the balanced output held constant), while the anchors and the batch attention
+    still learn from every term; without it the branches' losses reach the embedding."""
+    torch.manual_seed(0)
+    y = torch.tensor([0, 1, 2, 1, 0, 2])
+    e0 = torch.randn(6, 8)
+
+    def run(detach):
+        torch.manual_seed(1)
+        model = g["GReFELModel"](**{**SMALL, "num_classes": 3, "num_anchors_per_class": 2, "embed_dim": 8,
+                                    "num_heads": 2, "detach_branches": detach})
+        model.set_progress(1.0)
+        e = e0.clone().requires_grad_()
+        out = model.forward_head(e)
+        g["grefel_loss"](model, lambda_plain=1.0, lambda_branch=1.0, lambda_center=1.0)(out, y, 1.0).backward()
+        return model, e, out
+
+    (kept, e_kept, out_kept), (detached, e_det, out_det) = run(False), run(True)
+    for k in ("probs", "anchor_probs", "attention_probs", "final_probs"):
+        torch.testing.assert_close(out_det[k], out_kept[k])
+    # the embedding's gradient by hand: NLL(final) + NLL(p) with the correction treated as a constant
+    conf = g["confidence"]
+    s_, a_ = out_det["anchor_probs"].detach(), out_det["attention_probs"].detach()
+    corr = (s_ * conf(s_)[:, None] + a_ * conf(a_)[:, None]) / (conf(s_) + conf(a_))[:, None]
+    e = e0.clone().requires_grad_()
+    p = detached.classifier(e).softmax(-1)
+    final = conf(p)[:, None] * p + (1 - conf(p)[:, None]) * corr                  # tau 1
+    own = torch.arange(6), y
+    (-final[own].log().mean() - p[own].log().mean()).backward()
+    torch.testing.assert_close(e_det.grad, e.grad)
+    assert not torch.allclose(e_kept.grad, e_det.grad, atol=1e-4)  # without detaching, the branches reach e
+    for model in (kept, detached):  # the branches learn either way
+        assert model.balance.anchors.anchors.grad.abs().sum() > 0
+        assert model.balance.attn_proj.weight.grad.abs().sum() > 0
+
+
 def _train_head(g, lambda_branch: float, steps: int = 60) -> dict:
     """Train only the head on fixed, separable embeddings, the attention branch starting uniform (zero projection,
     where the 58-epoch cpu run ended); the outputs afterwards."""

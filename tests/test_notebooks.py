@@ -268,7 +268,7 @@ def test_grefel_notebook_on_generated_demo(tmp_path):
     a learning-rate rule, in channels-last order, with a moving average of the weights, the epoch kept by
     validation macro F1."""
     r = _run("GReFEL", tmp_path, soft_labels=True, data_on_device=True, batch_size=16, lr_scaling="linear",
-             channels_last=True, model_ema=0.9, monitor="val_f1_macro")
+             channels_last=True, model_ema=0.9, monitor="val_f1_macro", detach_branches=True)
     assert r["data"] == "generated demo" and r["channels_last"] is True
     last = H.load_checkpoint(Path(r["run_dir"]) / "last.pth")  # the average validated and kept, the live weights beside
     assert last["model_ema"] == 0.9 and last["ema"].keys() == last["model"].keys()
@@ -294,7 +294,7 @@ def test_grefel_notebook_on_generated_demo(tmp_path):
     assert m["tta_views"] == 10 and m["tta_shift"] == 2 and 0 <= m["accuracy_flip_only"] <= 1
     table = pd.read_csv(tmp_path / "GReFEL" / "ablation.csv", keep_default_na=False)
     assert list(table["components"]) == ["backbone", "full"]
-    assert list(table["other settings"]) == ["", "label_smoothing=0.1, optimizer='adamw', time_budget_min=None, tta_shift=0"]
+    assert list(table["other settings"]) == ["", "detach_branches=True, label_smoothing=0.1, optimizer='adamw', time_budget_min=None, tta_shift=0"]
     assert list(table["run"]) == [Path(b["run_dir"]).name, Path(r["run_dir"]).name]
 
 
@@ -322,6 +322,8 @@ def test_grefel_notebook_on_whole_frames_without_votes_or_splits(demo_kmu_zip, t
         _run("GReFEL", tmp_path / "bad", data_path=str(demo_kmu_zip), soft_labels="yes")
     with pytest.raises(Exception, match="time_budget_min must be a positive number of minutes or None, not 0"):
         _run("GReFEL", tmp_path / "bad", data_path=str(demo_kmu_zip), time_budget_min=0)
+    with pytest.raises(Exception, match="detach_branches must be True or False, not 'yes'"):
+        _run("GReFEL", tmp_path / "bad", data_path=str(demo_kmu_zip), detach_branches="yes")
     assert not (tmp_path / "bad" / "cache").exists()  # all stopped before the data work
     # the rare-class knobs on: square-root class weights and the logit-adjusted NLL train end to end
     r = _run("GReFEL", tmp_path, data_path=str(demo_kmu_zip), video_frames=5, augment="shift", mixup=0.2, cutmix=1.0,
